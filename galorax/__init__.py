@@ -1,0 +1,34 @@
+"""galorax: GaLore (Gradient Low-Rank Projection) for JAX and optax.
+
+A drop-in for ``optax.contrib.galore`` that is faster (randomized refresh), per-layer
+(batch axes), stable at every refresh (moments carried across) and works at scale.
+"""
+
+from galorax.dimension_numbers import (
+    GaLoreDimensionNumbers,
+    GaLoreDimNumsOrFn,
+    MatrixView,
+    default_dimension_numbers,
+    dimension_numbers_from_rules,
+)
+from galorax.galore import GaLoreState, RefreshSchedule, galore, scale_by_galore
+from galorax.memory import tree_bytes
+from galorax.subspace import captured_energy, exact_basis, randomized_basis
+
+__all__ = [
+    "GaLoreDimNumsOrFn",
+    "GaLoreDimensionNumbers",
+    "GaLoreState",
+    "MatrixView",
+    "RefreshSchedule",
+    "captured_energy",
+    "default_dimension_numbers",
+    "dimension_numbers_from_rules",
+    "exact_basis",
+    "galore",
+    "randomized_basis",
+    "scale_by_galore",
+    "tree_bytes",
+]
+
+__version__ = "0.1.0"

@@ -1,0 +1,243 @@
+"""How weights become matrices: dimension numbers, batch axes and matrix views.
+
+GaLore projects *matrices*. Weights are often stored with more axes: attention
+projections as ``(embed, heads, head_dim)``, scanned layers as ``(layers, d_in, d_out)``,
+MaxText stacks with the layer axis second. A :class:`GaLoreDimensionNumbers` names the
+axes that form the matrix's rows (``reduction_axis``) and columns (``output_axis``);
+every other axis is a **batch axis**: each slice along it (a layer, an expert) gets its
+own projector and its own moments.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+
+class GaLoreDimensionNumbers(NamedTuple):
+    """Which axes of a weight form the matrix that GaLore projects.
+
+    Axes in neither ``reduction_axis`` nor ``output_axis`` are batch axes: each slice
+    along them is projected on its own (unlike ``optax.contrib.galore``, which
+    requires every axis to be named). Negative axes count from the end.
+
+    Example:
+        For attention weights shaped ``(embed_dim, num_heads, head_dim)``,
+        ``GaLoreDimensionNumbers(reduction_axis=0, output_axis=(1, 2))`` projects the
+        ``embed_dim x (num_heads * head_dim)`` matrix. For a scanned stack
+        ``(layers, d_in, d_out)``, ``GaLoreDimensionNumbers(1, 2)`` gives one projector
+        per layer.
+
+    Attributes:
+        reduction_axis: Axis or axes representing the input/reduction dimension.
+        output_axis: Axis or axes representing the output dimension.
+    """
+
+    reduction_axis: Sequence[int] | int = 0
+    output_axis: Sequence[int] | int = 1
+
+
+#: What ``weight_dimension_numbers`` may be: one spec, a tree of specs (None = skip
+#: that leaf), or a callable from params to such a tree.
+GaLoreDimNumsOrFn = GaLoreDimensionNumbers | Any | Callable[[Any], Any]
+
+
+def _is_dim_nums_leaf(x: Any) -> bool:
+    return x is None or isinstance(x, GaLoreDimensionNumbers)
+
+
+def _is_masked(x: Any) -> bool:
+    return isinstance(x, optax.MaskedNode)
+
+
+def _as_axes(axes: Sequence[int] | int, ndim: int, what: str) -> tuple[int, ...]:
+    raw = (axes,) if isinstance(axes, int) else tuple(axes)
+    if not raw:
+        raise ValueError(f"GaLoreDimensionNumbers.{what} is empty; name at least one axis.")
+    for ax in raw:
+        if not isinstance(ax, int) or isinstance(ax, bool):
+            raise TypeError(f"GaLoreDimensionNumbers.{what} must hold ints, got {ax!r}.")
+        if not -ndim <= ax < ndim:
+            raise ValueError(
+                f"GaLoreDimensionNumbers.{what}={axes!r} is out of range for a weight with "
+                f"{ndim} axes; use axes in [-{ndim}, {ndim - 1}]."
+            )
+    norm = tuple(ax % ndim for ax in raw)
+    if len(set(norm)) != len(norm):
+        raise ValueError(f"GaLoreDimensionNumbers.{what}={axes!r} repeats an axis.")
+    return norm
+
+
+@dataclasses.dataclass(frozen=True)
+class MatrixView:
+    """A weight's shape seen as a batch of ``(m, n)`` matrices.
+
+    Attributes:
+        shape: The weight's shape.
+        batch_axes: Axes that index independent matrices, in order.
+        reduction_axes: Axes flattened into the matrix rows (``m``).
+        output_axes: Axes flattened into the matrix columns (``n``).
+
+    Example:
+        >>> view = MatrixView.of((3, 8, 4), GaLoreDimensionNumbers(1, 2))
+        >>> view.batch_shape, view.m, view.n
+        ((3,), 8, 4)
+    """
+
+    shape: tuple[int, ...]
+    batch_axes: tuple[int, ...]
+    reduction_axes: tuple[int, ...]
+    output_axes: tuple[int, ...]
+
+    @classmethod
+    def of(cls, shape: Sequence[int], dim_nums: GaLoreDimensionNumbers) -> MatrixView:
+        """Validates ``dim_nums`` against ``shape`` and builds the view."""
+        shape = tuple(int(d) for d in shape)
+        ndim = len(shape)
+        if ndim < 2:
+            raise ValueError(
+                f"GaLore projects weights with at least 2 axes, got shape {shape}; give None "
+                "as its dimension numbers to leave it unprojected."
+            )
+        red = _as_axes(dim_nums.reduction_axis, ndim, "reduction_axis")
+        out = _as_axes(dim_nums.output_axis, ndim, "output_axis")
+        if set(red) & set(out):
+            raise ValueError(
+                f"reduction_axis {red} and output_axis {out} overlap for shape {shape}; "
+                "an axis belongs to the rows or the columns, not both."
+            )
+        batch = tuple(ax for ax in range(ndim) if ax not in red and ax not in out)
+        return cls(shape, batch, red, out)
+
+    @property
+    def batch_shape(self) -> tuple[int, ...]:
+        return tuple(self.shape[ax] for ax in self.batch_axes)
+
+    @property
+    def m(self) -> int:
+        return math.prod(self.shape[ax] for ax in self.reduction_axes)
+
+    @property
+    def n(self) -> int:
+        return math.prod(self.shape[ax] for ax in self.output_axes)
+
+    @property
+    def _perm(self) -> tuple[int, ...]:
+        return self.batch_axes + self.reduction_axes + self.output_axes
+
+    def to_matrix(self, x: jax.Array) -> jax.Array:
+        """``x`` of ``shape`` -> ``(*batch_shape, m, n)``."""
+        return jnp.transpose(x, self._perm).reshape(*self.batch_shape, self.m, self.n)
+
+    def from_matrix(self, y: jax.Array) -> jax.Array:
+        """``(*batch_shape, m, n)`` -> an array of ``shape``."""
+        perm = self._perm
+        y = y.reshape(tuple(self.shape[ax] for ax in perm))
+        return jnp.transpose(y, tuple(perm.index(ax) for ax in range(len(perm))))
+
+
+def resolve_dimension_numbers(params: Any, weight_dimension_numbers: GaLoreDimNumsOrFn | None):
+    """Returns a list, one entry per leaf of ``params``, of dimension numbers or None.
+
+    ``optax.MaskedNode`` entries of ``params`` (as under ``optax.masked``/``partition``)
+    count as leaves and always get None. The rules follow ``optax.contrib.galore``: None
+    projects 2-D leaves only; one spec applies to every leaf with 2 or more axes; a tree
+    must match ``params``; a callable is called on ``params``.
+    """
+    leaves, treedef = jax.tree.flatten(params, is_leaf=_is_masked)
+    spec = weight_dimension_numbers
+    if spec is None or isinstance(spec, GaLoreDimensionNumbers):
+        default = GaLoreDimensionNumbers() if spec is None else spec
+        want = (lambda p: p.ndim == 2) if spec is None else (lambda p: p.ndim >= 2)
+        return [None if _is_masked(p) or not want(p) else default for p in leaves]
+    if callable(spec):
+        spec = spec(params)
+    dims, dims_def = jax.tree.flatten(spec, is_leaf=_is_dim_nums_leaf)
+    if dims_def != treedef or not all(_is_dim_nums_leaf(d) for d in dims):
+        raise ValueError(
+            "weight_dimension_numbers does not match the params: give a tree with the "
+            "params' structure holding a GaLoreDimensionNumbers or None at every leaf "
+            f"(or one GaLoreDimensionNumbers for all).\n  params: {treedef}\n  dims:   {dims_def}"
+        )
+    return [None if _is_masked(p) else d for p, d in zip(leaves, dims, strict=True)]
+
+
+def _path_str(path: Any) -> str:
+    return jax.tree_util.keystr(path, simple=True, separator="/")
+
+
+def default_dimension_numbers(ndim: int) -> GaLoreDimensionNumbers | None:
+    """The default rule: 2-D -> rows x columns; more axes -> the last two form the
+    matrix and the leading ones are batch (scanned layers); fewer -> not projected.
+
+    Example:
+        >>> default_dimension_numbers(3)
+        GaLoreDimensionNumbers(reduction_axis=-2, output_axis=-1)
+        >>> default_dimension_numbers(1) is None
+        True
+    """
+    if ndim < 2:
+        return None
+    return GaLoreDimensionNumbers(0, 1) if ndim == 2 else GaLoreDimensionNumbers(-2, -1)
+
+
+DEFAULT_RULES: tuple[tuple[str, GaLoreDimensionNumbers | None], ...] = (
+    # Embeddings are lookup tables, not linear maps: the paper leaves them to Adam.
+    (r"(^|/)[^/]*embed[^/]*$", None),
+)
+
+
+def dimension_numbers_from_rules(
+    params: Any,
+    rules: Sequence[tuple[str, GaLoreDimensionNumbers | None]] = DEFAULT_RULES,
+    *,
+    default: Callable[[int], GaLoreDimensionNumbers | None] = default_dimension_numbers,
+) -> Any:
+    """Builds a ``weight_dimension_numbers`` tree from parameter paths and shapes.
+
+    Each leaf's path (keys joined by ``/``, e.g. ``layers/attn/wq``) is matched with
+    ``re.search`` against ``rules`` in order; the first match gives its dimension numbers
+    (None leaves it unprojected). Unmatched leaves get ``default(ndim)``.
+
+    Args:
+        params: The parameter tree (arrays or ``jax.ShapeDtypeStruct``).
+        rules: ``(regex, GaLoreDimensionNumbers | None)`` pairs. The default leaves any
+            leaf whose last path element contains ``embed`` unprojected.
+        default: Rule for unmatched leaves, from their number of axes.
+
+    Returns:
+        A tree like ``params`` with a ``GaLoreDimensionNumbers`` or None at each leaf.
+
+    Example:
+        MaxText-style stacks with the layer axis second:
+
+        >>> import jax, jax.numpy as jnp
+        >>> params = {'embed': jnp.zeros((256, 16)), 'mlp': {'wi': jnp.zeros((16, 4, 64))},
+        ...           'norm': jnp.zeros(16)}
+        >>> dims = dimension_numbers_from_rules(
+        ...     params, [(r'mlp/', GaLoreDimensionNumbers(0, 2))] + list(DEFAULT_RULES))
+        >>> dims['embed'] is None, dims['mlp']['wi'], dims['norm'] is None
+        (True, GaLoreDimensionNumbers(reduction_axis=0, output_axis=2), True)
+    """
+    compiled = [(re.compile(pattern), dims) for pattern, dims in rules]
+
+    def pick(path: Any, leaf: Any) -> GaLoreDimensionNumbers | None:
+        name = _path_str(path)
+        for pattern, dims in compiled:
+            if pattern.search(name):
+                if dims is not None:
+                    try:  # fail early, naming the path
+                        MatrixView.of(leaf.shape, dims)
+                    except ValueError as err:
+                        raise ValueError(f"dimension_numbers_from_rules: {name!r}: {err}") from None
+                return dims
+        return default(len(leaf.shape))
+
+    return jax.tree_util.tree_map_with_path(pick, params)
