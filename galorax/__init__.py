@@ -13,13 +13,14 @@ from galorax.dimension_numbers import (
 )
 from galorax.galore import GaLoreState, RefreshSchedule, galore, scale_by_galore
 from galorax.memory import tree_bytes
-from galorax.subspace import captured_energy, exact_basis, randomized_basis
+from galorax.subspace import Randomized, captured_energy, exact_basis, randomized_basis
 
 __all__ = [
     "GaLoreDimNumsOrFn",
     "GaLoreDimensionNumbers",
     "GaLoreState",
     "MatrixView",
+    "Randomized",
     "RefreshSchedule",
     "captured_energy",
     "default_dimension_numbers",

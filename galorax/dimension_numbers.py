@@ -189,8 +189,9 @@ def default_dimension_numbers(ndim: int) -> GaLoreDimensionNumbers | None:
 
 
 DEFAULT_RULES: tuple[tuple[str, GaLoreDimensionNumbers | None], ...] = (
-    # Embeddings are lookup tables, not linear maps: the paper leaves them to Adam.
-    (r"(^|/)[^/]*embed[^/]*$", None),
+    # Embeddings are lookup tables, not linear maps: the paper leaves them to Adam. Norm
+    # scales and biases are vectors, even when stacked over layers into 2-D arrays.
+    (r"(^|/)[^/]*(embed|norm|bias|scale)[^/]*$", None),
 )
 
 
@@ -209,7 +210,8 @@ def dimension_numbers_from_rules(
     Args:
         params: The parameter tree (arrays or ``jax.ShapeDtypeStruct``).
         rules: ``(regex, GaLoreDimensionNumbers | None)`` pairs. The default leaves any
-            leaf whose last path element contains ``embed`` unprojected.
+            leaf whose last path element contains ``embed``, ``norm``, ``bias`` or
+            ``scale`` unprojected.
         default: Rule for unmatched leaves, from their number of axes.
 
     Returns:

@@ -26,7 +26,7 @@ from galorax.dimension_numbers import (
     resolve_dimension_numbers,
 )
 
-Subspace = Literal["svd", "randomized"]
+Subspace = Literal["svd", "randomized"] | _subspace.Randomized
 Moments = Literal["keep", "align", "rotate"]
 Side = Literal["auto", "std", "reverse_std", "left", "right"]
 
@@ -146,15 +146,11 @@ def scale_by_galore(
     weight_dimension_numbers: GaLoreDimNumsOrFn | None = None,
     *,
     subspace: Subspace = "randomized",
-    power_iters: int = 1,
-    oversample: int = 8,
-    warm_start: bool = True,
-    moments: Moments = "rotate",
+    moments: Moments = "align",
     stagger: bool = True,
     side: Side = "auto",
-    projector_dtype: Any = jnp.float32,
+    projector_dtype: Any = "float32",
     precision: jax.lax.Precision | str | None = jax.lax.Precision.HIGHEST,
-    seed: int = 0,
 ) -> base.GradientTransformationExtraArgs:
     """Scale updates using GaLore (Gradient Low-Rank Projection).
 
@@ -176,12 +172,10 @@ def scale_by_galore(
             like the params (None = skip) or a callable returning one. Axes in neither
             ``reduction_axis`` nor ``output_axis`` are batch axes: one projector and one set
             of moments per slice.
-        subspace: ``"svd"``: exact thin SVD (the seed). ``"randomized"``: a randomized range
-            finder made of matmuls; ~20x faster at 2048x2048 for the same captured energy
-            (``BENCHMARKS.md``).
-        power_iters: Power iterations of the randomized finder.
-        oversample: Extra sketch columns of the randomized finder.
-        warm_start: Start the randomized finder from the previous projector.
+        subspace: ``"svd"``: exact thin SVD (the seed). ``"randomized"`` (=
+            ``Randomized()``) or a :class:`galorax.Randomized` with its settings: a
+            randomized range finder made of matmuls, an order of magnitude faster for
+            the same captured energy (``BENCHMARKS.md``).
         moments: What happens to the base optimizer's moments when a projector changes.
             ``"keep"``: nothing (the seed). ``"align"``: flip the signs of the new
             projector's columns to match the old ones (an SVD picks signs at random,
@@ -199,8 +193,6 @@ def scale_by_galore(
         projector_dtype: Storage dtype of the projectors (f32 whatever the params' dtype:
             projections and low-rank moments are computed in f32).
         precision: Matmul precision of the projections and the refresh.
-        seed: Seeds the randomized finder's sketches (a pure function of seed, leaf and
-            step).
 
     Returns:
         A ``GradientTransformationExtraArgs``; extra arguments reach the base optimizer.
@@ -216,14 +208,17 @@ def scale_by_galore(
     """
     _check_positive_int(rank, "rank")
     _check_positive_int(update_proj_gap, "update_proj_gap")
-    _check_choice(subspace, "subspace", _SUBSPACES)
+    if not isinstance(subspace, _subspace.Randomized):
+        _check_choice(subspace, "subspace", _SUBSPACES)
+    randomized = _subspace.Randomized() if subspace == "randomized" else subspace
     _check_choice(moments, "moments", _MOMENTS)
     _check_choice(side, "side", _SIDES)
-    for value, name in ((power_iters, "power_iters"), (oversample, "oversample")):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise TypeError(f"`{name}` must be a non-negative int, got {value!r}.")
-    if not jnp.issubdtype(projector_dtype, jnp.floating):
-        raise TypeError(f"`projector_dtype` must be a floating dtype, got {projector_dtype!r}.")
+    try:
+        projector_dtype = jnp.dtype(projector_dtype)
+    except TypeError:
+        projector_dtype = None
+    if projector_dtype is None or not jnp.issubdtype(projector_dtype, jnp.floating):
+        raise TypeError("`projector_dtype` must name a floating dtype such as 'float32'.")
     if base_optimizer is None:
         base_optimizer = optax.scale_by_adam()
     base_tx = optax.with_extra_args_support(base_optimizer)
@@ -300,18 +295,19 @@ def scale_by_galore(
         # A bad slice must not poison the batched factorization of the good ones.
         g2 = jnp.where(valid[..., None, None], g2, 0)
         old_c = old.astype(g2.dtype)
-        if subspace == "svd":
+        if not isinstance(randomized, _subspace.Randomized):
             cand = _subspace.exact_basis(g2, plan.rank, left=plan.left)
         else:
             a = g2 if plan.left else jnp.swapaxes(g2, -1, -2)
-            key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), plan.index), count)
+            key = jax.random.key(randomized.seed)
+            key = jax.random.fold_in(jax.random.fold_in(key, plan.index), count)
             cand = _subspace.randomized_basis(
                 a,
                 plan.rank,
                 key,
-                oversample=oversample,
-                power_iters=power_iters,
-                warm_start=old_c if warm_start else None,
+                oversample=randomized.oversample,
+                power_iters=randomized.power_iters,
+                warm_start=old_c if randomized.warm_start else None,
                 warm_start_mask=sched.refreshes > 0,
                 precision=precision,
             )
@@ -459,15 +455,11 @@ def galore(
     weight_dimension_numbers: GaLoreDimNumsOrFn | None = None,
     *,
     subspace: Subspace = "randomized",
-    power_iters: int = 1,
-    oversample: int = 8,
-    warm_start: bool = True,
-    moments: Moments = "rotate",
+    moments: Moments = "align",
     stagger: bool = True,
     side: Side = "auto",
-    projector_dtype: Any = jnp.float32,
+    projector_dtype: Any = "float32",
     precision: jax.lax.Precision | str | None = jax.lax.Precision.HIGHEST,
-    seed: int = 0,
 ) -> base.GradientTransformationExtraArgs:
     """GaLore: Memory-efficient training via gradient low-rank projection.
 
@@ -538,15 +530,11 @@ def galore(
             get weight decay.
         weight_dimension_numbers: See :func:`scale_by_galore`.
         subspace: See :func:`scale_by_galore`, as all the keyword-only arguments below.
-        power_iters: Power iterations of the randomized finder.
-        oversample: Extra sketch columns of the randomized finder.
-        warm_start: Start the randomized finder from the previous projector.
         moments: ``"keep"``, ``"align"`` or ``"rotate"`` the moments at a refresh.
         stagger: Spread the leaves' refreshes over the gap.
         side: Which side to project (``"auto"``: least state).
         projector_dtype: Storage dtype of the projectors.
         precision: Matmul precision.
-        seed: Seed of the randomized finder.
 
     Returns:
         A ``GradientTransformationExtraArgs`` implementing GaLore.
@@ -559,15 +547,11 @@ def galore(
             base_optimizer,
             weight_dimension_numbers,
             subspace=subspace,
-            power_iters=power_iters,
-            oversample=oversample,
-            warm_start=warm_start,
             moments=moments,
             stagger=stagger,
             side=side,
             projector_dtype=projector_dtype,
             precision=precision,
-            seed=seed,
         ),
         optax.add_decayed_weights(weight_decay, mask),
         optax.scale_by_learning_rate(learning_rate),
