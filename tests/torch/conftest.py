@@ -15,6 +15,10 @@ if importlib.util.find_spec("torch") is None:
 else:
     import torch
 
+    # The tests use small matrices, where one thread is fastest, and a busy 2-core machine
+    # (CI, other test processes) makes torch's spinning OpenMP threads 100x slower.
+    torch.set_num_threads(1)
+
 
 def _load_galore_torch() -> types.ModuleType | None:
     """galore_torch's AdamW and Adafactor, without its package __init__.
