@@ -23,13 +23,19 @@ else:
 
 if _TORCH_ERROR is None:
     from galorax.torch.layerwise import LayerwiseGaLore
-    from galorax.torch.optim import GALORE_DEFAULTS, GaLoreAdafactor, GaLoreAdamW
+    from galorax.torch.optim import (
+        GALORE_DEFAULTS,
+        GaLoreAdafactor,
+        GaLoreAdamW,
+        GaLoreAdamW8bit,
+    )
     from galorax.torch.projector import find_subspace, resolve_side
 
 __all__ = [
     "GALORE_DEFAULTS",
     "GaLoreAdafactor",
     "GaLoreAdamW",
+    "GaLoreAdamW8bit",
     "LayerwiseGaLore",
     "find_subspace",
     "resolve_side",

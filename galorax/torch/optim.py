@@ -51,7 +51,7 @@ from galorax.torch.projector import (
     rotation,
 )
 
-__all__ = ["GaLoreAdafactor", "GaLoreAdamW", "GALORE_DEFAULTS"]
+__all__ = ["GALORE_DEFAULTS", "GaLoreAdafactor", "GaLoreAdamW", "GaLoreAdamW8bit"]
 
 #: Defaults of the GaLore keys of a param group. A group is a GaLore group when its ``rank`` is
 #: not None; galore-torch's keys (``rank``, ``update_proj_gap``, ``scale``, ``proj_type``) keep
@@ -414,10 +414,7 @@ class GaLoreAdamW(_GaLoreBase):
         state = self.state[p]
         if "step" not in state:
             state["step"] = 0
-        if "exp_avg" not in state:
-            state["exp_avg"] = torch.zeros_like(grad, dtype=torch.float32)
-            state["exp_avg_sq"] = torch.zeros_like(grad, dtype=torch.float32)
-        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+        exp_avg, exp_avg_sq = self._load_moments(state, grad)
         beta1, beta2 = group["betas"]
         g = grad.float()
         state["step"] = int(state["step"]) + 1
@@ -430,6 +427,7 @@ class GaLoreAdamW(_GaLoreBase):
         if group["correct_bias"]:
             step_size = step_size * math.sqrt(1.0 - beta2**t) / (1.0 - beta1**t)
         norm_grad = self._project_back(p, group, exp_avg / denom)
+        self._store_moments(state, exp_avg, exp_avg_sq)
 
         p_local = _Local(p, None).param
         p32 = p_local.float()
@@ -438,13 +436,119 @@ class GaLoreAdamW(_GaLoreBase):
             p32.add_(p32, alpha=-group["lr"] * group["weight_decay"])
         _write(p_local, p32)
 
+    def _load_moments(
+        self, state: dict[str, Any], grad: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The f32 moments to update in place (created at zero on the first step)."""
+        if "exp_avg" not in state:
+            state["exp_avg"] = torch.zeros_like(grad, dtype=torch.float32)
+            state["exp_avg_sq"] = torch.zeros_like(grad, dtype=torch.float32)
+        return state["exp_avg"], state["exp_avg_sq"]
+
+    def _store_moments(self, state: dict[str, Any], m: torch.Tensor, v: torch.Tensor) -> None:
+        """Keep the f32 moments (after a step these are the same tensors, updated in place)."""
+        state["exp_avg"], state["exp_avg_sq"] = m, v
+
     def _rotate(self, state: dict[str, Any], c: torch.Tensor, side: str) -> None:
         if "exp_avg" not in state:
             return
         # First moment: a vector in the subspace, rotated exactly. Second moment: the diagonal
         # of the rotated covariance, C∘C @ v, which stays non-negative.
-        state["exp_avg"] = _rotate_rows(state["exp_avg"], c, side)
-        state["exp_avg_sq"] = _rotate_rows(state["exp_avg_sq"], c * c, side)
+        m, v = self._load_moments(state, state["exp_avg"])
+        self._store_moments(state, _rotate_rows(m, c, side), _rotate_rows(v, c * c, side))
+
+
+class GaLoreAdamW8bit(GaLoreAdamW):
+    """:class:`GaLoreAdamW` with block-wise 8-bit moments, in plain torch (no bitsandbytes).
+
+    Each moment of at least ``min_8bit_size`` elements is stored as ``uint8`` codes of the
+    dynamic (8-bit Adam) map, signed for the first moment and unsigned for the second, with one
+    f32 absmax per block of ``block_size`` consecutive elements: about 2 bytes of state per
+    element instead of 8. Smaller moments stay f32. Every step dequantizes, runs exactly
+    :class:`GaLoreAdamW`'s arithmetic in f32 and quantizes again, so the update itself is never
+    skipped or zeroed (galore-torch's 8-bit variant swaps ``p.data`` around bitsandbytes' kernel
+    and stops updating on current bitsandbytes). State dict: uint8 and f32 tensors only.
+
+    Args:
+        params, lr, betas, eps, weight_decay, correct_bias: as :class:`GaLoreAdamW`.
+        block_size: elements per quantization block.
+        min_8bit_size: moments with fewer elements stay f32.
+        **galore: defaults for the GaLore keys of every group.
+
+    Example:
+        >>> w = torch.nn.Parameter(torch.zeros(512, 64))
+        >>> opt = GaLoreAdamW8bit([w], rank=32, lr=1e-2)
+        >>> w.grad = torch.randn(512, 64)
+        >>> opt.step()
+        >>> st = opt.state[w]
+        >>> st["exp_avg"].dtype, tuple(st["exp_avg"].shape), tuple(st["exp_avg_absmax"].shape)
+        (torch.uint8, (32, 64), (8,))
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-6,
+        weight_decay: float = 0.0,
+        correct_bias: bool = True,
+        block_size: int = 256,
+        min_8bit_size: int = 2048,
+        **galore: Any,
+    ):
+        self.block_size = int(block_size)
+        self.min_8bit_size = int(min_8bit_size)
+        super().__init__(params, lr, betas, eps, weight_decay, correct_bias, **galore)
+
+    def _load_moments(
+        self, state: dict[str, Any], grad: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if "exp_avg" not in state:
+            z = torch.zeros_like(grad, dtype=torch.float32)
+            return z, z.clone()
+        return (
+            self._dequantize(state, "exp_avg", signed=True),
+            self._dequantize(state, "exp_avg_sq", signed=False),
+        )
+
+    def _store_moments(self, state: dict[str, Any], m: torch.Tensor, v: torch.Tensor) -> None:
+        self._quantize(state, "exp_avg", m, signed=True)
+        self._quantize(state, "exp_avg_sq", v, signed=False)
+
+    @staticmethod
+    def _code(signed: bool, device: torch.device) -> torch.Tensor:
+        from galorax.quantized import dynamic_code  # the JAX side's table (numpy)
+
+        return torch.from_numpy(dynamic_code(8, signed=signed).copy()).to(device)
+
+    def _quantize(self, state: dict[str, Any], key: str, x: torch.Tensor, signed: bool) -> None:
+        if x.numel() < self.min_8bit_size:
+            state[key] = x
+            state.pop(f"{key}_absmax", None)
+            return
+        code = self._code(signed, x.device)
+        flat = x.reshape(-1)
+        pad = (-flat.numel()) % self.block_size
+        blocks = torch.nn.functional.pad(flat, (0, pad)).view(-1, self.block_size)
+        absmax = blocks.abs().amax(dim=1)
+        normed = blocks / absmax.clamp_min(1e-30).unsqueeze(1)
+        # Nearest level: the sorted table's midpoints split [-1, 1] into 256 bins.
+        idx = torch.bucketize(normed.clamp(-1.0, 1.0), (code[1:] + code[:-1]) / 2)
+        state[key] = idx.to(torch.uint8).view(-1)[: flat.numel()].view(x.shape)
+        state[f"{key}_absmax"] = absmax
+
+    def _dequantize(self, state: dict[str, Any], key: str, signed: bool) -> torch.Tensor:
+        q = state[key]
+        if q.dtype != torch.uint8:
+            return q
+        absmax = state[f"{key}_absmax"]
+        code = self._code(signed, q.device)
+        flat = code[q.reshape(-1).long()]
+        pad = (-flat.numel()) % self.block_size
+        blocks = torch.nn.functional.pad(flat, (0, pad)).view(-1, self.block_size)
+        out = (blocks * absmax.unsqueeze(1)).view(-1)[: flat.numel()]
+        return out.view(q.shape)
 
 
 class GaLoreAdafactor(_GaLoreBase):

@@ -214,7 +214,7 @@ def _train(opt, ws, b, grads, start, stop):
         opt.step()
 
 
-@pytest.mark.parametrize("cls", [GaLoreAdamW, GaLoreAdafactor])
+@pytest.mark.parametrize("cls", [GaLoreAdamW, GaLoreAdafactor, "8bit"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_state_dict_weights_only_bit_identical_resume(cls, dtype):
     n_steps, gap = 7, 3
@@ -226,6 +226,11 @@ def test_state_dict_weights_only_bit_identical_resume(cls, dtype):
     )
     if cls is GaLoreAdafactor:
         kw.update(lr=1e-2, relative_step=False)
+    if cls == "8bit":
+        from galorax.torch import GaLoreAdamW8bit
+
+        cls = GaLoreAdamW8bit
+        kw.update(min_8bit_size=16, block_size=32)  # quantize even these small moments
 
     def make():
         ws, b = _params(0)
@@ -257,9 +262,9 @@ def test_state_dict_weights_only_bit_identical_resume(cls, dtype):
             p.copy_(saved)
     opt2 = cls([{"params": ws2}, {"params": [b2], "rank": None}], **kw)
     opt2.load_state_dict(ckpt["opt"])
-    assert (
-        opt2.state[ws2[0]]["exp_avg_sq" if cls is GaLoreAdamW else "exp_avg"].dtype == torch.float32
-    )
+    key = "exp_avg" if cls is GaLoreAdafactor else "exp_avg_sq"
+    expected = torch.float32 if cls in (GaLoreAdamW, GaLoreAdafactor) else torch.uint8
+    assert opt2.state[ws2[0]][key].dtype == expected
     _train(opt2, ws2, b2, grads_t, n_steps, 2 * n_steps)
     for x, y in zip(straight, [*ws2, b2], strict=True):
         assert torch.equal(x, y.detach())
@@ -384,3 +389,49 @@ def test_galore_torch_style_usage_warns_nothing():
         model(torch.randn(2, 8)).sum().backward()
         opt.step()
     copy.deepcopy(opt.state_dict())
+
+
+def test_adamw8bit_tracks_f32_and_saves_memory():
+    from galorax.torch import GaLoreAdamW8bit
+
+    def train(cls):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(
+            torch.nn.Linear(64, 128), torch.nn.Tanh(), torch.nn.Linear(128, 64)
+        )
+        mats = [p for p in model.parameters() if p.dim() == 2]
+        rest = [p for p in model.parameters() if p.dim() != 2]
+        opt = cls([{"params": mats, "rank": 32, "update_proj_gap": 10}, {"params": rest}], lr=1e-2)
+        gen = torch.Generator().manual_seed(1)
+        target = torch.nn.Linear(64, 64)
+        losses = []
+        for _ in range(40):
+            x = torch.randn(32, 64, generator=gen)
+            loss = torch.nn.functional.mse_loss(model(x), target(x).detach())
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(float(loss.detach()))
+        return losses, opt
+
+    f32, _ = train(GaLoreAdamW)
+    q8, opt = train(GaLoreAdamW8bit)
+    assert q8[-1] < 0.5 * q8[0]  # it trains (no silently skipped updates)
+    assert abs(q8[-1] - f32[-1]) < 0.1 * f32[-1]
+    state_bytes = sum(
+        t.numel() * t.element_size()
+        for st in opt.state.values()
+        for k, t in st.items()
+        if torch.is_tensor(t) and k.startswith("exp_avg")
+    )
+    f32_bytes = sum(
+        2 * 4 * t.numel() for st in opt.state.values() for k, t in st.items() if k == "exp_avg"
+    )
+    assert state_bytes < 0.35 * f32_bytes
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    sd = torch.load(buf, weights_only=True)
+    opt.load_state_dict(sd)
+    codes = [st["exp_avg"] for st in opt.state.values() if st["exp_avg"].numel() >= 2048]
+    assert codes and all(c.dtype == torch.uint8 for c in codes)
