@@ -160,7 +160,7 @@ def resolve_dimension_numbers(params: Any, weight_dimension_numbers: GaLoreDimNu
     if callable(spec):
         spec = spec(params)
     dims, dims_def = jax.tree.flatten(spec, is_leaf=_is_dim_nums_leaf)
-    if dims_def != treedef or not all(_is_dim_nums_leaf(d) for d in dims):
+    if str(dims_def) != str(treedef) or not all(_is_dim_nums_leaf(d) for d in dims):
         raise ValueError(
             "weight_dimension_numbers does not match the params: give a tree with the "
             "params' structure holding a GaLoreDimensionNumbers or None at every leaf "

@@ -73,7 +73,7 @@ class GaLoreState(NamedTuple):
         schedule: A :class:`RefreshSchedule` per projected leaf.
     """
 
-    count: jax.typing.ArrayLike  # shape=(), dtype=jnp.int32
+    count: jax.typing.ArrayLike  # type: ignore[assignment]  # shape=(), dtype=jnp.int32
     base_optimizer_state: base.OptState
     projector: base.Updates
     schedule: base.Updates = None
@@ -224,7 +224,7 @@ def scale_by_galore(
     base_tx = optax.with_extra_args_support(base_optimizer)
 
     def make_plans(tree: Any) -> tuple[list[Any], Any, list[_Plan | None]]:
-        leaves, treedef = jax.tree.flatten(tree, is_leaf=_is_masked)
+        leaves, treedef = _flatten(tree)
         dims = resolve_dimension_numbers(tree, weight_dimension_numbers)
         paths = [
             jax.tree_util.keystr(p)
@@ -253,7 +253,7 @@ def scale_by_galore(
         projected = [i for i, p in enumerate(plans) if p is not None]
         for j, i in enumerate(projected):
             offset = (j * update_proj_gap) // len(projected) if stagger else 0
-            plans[i] = dataclasses.replace(plans[i], offset=offset, index=j)  # type: ignore[arg-type]
+            plans[i] = dataclasses.replace(plans[i], offset=offset, index=j)  # type: ignore[type-var]
         return leaves, treedef, plans
 
     def init_fn(params: base.Params) -> GaLoreState:
@@ -287,7 +287,7 @@ def scale_by_galore(
         )
 
     def refresh(
-        plan: _Plan, g2: jax.Array, old: jax.Array, sched: RefreshSchedule, count: jax.Array
+        plan: _Plan, g2: jax.Array, old: jax.Array, sched: RefreshSchedule, count: Any
     ):
         """New projectors for the due slices of one leaf; ``g2`` is ``(*batch, m, n)``."""
         due = count >= sched.next_step
@@ -332,12 +332,15 @@ def scale_by_galore(
         del params
         count = state.count
         leaves, treedef, plans = make_plans(updates)
-        old_projectors = jax.tree.flatten(state.projector, is_leaf=_is_masked)[0]
+        old_projectors = _flatten(state.projector)[0]
         schedules = jax.tree.flatten(
             state.schedule, is_leaf=lambda x: _is_masked(x) or isinstance(x, RefreshSchedule)
         )[0]
 
-        lows, projectors, new_schedules, transitions = [], [], [], []
+        lows: list[Any] = []
+        projectors: list[Any] = []
+        new_schedules: list[Any] = []
+        transitions: list[Any] = []
         for g, plan, old, sched in zip(leaves, plans, old_projectors, schedules, strict=True):
             if plan is None:
                 lows.append(g)
@@ -383,7 +386,7 @@ def scale_by_galore(
         out = []
         for g, u, plan, p in zip(
             leaves,
-            jax.tree.flatten(low_updates, is_leaf=_is_masked)[0],
+            _flatten(low_updates)[0],
             plans,
             projectors,
             strict=True,
@@ -409,6 +412,11 @@ def scale_by_galore(
     return base.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
+def _flatten(tree: Any) -> tuple[list[Any], Any]:
+    """Leaves and treedef, ``optax.MaskedNode`` counted as a leaf (keeps lists aligned)."""
+    return jax.tree.flatten(tree, is_leaf=_is_masked)
+
+
 def _compute_dtype(dtype: Any) -> Any:
     """Projections and low-rank moments run in at least f32 (bf16 moments stall)."""
     return jnp.promote_types(dtype, jnp.float32)
@@ -416,7 +424,7 @@ def _compute_dtype(dtype: Any) -> Any:
 
 def _rotate(tree: Any, transitions: list[Any], plans: list[_Plan | None], second: bool) -> Any:
     """Carries one moment tree into the new bases (under a cond: only when one changed)."""
-    leaves, treedef = jax.tree.flatten(tree, is_leaf=_is_masked)
+    leaves, treedef = _flatten(tree)
     if len(leaves) != len(plans):
         return tree  # not a per-parameter moment tree (e.g. a scalar count)
 
