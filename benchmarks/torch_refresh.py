@@ -120,15 +120,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--shapes", default="1024x1024,2048x2048,1024x4096")
     parser.add_argument("--rank", type=int, default=128)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     gt = _load_galore_torch()
     if gt is None:
         sys.exit("galore-torch is needed: pip install galore-torch --no-deps")
 
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; "
-        f"rank {args.rank}; median of {args.repeat}"
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs "
+        f"(1-min load average at start {load:.1f}); rank {args.rank}; median of {args.repeat}"
     )
     print()
     print(

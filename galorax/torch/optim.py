@@ -66,7 +66,7 @@ GALORE_DEFAULTS: dict[str, Any] = {
     "power_iters": 1,
     "oversample": 8,
     "warm_start": True,
-    "moments": "rotate",  # 'keep' (galore-torch), 'align', 'rotate'
+    "moments": "align",  # 'keep' (galore-torch), 'align', 'rotate'
     "stagger": True,
     "seed": 0,
 }
@@ -151,6 +151,13 @@ class _GaLoreBase(Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
         group = self.param_groups[-1]
+        settings = group.get("subspace")
+        if not isinstance(settings, str) and hasattr(settings, "power_iters"):
+            # The JAX API's `subspace=galorax.Randomized(...)`: flatten it, so the param groups
+            # (and so the state dict) hold plain values only.
+            for key in ("power_iters", "oversample", "warm_start", "seed"):
+                group[key] = getattr(settings, key, group[key])
+            group["subspace"] = "randomized"
         if group.get("proj_type") is not None and group.get("side") not in (None, "auto"):
             if resolve_side((2, 1), group["proj_type"]) != resolve_side((2, 1), group["side"]):
                 raise ValueError("give either proj_type (galore-torch) or side (galorax), not both")

@@ -180,7 +180,7 @@ def test_defaults_and_group_keys():
         200,
         1.0,
         "randomized",
-        "rotate",
+        "align",
     )
     assert opt.param_groups[1]["rank"] is None  # no rank: full-rank AdamW
     w.grad, b.grad = torch.randn(30, 10), torch.randn(10)
@@ -195,6 +195,27 @@ def test_defaults_and_group_keys():
         GaLoreAdamW([{"params": [w], "rank": 4, "moments": "spin"}])
     with pytest.raises(TypeError):
         GaLoreAdamW([w], rnak=4)
+
+
+def test_accepts_jax_randomized_settings():
+    galorax = pytest.importorskip("galorax")
+    if not hasattr(galorax, "Randomized"):
+        pytest.skip("galorax.Randomized (the JAX API's settings object) is not available")
+    w = torch.nn.Parameter(torch.randn(30, 10))
+    settings = galorax.Randomized(power_iters=2, oversample=4, warm_start=False, seed=3)
+    opt = GaLoreAdamW([{"params": [w], "rank": 4, "subspace": settings}])
+    g = opt.param_groups[0]
+    assert (g["subspace"], g["power_iters"], g["oversample"], g["warm_start"], g["seed"]) == (
+        "randomized",
+        2,
+        4,
+        False,
+        3,
+    )
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    torch.load(buf, weights_only=True)  # plain values only
 
 
 def test_rank_clamped_and_non_matrices_full_rank():
