@@ -11,11 +11,16 @@ from galorax.dimension_numbers import (
     default_dimension_numbers,
     dimension_numbers_from_rules,
 )
-from galorax.galore import GaLoreState, RefreshSchedule, galore, scale_by_galore
+from galorax.galore import GaLoreState, galore, scale_by_galore
 from galorax.memory import tree_bytes
+from galorax.residual import Residual
+from galorax.schedule import AdaptiveRefresh, RefreshSchedule, subspace_overlap
 from galorax.subspace import Randomized, captured_energy, exact_basis, randomized_basis
 
 __all__ = [
+    "AdaptiveRefresh",
+    "Residual",
+    "subspace_overlap",
     "GaLoreDimNumsOrFn",
     "GaLoreDimensionNumbers",
     "GaLoreState",

@@ -25,6 +25,8 @@ from galorax.dimension_numbers import (
     _is_masked,
     resolve_dimension_numbers,
 )
+from galorax.residual import Residual, compensation
+from galorax.schedule import AdaptiveRefresh, RefreshSchedule, advance, subspace_overlap
 
 Subspace = Literal["svd", "randomized"] | _subspace.Randomized
 Moments = Literal["keep", "align", "rotate"]
@@ -37,24 +39,6 @@ _SIDES = ("auto", "std", "reverse_std", "left", "right")
 # moments rotate with C = P_new^T P_old, second moments with C * C (see `moments`).
 _FIRST_MOMENTS = ("mu", "trace", "momentum")
 _SECOND_MOMENTS = ("nu",)
-
-
-class RefreshSchedule(NamedTuple):
-    """When each slice of a projected leaf refreshes its projector.
-
-    Every field has the leaf's batch shape (``()`` for a plain matrix).
-
-    Attributes:
-        next_step: The step at or after which the next refresh is due. A refresh that
-            finds a zero or non-finite gradient leaves it as is, so it is retried at the
-            next step.
-        gap: Steps between refreshes.
-        refreshes: How many refreshes have been accepted.
-    """
-
-    next_step: jax.Array
-    gap: jax.Array
-    refreshes: jax.Array
 
 
 class GaLoreState(NamedTuple):
@@ -71,12 +55,15 @@ class GaLoreState(NamedTuple):
         projector: Projection matrices, ``(*batch, m, r)`` for left and ``(*batch, n, r)``
             for right projection, where ``(m, n)`` is the leaf's matrix view.
         schedule: A :class:`RefreshSchedule` per projected leaf.
+        residual_norm: With residual compensation, last step's compensation norm per
+            matrix (batch-shaped) of each projected leaf; else None.
     """
 
     count: jax.typing.ArrayLike  # type: ignore[assignment]  # shape=(), dtype=jnp.int32
     base_optimizer_state: base.OptState
     projector: base.Updates
     schedule: base.Updates = None
+    residual_norm: base.Updates = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,6 +138,8 @@ def scale_by_galore(
     side: Side = "auto",
     projector_dtype: Any = "float32",
     precision: jax.lax.Precision | str | None = jax.lax.Precision.HIGHEST,
+    residual: Residual | bool | None = None,
+    adaptive: AdaptiveRefresh | bool | None = None,
 ) -> base.GradientTransformationExtraArgs:
     """Scale updates using GaLore (Gradient Low-Rank Projection).
 
@@ -193,6 +182,12 @@ def scale_by_galore(
         projector_dtype: Storage dtype of the projectors (f32 whatever the params' dtype:
             projections and low-rank moments are computed in f32).
         precision: Matmul precision of the projections and the refresh.
+        residual: Add back the gradient outside the subspace, scaled and limited as in
+            Fira (:class:`galorax.Residual`; ``True`` for the defaults). Costs one more
+            projection per step and one scalar of state per matrix.
+        adaptive: Lengthen each slice's refresh gap while its subspace is stable
+            (:class:`galorax.AdaptiveRefresh`; ``True`` for the defaults). Refreshes are
+            counted in ``state.schedule``.
 
     Returns:
         A ``GradientTransformationExtraArgs``; extra arguments reach the base optimizer.
@@ -219,6 +214,14 @@ def scale_by_galore(
         projector_dtype = None
     if projector_dtype is None or not jnp.issubdtype(projector_dtype, jnp.floating):
         raise TypeError("`projector_dtype` must name a floating dtype such as 'float32'.")
+    residual = Residual() if residual is True else (residual or None)
+    adaptive = AdaptiveRefresh() if adaptive is True else (adaptive or None)
+    if residual is not None and not isinstance(residual, Residual):
+        raise TypeError(f"`residual` must be a galorax.Residual or a bool, got {residual!r}.")
+    if adaptive is not None and not isinstance(adaptive, AdaptiveRefresh):
+        raise TypeError(
+            f"`adaptive` must be a galorax.AdaptiveRefresh or a bool, got {adaptive!r}."
+        )
     if base_optimizer is None:
         base_optimizer = optax.scale_by_adam()
     base_tx = optax.with_extra_args_support(base_optimizer)
@@ -259,11 +262,12 @@ def scale_by_galore(
     def init_fn(params: base.Params) -> GaLoreState:
         leaves, treedef, plans = make_plans(params)
         masked = optax.MaskedNode()
-        projectors, proxies, schedules = [], [], []
+        projectors, proxies, schedules, norms = [], [], [], []
         for leaf, plan in zip(leaves, plans, strict=True):
             if plan is None:
                 projectors.append(masked)
                 schedules.append(masked)
+                norms.append(masked)
                 proxies.append(leaf if _is_masked(leaf) else jnp.zeros(leaf.shape, leaf.dtype))
                 continue
             rows, r = plan.proj_shape[-2:]
@@ -272,6 +276,7 @@ def scale_by_galore(
             projectors.append(jnp.broadcast_to(eye, plan.proj_shape))
             proxies.append(jnp.zeros(plan.low_shape, _compute_dtype(leaf.dtype)))
             batch = plan.view.batch_shape
+            norms.append(jnp.zeros(batch, jnp.float32))
             schedules.append(
                 RefreshSchedule(
                     next_step=jnp.zeros(batch, jnp.int32),
@@ -284,11 +289,10 @@ def scale_by_galore(
             base_optimizer_state=base_tx.init(treedef.unflatten(proxies)),
             projector=treedef.unflatten(projectors),
             schedule=treedef.unflatten(schedules),
+            residual_norm=treedef.unflatten(norms) if residual is not None else None,
         )
 
-    def refresh(
-        plan: _Plan, g2: jax.Array, old: jax.Array, sched: RefreshSchedule, count: Any
-    ):
+    def refresh(plan: _Plan, g2: jax.Array, old: jax.Array, sched: RefreshSchedule, count: Any):
         """New projectors for the due slices of one leaf; ``g2`` is ``(*batch, m, n)``."""
         due = count >= sched.next_step
         valid = jnp.all(jnp.isfinite(g2), axis=(-2, -1)) & jnp.any(g2 != 0, axis=(-2, -1))
@@ -316,11 +320,8 @@ def scale_by_galore(
             cand = cand * jnp.where(signs == 0, 1, signs)
         accept = due & valid
         new = jnp.where(accept[..., None, None], cand.astype(old.dtype), old)
-        next_step = plan.offset + ((count - plan.offset) // sched.gap + 1) * sched.gap
-        sched = sched._replace(
-            next_step=jnp.where(accept, next_step, sched.next_step),
-            refreshes=sched.refreshes + accept.astype(jnp.int32),
-        )
+        overlap = subspace_overlap(cand, old_c) if adaptive is not None else None
+        sched = advance(sched, accept, count, plan.offset, update_proj_gap, overlap, adaptive)
         return new, sched, jnp.any(accept)
 
     def update_fn(
@@ -384,15 +385,14 @@ def scale_by_galore(
             ) from err
 
         out = []
-        for g, u, plan, p in zip(
-            leaves,
-            _flatten(low_updates)[0],
-            plans,
-            projectors,
-            strict=True,
+        norms = _flatten(state.residual_norm)[0] if residual is not None else [None] * len(plans)
+        new_norms: list[Any] = []
+        for g, low, u, plan, p, norm in zip(
+            leaves, lows, _flatten(low_updates)[0], plans, projectors, norms, strict=True
         ):
             if plan is None:
                 out.append(u)
+                new_norms.append(norm)
                 continue
             p = p.astype(u.dtype)
             full = (
@@ -400,6 +400,11 @@ def scale_by_galore(
                 if plan.left
                 else jnp.matmul(u, jnp.swapaxes(p, -1, -2), precision=precision)
             )
+            if residual is not None:
+                g2 = plan.view.to_matrix(g).astype(_compute_dtype(g.dtype))
+                term, norm = compensation(g2, low, u, p, plan.left, norm, residual, precision)
+                full = full + term
+            new_norms.append(norm)
             out.append((scale * plan.view.from_matrix(full)).astype(g.dtype))
 
         return treedef.unflatten(out), GaLoreState(
@@ -407,6 +412,7 @@ def scale_by_galore(
             base_optimizer_state=base_state,
             projector=treedef.unflatten(projectors),
             schedule=treedef.unflatten(new_schedules),
+            residual_norm=treedef.unflatten(new_norms) if residual is not None else None,
         )
 
     return base.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -468,6 +474,8 @@ def galore(
     side: Side = "auto",
     projector_dtype: Any = "float32",
     precision: jax.lax.Precision | str | None = jax.lax.Precision.HIGHEST,
+    residual: Residual | bool | None = None,
+    adaptive: AdaptiveRefresh | bool | None = None,
 ) -> base.GradientTransformationExtraArgs:
     """GaLore: Memory-efficient training via gradient low-rank projection.
 
@@ -543,6 +551,8 @@ def galore(
         side: Which side to project (``"auto"``: least state).
         projector_dtype: Storage dtype of the projectors.
         precision: Matmul precision.
+        residual: Residual compensation (:class:`galorax.Residual`).
+        adaptive: Adaptive refresh gaps (:class:`galorax.AdaptiveRefresh`).
 
     Returns:
         A ``GradientTransformationExtraArgs`` implementing GaLore.
@@ -560,6 +570,8 @@ def galore(
             side=side,
             projector_dtype=projector_dtype,
             precision=precision,
+            residual=residual,
+            adaptive=adaptive,
         ),
         optax.add_decayed_weights(weight_decay, mask),
         optax.scale_by_learning_rate(learning_rate),

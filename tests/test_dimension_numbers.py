@@ -21,7 +21,7 @@ def _view_case(draw):
     axes = draw(st.permutations(range(ndim)))
     n_red = draw(st.integers(1, ndim - 1))
     n_out = draw(st.integers(1, ndim - n_red))
-    return shape, Dims(tuple(axes[:n_red]), tuple(a - ndim for a in axes[n_red:n_red + n_out]))
+    return shape, Dims(tuple(axes[:n_red]), tuple(a - ndim for a in axes[n_red : n_red + n_out]))
 
 
 @settings(max_examples=60, deadline=None)
@@ -44,8 +44,12 @@ def test_batch_slices_are_the_named_layers():
 
 
 def test_resolution_rules_follow_optax():
-    params = {"w": jnp.zeros((3, 4)), "t": jnp.zeros((2, 3, 4)), "b": jnp.zeros(4),
-              "m": optax.MaskedNode()}
+    params = {
+        "w": jnp.zeros((3, 4)),
+        "t": jnp.zeros((2, 3, 4)),
+        "b": jnp.zeros(4),
+        "m": optax.MaskedNode(),
+    }
     assert resolve_dimension_numbers(params, None) == [None, None, None, Dims()]  # sorted keys
     one = Dims(0, 1)
     assert resolve_dimension_numbers(params, one) == [None, None, one, one]

@@ -49,21 +49,36 @@ def test_warm_start_tracks_a_moving_subspace():
 def test_warm_start_mask_keeps_random_sketch_where_false():
     a = jnp.stack([_with_spectrum(64, 32, SPECTRA["1/i"], seed=s) for s in range(2)])
     placeholder = jnp.zeros((2, 64, 4))  # a zero warm start would leave only 4 random columns
-    p = randomized_basis(a, 4, jax.random.key(0), oversample=0, warm_start=placeholder,
-                         warm_start_mask=jnp.array([False, False]))
+    p = randomized_basis(
+        a,
+        4,
+        jax.random.key(0),
+        oversample=0,
+        warm_start=placeholder,
+        warm_start_mask=jnp.array([False, False]),
+    )
     exact = captured_energy(a, exact_basis(a, 4))
     assert bool(jnp.all(captured_energy(a, p) >= 0.95 * exact))
 
 
 @settings(max_examples=15, deadline=None)
-@given(st.integers(1, 12), st.integers(1, 12), st.integers(1, 12), st.integers(0, 3),
-       st.integers(0, 9), st.booleans())
+@given(
+    st.integers(1, 12),
+    st.integers(1, 12),
+    st.integers(1, 12),
+    st.integers(0, 3),
+    st.integers(0, 9),
+    st.booleans(),
+)
 def test_bases_are_orthonormal_even_when_rank_deficient(m, n, rank, true_rank, power, exact):
     rank = min(rank, m, n)
     key = jax.random.key(m * 100 + n)
     a = jax.random.normal(key, (m, true_rank)) @ jax.random.normal(key, (true_rank, n))
-    p = (exact_basis(a, rank) if exact
-         else randomized_basis(a, rank, key, power_iters=power % 3, oversample=power))
+    p = (
+        exact_basis(a, rank)
+        if exact
+        else randomized_basis(a, rank, key, power_iters=power % 3, oversample=power)
+    )
     assert p.shape == (m, rank)
     np.testing.assert_allclose(p.T @ p, jnp.eye(rank), atol=1e-5)
 
@@ -75,7 +90,8 @@ def test_deterministic_and_batched():
     np.testing.assert_array_equal(p1, p2)
     for i in range(3):
         assert float(captured_energy(a[i], p1[i])) > 0.99 * float(
-            captured_energy(a[i], exact_basis(a[i], 4)))
+            captured_energy(a[i], exact_basis(a[i], 4))
+        )
 
 
 def test_exact_right_basis_is_v_of_the_same_svd():
