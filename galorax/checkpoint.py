@@ -1,0 +1,208 @@
+"""Checkpoints with orbax: atomic, resumable to the bit, nothing pickled.
+
+Each checkpoint is a step directory with three items: ``params`` (the parameter dict),
+``opt_state`` and ``meta`` (JSON). orbax writes a step into a temporary directory and renames
+it when complete, so a process killed mid-write leaves only a temporary directory, which
+:class:`Checkpointer` ignores: the previous checkpoint stays the latest one.
+
+The optimizer state is stored as its flat list of leaves, keyed by position, and rebuilt from
+the structure of a freshly initialized state. That keeps any pytree node type (NamedTuples,
+``optax.MaskedNode``) out of the files and sidesteps leaves orbax cannot write: zero-size
+placeholders (``optax.contrib.galore`` keeps ``zeros((0, 0))`` for unprojected leaves) are
+not stored at all, and typed PRNG keys are stored as their raw key data.
+
+Example:
+    >>> import tempfile, jax.numpy as jnp, optax
+    >>> params = {"w": jnp.arange(6.0).reshape(2, 3)}
+    >>> opt = optax.adam(1e-3)
+    >>> ck = Checkpointer(tempfile.mkdtemp())
+    >>> ck.save(5, params, opt.init(params), {"step": 5})
+    >>> ck.latest_step()
+    5
+    >>> p, s = ck.restore(5, params, opt.init(params))
+    >>> bool((p["w"] == params["w"]).all())
+    True
+    >>> ck.close()
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pathlib
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from galorax import model as model_lib
+
+# orbax logs every save at INFO through absl; keep the progress bar readable.
+logging.getLogger("absl").setLevel(logging.WARNING)
+
+
+def _is_key(x: Any) -> bool:
+    return hasattr(x, "dtype") and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def _flatten_state(state: Any) -> dict[str, Any]:
+    """Non-empty leaves of ``state`` keyed by zero-padded position (keys as raw data)."""
+    flat = {}
+    for i, leaf in enumerate(jax.tree.leaves(state)):
+        if _is_key(leaf):
+            leaf = jax.random.key_data(leaf)
+        if np.size(leaf) == 0:
+            continue
+        flat[f"{i:06d}"] = jnp.asarray(leaf)
+    return flat
+
+
+def _abstract(x: Any) -> Any:
+    if _is_key(x):
+        x = jax.eval_shape(jax.random.key_data, x)
+    return jax.ShapeDtypeStruct(np.shape(x), x.dtype)
+
+
+def _unflatten_state(flat: dict[str, Any], template: Any) -> Any:
+    leaves, treedef = jax.tree.flatten(template)
+    out = []
+    for i, t in enumerate(leaves):
+        key = f"{i:06d}"
+        if key not in flat:  # an empty placeholder: rebuild it from the template
+            out.append(jnp.zeros(t.shape, t.dtype))
+        elif _is_key(t):
+            out.append(jax.random.wrap_key_data(flat[key], impl=jax.random.key_impl(t)))
+        else:
+            out.append(flat[key])
+    return jax.tree.unflatten(treedef, out)
+
+
+class Checkpointer:
+    """Saves and restores ``(params, opt_state)`` under ``directory``/<step>/.
+
+    Args:
+        directory: Where step directories live (created on the first save).
+        max_to_keep: Number of most recent checkpoints kept.
+    """
+
+    def __init__(self, directory: str | os.PathLike[str], max_to_keep: int = 2) -> None:
+        import orbax.checkpoint as ocp
+
+        self._ocp = ocp
+        self.directory = pathlib.Path(directory).absolute()
+        self._mgr = ocp.CheckpointManager(
+            self.directory,
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=max_to_keep,
+                enable_async_checkpointing=False,  # save() returns once the step is final
+                create=True,
+            ),
+            item_names=("params", "opt_state", "meta"),
+        )
+
+    def latest_step(self) -> int | None:
+        """The newest finished checkpoint's step (temporary directories are not steps)."""
+        self._mgr.reload()
+        return self._mgr.latest_step()
+
+    def save(self, step: int, params: Any, opt_state: Any, meta: dict[str, Any]) -> None:
+        """Writes step ``step`` atomically (a no-op if that step is already saved)."""
+        if step in self._mgr.all_steps():
+            return
+        args = self._ocp.args
+        self._mgr.save(
+            step,
+            args=args.Composite(
+                params=args.StandardSave(params),
+                opt_state=args.StandardSave(_flatten_state(opt_state)),
+                meta=args.JsonSave(meta),
+            ),
+            force=True,
+        )
+        self._mgr.wait_until_finished()
+
+    def restore(self, step: int, params_template: Any, opt_state_template: Any) -> tuple[Any, Any]:
+        """Restores ``(params, opt_state)`` with the structure, shapes and dtypes of the templates.
+
+        Templates may be real or abstract (``jax.eval_shape``) trees.
+        """
+        args = self._ocp.args
+        abstract_flat = {
+            f"{i:06d}": _abstract(leaf)
+            for i, leaf in enumerate(jax.tree.leaves(opt_state_template))
+            if np.prod(_abstract(leaf).shape) != 0
+        }
+        restored = self._mgr.restore(
+            step,
+            args=args.Composite(
+                params=args.StandardRestore(jax.tree.map(_abstract, params_template)),
+                opt_state=args.StandardRestore(abstract_flat),
+            ),
+        )
+        return restored.params, _unflatten_state(dict(restored.opt_state), opt_state_template)
+
+    def restore_params(self, step: int, params_template: Any) -> Any:
+        """Restores the parameters only (for fine-tuning with a fresh optimizer)."""
+        args = self._ocp.args
+        restored = self._mgr.restore(
+            step,
+            args=args.Composite(
+                params=args.StandardRestore(jax.tree.map(_abstract, params_template))
+            ),
+        )
+        return restored.params
+
+    def restore_meta(self, step: int) -> dict[str, Any]:
+        """The JSON metadata saved with step ``step``."""
+        restored = self._mgr.restore(
+            step, args=self._ocp.args.Composite(meta=self._ocp.args.JsonRestore())
+        )
+        return dict(restored.meta)
+
+    def close(self) -> None:
+        self._mgr.close()
+
+
+def _checkpoint_dir(path: str | os.PathLike[str]) -> pathlib.Path:
+    """A run directory's ``checkpoints/``, or ``path`` itself if it is a checkpoints dir."""
+    p = pathlib.Path(path)
+    if (p / "checkpoints").is_dir():
+        return p / "checkpoints"
+    if p.is_dir():
+        return p
+    raise FileNotFoundError(f"--init-from {path}: no such directory; pass a run's --out directory")
+
+
+def model_config_of(path: str | os.PathLike[str]) -> model_lib.ModelConfig:
+    """The architecture saved with the latest checkpoint in ``path`` (a run dir).
+
+    Raises:
+        FileNotFoundError: no finished checkpoint under ``path``.
+    """
+    d = _checkpoint_dir(path)
+    ck = Checkpointer(d)
+    try:
+        step = ck.latest_step()
+        if step is None:
+            raise FileNotFoundError(
+                f"--init-from {path}: no finished checkpoint in {d}; pass a run's --out directory"
+            )
+        meta = ck.restore_meta(step)
+    finally:
+        ck.close()
+    return model_lib.ModelConfig(**meta["model"])
+
+
+def load_params(path: str | os.PathLike[str], template: Any) -> Any:
+    """The latest checkpoint's parameters under ``path``, cast to ``template``'s dtypes."""
+    d = _checkpoint_dir(path)
+    ck = Checkpointer(d)
+    try:
+        step = ck.latest_step()
+        if step is None:
+            raise FileNotFoundError(f"--init-from {path}: no finished checkpoint in {d}")
+        params = ck.restore_params(step, template)
+    finally:
+        ck.close()
+    return jax.tree.map(lambda x, t: jnp.asarray(x, t.dtype), params, template)

@@ -1,0 +1,639 @@
+"""The training loop behind ``galorax train``: optimizer, schedule, metrics, summary.
+
+Everything a run needs is in :class:`TrainConfig`; :func:`train` runs it into an output
+directory (``config.json``, ``metrics.jsonl``, ``loss_curve.png``, ``summary.json`` and
+``checkpoints/``) and returns the summary. ``galorax compare`` calls :func:`train` once per
+optimizer and learning rate.
+
+Example:
+    >>> cfg = TrainConfig(optimizer="adamw", steps=10)
+    >>> resolve_config(cfg).warmup  # 10% of the steps by default, as in the paper
+    1
+    >>> sched = make_schedule(1e-2, warmup=10, steps=100)
+    >>> float(sched(10)), round(float(sched(100)), 6)  # peak after warmup, 10% at the end
+    (0.01, 0.001)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+import math
+import os
+import pathlib
+import shutil
+import sys
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from galorax import data as data_lib
+from galorax import model as model_lib
+from galorax.memory import tree_bytes
+
+OPTIMIZERS = ("galore", "adamw", "optax-galore")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+#: Files a run writes into ``--out``; ``--overwrite`` removes these and nothing else.
+RUN_FILES = ("config.json", "metrics.jsonl", "loss_curve.png", "summary.json", "checkpoints")
+#: Per-optimizer default peak learning rates (the paper tuned GaLore higher, scale 0.25).
+DEFAULT_LR = {"adamw": 3e-3, "galore": 1e-2, "optax-galore": 1e-2}
+
+
+class UsageError(ValueError):
+    """A bad flag or output directory; the message names the flag and the fix."""
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Settings of one training run (``None`` means: pick the documented default).
+
+    Attributes:
+        preset: Model size, a key of :data:`galorax.model.PRESETS`.
+        optimizer: ``galore``, ``adamw`` or ``optax-galore``.
+        rank: GaLore rank (default: the paper's rank for the preset; d_model / 4 for tiny).
+        update_proj_gap: Steps between projector refreshes.
+        scale: GaLore update scale (the paper's 0.25).
+        lr: Peak learning rate (default per optimizer: :data:`DEFAULT_LR`).
+        warmup: Linear warmup steps (default 10% of ``steps``), then cosine decay to 10%.
+        steps: Total optimizer steps.
+        batch_size: Sequences per step.
+        seq_len: Tokens per sequence.
+        dtype: Parameter dtype, ``float32`` or ``bfloat16``.
+        seed: Seed of the initialization and the data order.
+        weight_decay: Decoupled weight decay (all optimizers; the paper used 0).
+        grad_clip: Global-norm gradient clipping (0 disables).
+        data: ``None`` (embedded stdlib corpus), a path, ``c4`` or ``hf:NAME[:CONFIG]``.
+        checkpoint_every: Save a checkpoint every this many steps (0: only at the end).
+        eval_every: Validation every this many steps (default: 10 times per run).
+        eval_batches: Number of validation batches.
+        subspace: galore only: ``randomized`` or ``svd`` refresh.
+        moments: galore only: ``keep``, ``align`` or ``rotate`` at a refresh.
+        stagger: galore only: spread the refreshes of the layers over the gap.
+        side: galore only: ``auto``, ``std``, ``reverse_std``, ``left`` or ``right``.
+        remat: Recompute activations in the backward pass (less memory, more compute).
+    """
+
+    preset: str = "tiny"
+    optimizer: str = "galore"
+    rank: int | None = None
+    update_proj_gap: int = 200
+    scale: float = 0.25
+    lr: float | None = None
+    warmup: int | None = None
+    steps: int | None = None
+    batch_size: int | None = None
+    seq_len: int | None = None
+    dtype: str = "float32"
+    seed: int = 0
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    data: str | None = None
+    checkpoint_every: int | None = None
+    eval_every: int | None = None
+    eval_batches: int = 8
+    subspace: str | None = None
+    moments: str | None = None
+    stagger: bool | None = None
+    side: str | None = None
+    remat: bool = False
+
+
+def resolve_config(cfg: TrainConfig) -> TrainConfig:
+    """Fills the ``None`` defaults that depend on the preset and optimizer; validates.
+
+    Raises:
+        UsageError: an unknown preset, optimizer or dtype, or a non-positive size.
+    """
+    if cfg.preset not in model_lib.PRESETS:
+        raise UsageError(
+            f"--preset {cfg.preset!r} is unknown; choose one of: {', '.join(model_lib.PRESETS)}"
+        )
+    if cfg.optimizer not in OPTIMIZERS:
+        raise UsageError(f"--optimizer {cfg.optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
+    if cfg.dtype not in DTYPES:
+        raise UsageError(f"--dtype {cfg.dtype!r}: choose one of {', '.join(DTYPES)}")
+    tiny = cfg.preset == "tiny"
+    c = dataclasses.replace(cfg)
+    c.steps = c.steps if c.steps is not None else (300 if tiny else 1000)
+    c.batch_size = c.batch_size or 16
+    c.seq_len = c.seq_len or (128 if tiny else 256)
+    c.lr = c.lr if c.lr is not None else DEFAULT_LR[c.optimizer]
+    c.rank = c.rank or model_lib.PAPER_RANKS[c.preset]
+    c.warmup = c.warmup if c.warmup is not None else max(1, c.steps // 10)
+    c.eval_every = c.eval_every or max(1, c.steps // 10)
+    c.checkpoint_every = c.checkpoint_every if c.checkpoint_every is not None else 100
+    for name in ("steps", "batch_size", "seq_len", "rank", "update_proj_gap", "eval_batches"):
+        if getattr(c, name) <= 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(c, name)}")
+    if c.warmup < 0 or c.warmup > c.steps:
+        raise UsageError(f"--warmup {c.warmup} must be between 0 and --steps {c.steps}")
+    if c.lr <= 0 or not math.isfinite(c.lr):
+        raise UsageError(f"--lr must be a positive number, got {c.lr}")
+    return c
+
+
+def make_schedule(lr: float, warmup: int, steps: int, min_ratio: float = 0.1) -> optax.Schedule:
+    """The paper's schedule: linear warmup from 0, cosine decay to ``min_ratio * lr``."""
+    return optax.warmup_cosine_decay_schedule(
+        0.0, lr, warmup_steps=warmup, decay_steps=max(steps, warmup + 1), end_value=lr * min_ratio
+    )
+
+
+def _is_matrix(path: tuple[Any, ...]) -> bool:
+    names = [getattr(k, "key", None) for k in path]
+    return len(names) == 2 and names[0] == "layers" and names[1] in model_lib.MATRIX_NAMES
+
+
+def galore_dimension_numbers(params: Any, folded: bool = False) -> Any:
+    """Which leaves GaLore projects: the stacked layer matrices, not embeddings/norms/head.
+
+    Args:
+        params: The (real or abstract) parameter tree of :mod:`galorax.model`.
+        folded: Fold the layer axis into the input axis (one projector shared by all
+            layers), the only way ``optax.contrib.galore`` can take stacked weights.
+
+    Returns:
+        A tree of dimension numbers (``None`` for unprojected leaves).
+    """
+    if folded:
+        from optax.contrib import GaLoreDimensionNumbers as OptaxDN
+
+        fold = OptaxDN(reduction_axis=(0, 1), output_axis=2)
+        return jax.tree_util.tree_map_with_path(
+            lambda p, _: fold if _is_matrix(p) else None, params
+        )
+    from galorax import GaLoreDimensionNumbers
+
+    per_layer = GaLoreDimensionNumbers(reduction_axis=1, output_axis=2)  # axis 0: batch
+    return jax.tree_util.tree_map_with_path(
+        lambda p, _: per_layer if _is_matrix(p) else None, params
+    )
+
+
+def max_rank(params: Any) -> int:
+    """The largest rank every projected matrix can take (its smaller side)."""
+    sides = [
+        min(x.shape[-2:])
+        for p, x in jax.tree_util.tree_flatten_with_path(params)[0]
+        if _is_matrix(p)
+    ]
+    return min(sides)
+
+
+def make_optimizer(cfg: TrainConfig, params: Any) -> optax.GradientTransformation:
+    """The optimizer of a resolved config (gradient clipping, then the optimizer)."""
+    assert cfg.lr is not None and cfg.warmup is not None and cfg.steps is not None
+    assert cfg.rank is not None
+    sched = make_schedule(cfg.lr, cfg.warmup, cfg.steps)
+    if cfg.optimizer == "adamw":
+        opt = optax.adamw(sched, weight_decay=cfg.weight_decay)
+    elif cfg.optimizer == "optax-galore":
+        from optax.contrib import galore as optax_galore
+
+        opt = optax_galore(
+            sched,
+            rank=cfg.rank,
+            update_proj_gap=cfg.update_proj_gap,
+            scale=cfg.scale,
+            weight_decay=cfg.weight_decay,
+            weight_dimension_numbers=galore_dimension_numbers(params, folded=True),
+        )
+    else:
+        import galorax
+
+        ext: dict[str, Any] = {
+            k: getattr(cfg, k)
+            for k in ("subspace", "moments", "stagger", "side")
+            if getattr(cfg, k) is not None
+        }
+        if "seed" in inspect.signature(galorax.galore).parameters:
+            ext["seed"] = cfg.seed  # the randomized range finder's sketch
+        opt = galorax.galore(
+            sched,
+            rank=cfg.rank,
+            update_proj_gap=cfg.update_proj_gap,
+            scale=cfg.scale,
+            weight_decay=cfg.weight_decay,
+            weight_dimension_numbers=galore_dimension_numbers(params),
+            **ext,
+        )
+    if cfg.grad_clip > 0:
+        opt = optax.chain(optax.clip_by_global_norm(cfg.grad_clip), opt)
+    return opt
+
+
+def make_train_step(
+    mcfg: model_lib.ModelConfig, opt: optax.GradientTransformation, remat: bool = False
+) -> Any:
+    """A jitted ``(params, opt_state, batch) -> (params, opt_state, loss)``; donates the state."""
+
+    def step(params: Any, opt_state: Any, batch: jax.Array) -> tuple[Any, Any, jax.Array]:
+        loss, grads = jax.value_and_grad(model_lib.loss_fn)(params, batch, mcfg, remat)
+        updates, opt_state = opt.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    return jax.jit(step, donate_argnums=(0, 1))
+
+
+def compiled_memory(compiled: Any) -> dict[str, int] | None:
+    """XLA's memory analysis of a compiled program: argument/output/temp/peak bytes.
+
+    ``peak`` is arguments + outputs + temporaries - aliased (donated) buffers, the bytes
+    the step needs live at once. None if the backend does not report it.
+    """
+    try:
+        m = compiled.memory_analysis()
+    except Exception:  # not every backend implements it
+        return None
+    if m is None:
+        return None
+    arg, out = int(m.argument_size_in_bytes), int(m.output_size_in_bytes)
+    alias, temp = int(m.alias_size_in_bytes), int(m.temp_size_in_bytes)
+    return {
+        "argument": arg,
+        "output": out,
+        "alias": alias,
+        "temp": temp,
+        "peak": arg + out - alias + temp,
+    }
+
+
+def adamw_reference(cfg: TrainConfig, mcfg: model_lib.ModelConfig, abstract: Any) -> dict[str, Any]:
+    """AdamW's optimizer-state bytes and compiled step memory, computed without running it."""
+    ref = resolve_config(dataclasses.replace(cfg, optimizer="adamw", lr=cfg.lr))
+    opt = make_optimizer(ref, abstract)
+    state = jax.eval_shape(opt.init, abstract)
+    assert cfg.batch_size is not None and cfg.seq_len is not None
+    batch = jax.ShapeDtypeStruct((cfg.batch_size, cfg.seq_len + 1), jnp.int32)
+    compiled = make_train_step(mcfg, opt, cfg.remat).lower(abstract, state, batch).compile()
+    return {"opt_state_bytes": tree_bytes(state), "step_memory": compiled_memory(compiled)}
+
+
+# ----------------------------------------------------------------------------- output dir
+
+
+def _holds_run(out: pathlib.Path) -> bool:
+    return any((out / f).exists() for f in RUN_FILES)
+
+
+def prepare_out_dir(out: pathlib.Path, resume: bool, overwrite: bool) -> None:
+    """Checks ``--out`` against ``--resume``/``--overwrite``; clears old run files if told.
+
+    Raises:
+        UsageError: ``out`` holds another run and neither flag was given, or ``--resume``
+            has nothing to resume, or both flags were given.
+    """
+    if resume and overwrite:
+        raise UsageError("--resume and --overwrite contradict each other; pass one of them")
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file, not a directory; choose another --out")
+    if resume:
+        if not (out / "checkpoints").is_dir() or not (out / "config.json").exists():
+            raise UsageError(
+                f"--resume: {out} holds no run to resume (no config.json/checkpoints); "
+                "drop --resume to start a new run there"
+            )
+        return
+    if _holds_run(out):
+        if not overwrite:
+            raise UsageError(
+                f"--out {out} already holds a run; pass --resume to continue it, "
+                "--overwrite to replace it, or choose another --out"
+            )
+        for name in RUN_FILES:  # only our own files: anything else the user put there stays
+            p = out / name
+            if p.is_dir():
+                shutil.rmtree(p)
+            elif p.exists():
+                p.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def _atomic_write_text(path: pathlib.Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _read_metrics(path: pathlib.Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_curves(runs: dict[str, list[dict[str, Any]]], path: pathlib.Path, title: str = "") -> None:
+    """Train loss (smoothed) and validation loss per step for each run, to one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for i, (label, recs) in enumerate(runs.items()):
+        color = f"C{i}"
+        tr = [(r["step"], r["loss"]) for r in recs if "loss" in r and math.isfinite(r["loss"])]
+        if tr:
+            s, loss = np.array(tr).T
+            ema, out = loss[0], []
+            for v in loss:  # exponential smoothing: per-step losses are noisy
+                ema = 0.9 * ema + 0.1 * v
+                out.append(ema)
+            ax.plot(s, out, color=color, alpha=0.6, lw=1, label=f"{label} train (EMA)")
+        va = [(r["step"], r["val_loss"]) for r in recs if "val_loss" in r]
+        if va:
+            s, v = np.array(va).T
+            ax.plot(s, v, "o-", color=color, lw=2, ms=4, label=f"{label} val")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/byte)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def _fmt_bytes(n: float | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _ratio(a: float | None, b: float | None) -> str:
+    return f" ({a / b:.0%} of AdamW)" if a is not None and b else ""
+
+
+def format_summary(s: dict[str, Any]) -> str:
+    """The end-of-run table: each figure next to AdamW's where one exists."""
+    ref = s.get("adamw") or {}
+    mem = (s.get("step_memory") or {}).get("peak")
+    ref_mem = (ref.get("step_memory") or {}).get("peak")
+    rows = [
+        ("val loss (start -> end)", f"{s['val_loss_start']:.4f} -> {s['val_loss']:.4f}", ""),
+        ("val perplexity (per byte)", f"{s['val_ppl']:.3f}", ""),
+        ("tokens/s (refreshes incl.)", f"{s['tokens_per_s']:.0f}", ""),
+        ("parameters", f"{s['n_params']:,} ({_fmt_bytes(s['param_bytes'])})", ""),
+        (
+            "optimizer state",
+            _fmt_bytes(s["opt_state_bytes"])
+            + _ratio(s["opt_state_bytes"], ref.get("opt_state_bytes")),
+            _fmt_bytes(ref.get("opt_state_bytes")),
+        ),
+        ("train step memory (XLA)", _fmt_bytes(mem) + _ratio(mem, ref_mem), _fmt_bytes(ref_mem)),
+    ]
+    w0 = max(len(r[0]) for r in rows)
+    w1 = max(len(r[1]) for r in rows + [("", s["optimizer"], "")])
+    lines = [f"{'':<{w0}}  {s['optimizer']:<{w1}}  adamw", f"{'-' * w0}  {'-' * w1}  {'-' * 10}"]
+    lines += [f"{a:<{w0}}  {b:<{w1}}  {c}" for a, b, c in rows]
+    return "\n".join(lines)
+
+
+def _batches(corpus: data_lib.Corpus, cfg: TrainConfig, start: int) -> Iterator[np.ndarray]:
+    assert cfg.steps is not None and cfg.batch_size is not None and cfg.seq_len is not None
+    for step in range(start, cfg.steps):
+        yield data_lib.sample_batch(corpus.train, cfg.batch_size, cfg.seq_len, cfg.seed, step)
+
+
+def train(
+    cfg: TrainConfig,
+    out: str | os.PathLike[str],
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    init_from: str | None = None,
+    stop_after: int | None = None,
+    progress: bool = True,
+    adamw_ref: bool = True,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Runs (or resumes) one training run into ``out`` and returns its summary.
+
+    Args:
+        cfg: The run's settings (``None`` fields take their defaults).
+        out: Output directory.
+        resume: Continue the run in ``out`` from its latest checkpoint (its saved config
+            wins; bit-identical to an uninterrupted run).
+        overwrite: Replace the run files in ``out``.
+        init_from: A run (or checkpoints) directory whose latest weights initialize the
+            model; the optimizer starts fresh (fine-tuning).
+        stop_after: Stop (with a checkpoint) once this many steps are done, e.g. to split a
+            run over job time limits; ``--resume`` continues it.
+        progress: Show a tqdm progress bar.
+        adamw_ref: Also compute AdamW's state bytes and step memory for the summary.
+        log: Where messages go.
+
+    Raises:
+        UsageError: bad flags or output directory (nothing is modified then).
+        data_lib.DataError: missing or empty data.
+        FloatingPointError: the loss became NaN/inf (lower ``--lr``).
+    """
+    from galorax import checkpoint as ckpt_lib
+
+    out = pathlib.Path(out)
+    if init_from is not None and resume:
+        raise UsageError("--init-from starts a new run; it cannot be combined with --resume")
+    prepare_out_dir(out, resume, overwrite)
+    if resume:
+        saved = json.loads((out / "config.json").read_text())["train"]
+        cfg = TrainConfig(**saved)
+    cfg = resolve_config(cfg)
+    assert cfg.steps is not None and cfg.batch_size is not None and cfg.seq_len is not None
+    assert cfg.rank is not None and cfg.eval_every is not None
+
+    corpus = data_lib.load_corpus(cfg.data)
+    data_lib.check_fits(corpus, cfg.seq_len)
+    dtype = DTYPES[cfg.dtype]
+
+    init_meta: dict[str, Any] = {}
+    if init_from is not None:
+        mcfg = ckpt_lib.model_config_of(init_from)
+        if mcfg.vocab_size != corpus.vocab_size:
+            raise UsageError(f"--init-from {init_from}: vocabulary {mcfg.vocab_size} != data's")
+        if cfg.preset != "tiny" and mcfg != model_lib.get_preset(cfg.preset, mcfg.vocab_size):
+            log(f"note: --init-from {init_from} fixes the architecture; --preset is ignored")
+    else:
+        mcfg = model_lib.get_preset(cfg.preset, corpus.vocab_size)
+    abstract = model_lib.abstract_params(mcfg, dtype)
+    if cfg.optimizer != "adamw" and cfg.rank > max_rank(abstract):
+        warnings.warn(
+            f"--rank {cfg.rank} exceeds the smallest projected matrix side "
+            f"({max_rank(abstract)}); clipped to {max_rank(abstract)}",
+            stacklevel=2,
+        )
+        cfg.rank = max_rank(abstract)
+
+    opt = make_optimizer(cfg, abstract)
+    ckpt = ckpt_lib.Checkpointer(out / "checkpoints")
+    start = 0
+    if resume:
+        latest = ckpt.latest_step()
+        if latest is None:
+            raise UsageError(f"--resume: {out}/checkpoints holds no finished checkpoint")
+        params, opt_state = ckpt.restore(latest, abstract, jax.eval_shape(opt.init, abstract))
+        start = latest
+        # Metrics past the checkpoint are re-run: drop them so the log has no duplicates.
+        recs = [r for r in _read_metrics(out / "metrics.jsonl") if r.get("step", 0) <= start]
+        _atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in recs))
+        log(f"resumed {out} at step {start}/{cfg.steps}")
+    else:
+        if init_from is not None:
+            params = ckpt_lib.load_params(init_from, abstract)
+            init_meta = {"init_from": str(init_from)}
+        else:
+            params = model_lib.init_params(mcfg, jax.random.key(cfg.seed), dtype)
+        opt_state = opt.init(params)
+        config_json = {
+            "train": dataclasses.asdict(cfg),
+            "model": dataclasses.asdict(mcfg),
+            "data_source": corpus.source,
+            "jax": jax.__version__,
+            "optax": optax.__version__,
+            **init_meta,
+        }
+        _atomic_write_text(out / "config.json", json.dumps(config_json, indent=2) + "\n")
+        (out / "metrics.jsonl").touch()
+
+    # One compile serves both the memory analysis and the loop.
+    batch0 = np.zeros((cfg.batch_size, cfg.seq_len + 1), np.int32)
+    t0 = time.perf_counter()
+    step_fn = make_train_step(mcfg, opt, cfg.remat).lower(params, opt_state, batch0).compile()
+    compile_s = time.perf_counter() - t0
+    step_memory = compiled_memory(step_fn)
+    opt_state_bytes = tree_bytes(opt_state)
+    ref = adamw_reference(cfg, mcfg, abstract) if adamw_ref and cfg.optimizer != "adamw" else None
+
+    val = data_lib.eval_batches(corpus.val, cfg.batch_size, cfg.seq_len, cfg.eval_batches)
+    eval_fn = jax.jit(lambda p, b: model_lib.loss_fn(p, b, mcfg))
+
+    def evaluate(p: Any) -> float:
+        return float(np.mean([float(eval_fn(p, b)) for b in val]))
+
+    metrics_f = open(out / "metrics.jsonl", "a")  # noqa: SIM115 - closed in finally
+
+    def record(rec: dict[str, Any]) -> None:
+        metrics_f.write(json.dumps(rec) + "\n")
+        metrics_f.flush()
+
+    prior = _read_metrics(out / "metrics.jsonl")
+    val_start = next((r["val_loss"] for r in prior if r.get("step") == 0 and "val_loss" in r), None)
+    if val_start is None:
+        val_start = evaluate(params)
+        record({"step": 0, "val_loss": val_start})
+    stop = min(cfg.steps, stop_after) if stop_after is not None else cfg.steps
+    tokens_per_step = cfg.batch_size * cfg.seq_len
+    sched = make_schedule(cfg.lr or 0.0, cfg.warmup or 0, cfg.steps)
+    timed_s, timed_tokens = 0.0, 0
+    val_loss = val_start
+    pbar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        pbar = tqdm(total=stop, initial=start, desc=f"{cfg.optimizer} {cfg.preset}", unit="step")
+    step = start
+    try:
+        batches = _batches(corpus, cfg, start)
+        while step < stop:
+            t = time.perf_counter()
+            batch = next(batches)
+            params, opt_state, loss_arr = step_fn(params, opt_state, batch)
+            loss = float(loss_arr)  # syncs: the time below is the real step time
+            dt = time.perf_counter() - t
+            step += 1
+            if step > start + 1:  # the first call warms caches; refresh steps all count
+                timed_s += dt
+                timed_tokens += tokens_per_step
+            tps = timed_tokens / timed_s if timed_s else tokens_per_step / dt
+            rec: dict[str, Any] = {
+                "step": step,
+                "loss": loss,
+                "lr": float(sched(step - 1)),
+                "step_s": round(dt, 5),
+                "tokens_per_s": round(tps, 1),
+            }
+            if not math.isfinite(loss):
+                record(rec)
+                raise FloatingPointError(
+                    f"the loss became {loss} at step {step}; lower --lr (now {cfg.lr})"
+                )
+            if step % cfg.eval_every == 0 or step == cfg.steps:
+                val_loss = evaluate(params)
+                rec["val_loss"] = val_loss
+            record(rec)
+            if pbar is not None:
+                pbar.update(1)
+                pbar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:.0f}")
+            if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == stop:
+                ckpt.save(
+                    step, params, opt_state, {"step": step, "model": dataclasses.asdict(mcfg)}
+                )
+    except KeyboardInterrupt:
+        if step > start:  # keep the work done so far: --resume continues from here
+            ckpt.save(step, params, opt_state, {"step": step, "model": dataclasses.asdict(mcfg)})
+            log(f"\ninterrupted: checkpoint saved at step {step}; continue with --resume")
+        raise
+    finally:
+        if pbar is not None:
+            pbar.close()
+        metrics_f.close()
+        ckpt.close()
+        recs = _read_metrics(out / "metrics.jsonl")
+        try:
+            plot_curves(
+                {cfg.optimizer: recs}, out / "loss_curve.png", f"{cfg.preset} ({corpus.source})"
+            )
+        except Exception as e:  # a plotting failure must not lose the run
+            log(f"warning: could not plot the loss curve: {e}")
+
+    all_recs = _read_metrics(out / "metrics.jsonl")
+    step_times = [r["step_s"] for r in all_recs if "step_s" in r]
+    # Over a resumed run, rate over all logged steps but the first of each process.
+    if timed_s == 0.0 and step_times:
+        timed_s, timed_tokens = sum(step_times), tokens_per_step * len(step_times)
+    summary: dict[str, Any] = {
+        "optimizer": cfg.optimizer,
+        "preset": cfg.preset,
+        "lr": cfg.lr,
+        "rank": cfg.rank if cfg.optimizer != "adamw" else None,
+        "steps_done": step,
+        "steps": cfg.steps,
+        "val_loss_start": val_start,
+        "val_loss": val_loss,
+        "val_ppl": math.exp(val_loss),
+        "tokens_per_s": timed_tokens / timed_s if timed_s else float("nan"),
+        "n_params": model_lib.count_params(abstract),
+        "param_bytes": tree_bytes(abstract),
+        "opt_state_bytes": opt_state_bytes,
+        "step_memory": step_memory,
+        "compile_s": compile_s,
+        "adamw": ref
+        or (
+            {"opt_state_bytes": opt_state_bytes, "step_memory": step_memory}
+            if cfg.optimizer == "adamw"
+            else None
+        ),
+        "data_source": corpus.source,
+        **init_meta,
+    }
+    _atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    if step < cfg.steps:
+        log(f"stopped after step {step}/{cfg.steps}; continue with --resume --out {out}")
+    return summary
+
+
+def main_error(msg: str) -> None:
+    """Prints ``msg`` as a CLI error to stderr."""
+    print(f"galorax: error: {msg}", file=sys.stderr)
