@@ -66,7 +66,7 @@ GALORE_DEFAULTS: dict[str, Any] = {
     "power_iters": 1,
     "oversample": 8,
     "warm_start": True,
-    "moments": "align",  # 'keep' (galore-torch), 'align', 'rotate'
+    "moments": "rotate",  # 'keep' (galore-torch), 'align', 'rotate'
     "stagger": True,
     "seed": 0,
 }

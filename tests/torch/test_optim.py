@@ -180,7 +180,7 @@ def test_defaults_and_group_keys():
         200,
         1.0,
         "randomized",
-        "align",
+        "rotate",
     )
     assert opt.param_groups[1]["rank"] is None  # no rank: full-rank AdamW
     w.grad, b.grad = torch.randn(30, 10), torch.randn(10)
