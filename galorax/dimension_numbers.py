@@ -49,8 +49,24 @@ class GaLoreDimensionNumbers(NamedTuple):
 GaLoreDimNumsOrFn = GaLoreDimensionNumbers | Any | Callable[[Any], Any]
 
 
+try:  # optax's own class is accepted too, so optax code runs unchanged
+    from optax.contrib import GaLoreDimensionNumbers as _OptaxDims
+
+    _DIMS_TYPES: tuple[type, ...] = (GaLoreDimensionNumbers, _OptaxDims)
+except ImportError:  # older optax without contrib.galore
+    _DIMS_TYPES = (GaLoreDimensionNumbers,)
+
+
+def _is_dims(x: Any) -> bool:
+    return isinstance(x, _DIMS_TYPES)
+
+
 def _is_dim_nums_leaf(x: Any) -> bool:
-    return x is None or isinstance(x, GaLoreDimensionNumbers)
+    return x is None or _is_dims(x)
+
+
+def _as_ours(x: Any) -> GaLoreDimensionNumbers | None:
+    return None if x is None else GaLoreDimensionNumbers(x.reduction_axis, x.output_axis)
 
 
 def _is_masked(x: Any) -> bool:
@@ -153,8 +169,8 @@ def resolve_dimension_numbers(params: Any, weight_dimension_numbers: GaLoreDimNu
     """
     leaves, treedef = jax.tree.flatten(params, is_leaf=_is_masked)
     spec = weight_dimension_numbers
-    if spec is None or isinstance(spec, GaLoreDimensionNumbers):
-        default = GaLoreDimensionNumbers() if spec is None else spec
+    if spec is None or _is_dims(spec):
+        default = GaLoreDimensionNumbers() if spec is None else _as_ours(spec)
         want = (lambda p: p.ndim == 2) if spec is None else (lambda p: p.ndim >= 2)
         return [None if _is_masked(p) or not want(p) else default for p in leaves]
     if callable(spec):
@@ -166,7 +182,7 @@ def resolve_dimension_numbers(params: Any, weight_dimension_numbers: GaLoreDimNu
             "params' structure holding a GaLoreDimensionNumbers or None at every leaf "
             f"(or one GaLoreDimensionNumbers for all).\n  params: {treedef}\n  dims:   {dims_def}"
         )
-    return [None if _is_masked(p) else d for p, d in zip(leaves, dims, strict=True)]
+    return [None if _is_masked(p) else _as_ours(d) for p, d in zip(leaves, dims, strict=True)]
 
 
 def _path_str(path: Any) -> str:

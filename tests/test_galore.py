@@ -73,6 +73,19 @@ def test_updates_equal_optax_over_refreshes(base):
         jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-5), e, g)
 
 
+def test_optax_dimension_numbers_are_accepted():
+    params = _params(MIXED)
+    kw = dict(rank=4, update_proj_gap=3, **SEED_CONFIG)
+    with_optax_dims = _run(
+        galorax.galore(0.01, weight_dimension_numbers=OPTAX_DIMS, **kw), params, 4
+    )[0]
+    with_ours = _run(galorax.galore(0.01, weight_dimension_numbers=OUR_DIMS, **kw), params, 4)[0]
+    for e, g in zip(with_ours, with_optax_dims, strict=True):
+        jax.tree.map(np.testing.assert_array_equal, e, g)
+    single = galorax.galore(0.01, weight_dimension_numbers=OptaxDims(0, 1), **kw)
+    assert single.init({"w": jnp.zeros((4, 3))})[0].projector["w"].shape == (4, 3)
+
+
 def test_default_dims_equal_optax_and_skip_non_2d():
     params = _params({"w": (20, 8), "v": (8, 30), "b": (8,), "t": (2, 3, 4)})
     ref = optax.contrib.galore(0.1, rank=3, update_proj_gap=2)
