@@ -1,5 +1,8 @@
 """Doctest collection of galorax.torch needs torch: skip these modules without it."""
 
-import importlib.util
+try:
+    import torch  # noqa: F401
 
-collect_ignore_glob = [] if importlib.util.find_spec("torch") else ["*.py"]
+    collect_ignore_glob: list[str] = []
+except ImportError:
+    collect_ignore_glob = ["*.py"]

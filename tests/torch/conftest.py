@@ -9,12 +9,12 @@ import types
 
 import pytest
 
-if importlib.util.find_spec("torch") is None:
+try:
+    import torch
+except ImportError:
     # Without torch every test here skips (each file also calls pytest.importorskip).
     collect_ignore_glob = ["test_*.py"]
 else:
-    import torch
-
     # The tests use small matrices, where one thread is fastest, and a busy 2-core machine
     # (CI, other test processes) makes torch's spinning OpenMP threads 100x slower.
     torch.set_num_threads(1)
