@@ -29,10 +29,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests", "torch"))
-_threads = torch.get_num_threads()
-from conftest import _load_galore_torch  # noqa: E402  (the tests' galore-torch loader)
-
-torch.set_num_threads(_threads)  # the tests' conftest pins one thread; benchmark the default
+from galorax_torch_testlib import load_galore_torch  # noqa: E402  (the tests' loader)
 
 from galorax.torch import GaLoreAdamW  # noqa: E402
 from galorax.torch.projector import find_subspace, resolve_side  # noqa: E402
@@ -132,7 +129,7 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     global _CLOCK
     _CLOCK = time.process_time if args.clock == "process" else time.perf_counter
-    gt = _load_galore_torch()
+    gt = load_galore_torch()
     if gt is None:
         sys.exit("galore-torch is needed: pip install galore-torch --no-deps")
 

@@ -11,7 +11,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from conftest import gradient_sequence  # noqa: E402
+from galorax_torch_testlib import gradient_sequence  # noqa: E402
 
 from galorax.torch import GaLoreAdafactor, GaLoreAdamW  # noqa: E402
 
