@@ -163,6 +163,7 @@ class _GaLoreBase(Optimizer):
                 raise ValueError("give either proj_type (galore-torch) or side (galorax), not both")
         _check_group(group)
         self._meta_cache = None
+        self.__dict__["_group_cache"] = None
 
     def _meta(self) -> dict[int, tuple[int, int]]:
         """id(param) -> (global index, stagger offset): seeds and refresh schedule."""
@@ -223,6 +224,7 @@ class _GaLoreBase(Optimizer):
                     device = _Local(p, None).param.device
                     state[key] = value.detach().to(device=device, copy=True)
         self._meta_cache = None
+        self.__dict__["_group_cache"] = None
 
     # ------------------------------------------------------------------------ stepping
     @torch.no_grad()
@@ -248,10 +250,17 @@ class _GaLoreBase(Optimizer):
         return loss
 
     def _group_of(self, p: torch.Tensor) -> dict[str, Any]:
-        for group in self.param_groups:
-            if any(q is p for q in group["params"]):
-                return group
-        raise KeyError("parameter is not in this optimizer")
+        """The param group holding ``p`` (cached: layer-wise hooks ask once per parameter)."""
+        cache = self.__dict__.get("_group_cache")
+        if cache is None or cache[0] is not self.param_groups or id(p) not in cache[1]:
+            # load_state_dict replaces the group dicts, add_param_group extends the list.
+            groups = {id(q): g for g in self.param_groups for q in g["params"]}
+            cache = (self.param_groups, groups)
+            self.__dict__["_group_cache"] = cache
+        try:
+            return cache[1][id(p)]
+        except KeyError:
+            raise KeyError("parameter is not in this optimizer") from None
 
     @torch.no_grad()
     def _prepare(self, p: torch.Tensor, group: dict[str, Any], grad: torch.Tensor) -> torch.Tensor:
