@@ -75,8 +75,19 @@ def _worker(rank, world, port, mode, out):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
+        from galorax.torch import projector
+
+        sizes: list[int] = []
+        original = projector.RowReduce.__call__
+
+        def recording(self, t):  # every all-reduce the sharded refresh/projection makes
+            sizes.append(t.numel())
+            return original(self, t)
+
+        projector.RowReduce.__call__ = recording
         results = {}
         for name, cfg in CONFIGS.items():
+            sizes.clear()
             model = _model()
             if mode == "ddp":
                 from torch.nn.parallel import DistributedDataParallel
@@ -100,7 +111,12 @@ def _worker(rank, world, port, mode, out):
             projectors = [
                 opt.state[p]["projector"].clone() for p in model.parameters() if p.dim() == 2
             ]
-            results[name] = {"losses": losses, "params": params, "projectors": projectors}
+            results[name] = {
+                "losses": losses,
+                "params": params,
+                "projectors": projectors,
+                "max_all_reduce": max(sizes, default=0),
+            }
         torch.save(results, os.path.join(out, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -161,3 +177,10 @@ def test_two_processes_match_one(mode, references):
             shapes = [tuple(p.shape) for p in results[0][name]["projectors"]]
             if name == "default":
                 assert shapes == [(24, 4), (48, 4), (15, 4)]
+                # The randomized refresh never moves a whole gradient: its largest all-reduce
+                # is the n x k product of the 15 x 48 weight (48 x 12 = 576 elements, k = rank +
+                # oversample clamped to 12), less than that 720-element gradient.
+                assert 0 < results[0][name]["max_all_reduce"] <= 48 * 12
+            else:
+                # The exact SVD gathers the full (largest: 15 x 48) gradient, as documented.
+                assert results[0][name]["max_all_reduce"] >= 15 * 48
