@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import optax
 from optax._src import base, numerics
 
+from galorax import sharding as _sharding
 from galorax import subspace as _subspace
 from galorax.dimension_numbers import (
     GaLoreDimNumsOrFn,
@@ -268,20 +269,28 @@ def scale_by_galore(
                 projectors.append(masked)
                 schedules.append(masked)
                 norms.append(masked)
-                proxies.append(leaf if _is_masked(leaf) else jnp.zeros(leaf.shape, leaf.dtype))
+                proxies.append(
+                    leaf
+                    if _is_masked(leaf)
+                    else _sharding.like(jnp.zeros(leaf.shape, leaf.dtype), leaf)
+                )
                 continue
             rows, r = plan.proj_shape[-2:]
+            # Under explicit sharding, state is born sharded like its param (so the
+            # update's output shardings equal its input's: no recompilation).
+            specs = _sharding.galore_leaf_specs(leaf, plan.view, plan.left) or {}
+            put = lambda x, kind, leaf=leaf, specs=specs: _sharding.place(x, leaf, specs.get(kind))
             # An orthonormal placeholder, kept if the first gradient is unusable.
             eye = jnp.eye(rows, r, dtype=projector_dtype)
-            projectors.append(jnp.broadcast_to(eye, plan.proj_shape))
-            proxies.append(jnp.zeros(plan.low_shape, _compute_dtype(leaf.dtype)))
+            projectors.append(put(jnp.broadcast_to(eye, plan.proj_shape), "projector"))
+            proxies.append(put(jnp.zeros(plan.low_shape, _compute_dtype(leaf.dtype)), "low"))
             batch = plan.view.batch_shape
-            norms.append(jnp.zeros(batch, jnp.float32))
+            norms.append(put(jnp.zeros(batch, jnp.float32), "batch"))
             schedules.append(
                 RefreshSchedule(
-                    next_step=jnp.zeros(batch, jnp.int32),
-                    gap=jnp.full(batch, update_proj_gap, jnp.int32),
-                    refreshes=jnp.zeros(batch, jnp.int32),
+                    next_step=put(jnp.zeros(batch, jnp.int32), "batch"),
+                    gap=put(jnp.full(batch, update_proj_gap, jnp.int32), "batch"),
+                    refreshes=put(jnp.zeros(batch, jnp.int32), "batch"),
                 )
             )
         return GaLoreState(
@@ -300,7 +309,8 @@ def scale_by_galore(
         g2 = jnp.where(valid[..., None, None], g2, 0)
         old_c = old.astype(g2.dtype)
         if not isinstance(randomized, _subspace.Randomized):
-            cand = _subspace.exact_basis(g2, plan.rank, left=plan.left)
+            # On a mesh the SVD needs each matrix whole: gathered (with a warning).
+            cand = _subspace.exact_basis(_sharding.whole_for_svd(g2), plan.rank, left=plan.left)
         else:
             a = g2 if plan.left else jnp.swapaxes(g2, -1, -2)
             key = jax.random.key(randomized.seed)
@@ -314,6 +324,7 @@ def scale_by_galore(
                 warm_start=old_c if randomized.warm_start else None,
                 warm_start_mask=sched.refreshes > 0,
                 precision=precision,
+                qr=randomized.qr,
             )
         if moments != "keep":
             signs = jnp.sign(jnp.sum(cand * old_c, axis=-2, keepdims=True))
@@ -415,7 +426,8 @@ def scale_by_galore(
             residual_norm=treedef.unflatten(new_norms) if residual is not None else None,
         )
 
-    return base.GradientTransformationExtraArgs(init_fn, update_fn)
+    # Explicit-axes meshes: the update body runs with automatic axes (see sharding.py).
+    return base.GradientTransformationExtraArgs(init_fn, _sharding.auto_axes_update(update_fn))
 
 
 def _flatten(tree: Any) -> tuple[list[Any], Any]:

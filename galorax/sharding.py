@@ -1,0 +1,482 @@
+"""GaLore on sharded parameters: meshes, state shardings and multi-process setup.
+
+Everything runs on JAX's own machinery (``jax.sharding``, ``jit``, ``jax.distributed``).
+The optimizer state follows the parameters: a projector is sharded like its weight's
+projected (long) axis, low-rank moments like the remaining axis, per-slice state like
+the weight's batch axes, scalars replicated. :func:`state_shardings` returns these
+shardings without materializing the state, for ``jit(tx.init, out_shardings=...)``.
+
+Example:
+    >>> import jax, jax.numpy as jnp
+    >>> import galorax
+    >>> mesh = make_mesh("data=1,fsdp=1")
+    >>> params = {"w": jnp.zeros((8, 4)), "b": jnp.zeros(4)}
+    >>> specs = fsdp_partition_specs(params, mesh, min_size=1)
+    >>> specs["w"]
+    P('fsdp',)
+    >>> tx = galorax.galore(learning_rate=0.1, rank=2)
+    >>> state_partition_specs(tx, params, specs, mesh)[0].projector["w"]
+    P('fsdp',)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+import optax
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+__all__ = [
+    "parse_mesh",
+    "make_mesh",
+    "fsdp_partition_specs",
+    "batch_partition_spec",
+    "state_partition_specs",
+    "state_shardings",
+    "initialize_distributed",
+    "process_local_batch",
+]
+
+
+def parse_mesh(text: str) -> dict[str, int]:
+    """Parses ``"data=2,fsdp=4"`` into ``{"data": 2, "fsdp": 4}``.
+
+    One size may be ``-1``: it takes the devices the others leave.
+
+    Example:
+        >>> parse_mesh("data=2, fsdp=-1")
+        {'data': 2, 'fsdp': -1}
+    """
+    axes: dict[str, int] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, sep, size = part.partition("=")
+        name = name.strip()
+        try:
+            value = int(size)
+        except ValueError:
+            value = 0
+        if not sep or not name.isidentifier() or value == 0 or value < -1 or name in axes:
+            raise ValueError(
+                f"Bad mesh {text!r}: write NAME=SIZE pairs separated by commas, e.g. "
+                "'data=2,fsdp=4' (one size may be -1 for the remaining devices)."
+            )
+        axes[name] = value
+    if not axes:
+        raise ValueError(f"Bad mesh {text!r}: it names no axis.")
+    if list(axes.values()).count(-1) > 1:
+        raise ValueError(f"Bad mesh {text!r}: at most one size may be -1.")
+    return axes
+
+
+def make_mesh(
+    spec: str | dict[str, int], *, explicit: bool = True, devices: Sequence[Any] | None = None
+) -> Mesh:
+    """A device mesh from ``"data=2,fsdp=4"`` (see :func:`parse_mesh`).
+
+    Args:
+        spec: Axis names and sizes; their product must be the number of devices.
+        explicit: Explicit axes (``jax.make_mesh``'s default: shardings are part of the
+            types) or automatic ones (the compiler propagates them).
+        devices: Devices to use; all of ``jax.devices()`` (every process's) by default.
+
+    Example:
+        >>> dict(make_mesh("data=-1").shape)
+        {'data': 1}
+    """
+    axes = parse_mesh(spec) if isinstance(spec, str) else dict(spec)
+    devices = list(jax.devices() if devices is None else devices)
+    known = math.prod(v for v in axes.values() if v != -1)
+    if -1 in axes.values():
+        if len(devices) % known:
+            raise ValueError(f"Mesh {axes}: {len(devices)} devices are not divisible by {known}.")
+        axes = {k: (len(devices) // known if v == -1 else v) for k, v in axes.items()}
+    if math.prod(axes.values()) != len(devices):
+        raise ValueError(
+            f"Mesh {axes} needs {math.prod(axes.values())} devices, but {len(devices)} are "
+            "available (on CPU, simulate more with "
+            "XLA_FLAGS=--xla_force_host_platform_device_count=N)."
+        )
+    kind = AxisType.Explicit if explicit else AxisType.Auto
+    return jax.make_mesh(
+        tuple(axes.values()), tuple(axes), axis_types=(kind,) * len(axes), devices=devices
+    )
+
+
+def fsdp_partition_specs(
+    params: Any, mesh: Mesh, axis: str | None = "fsdp", *, min_size: int = 1024
+) -> Any:
+    """FSDP partition specs: each weight sharded over ``axis`` along its largest divisible axis.
+
+    The leading axis of a weight with 3+ axes (stacked layers under ``lax.scan``) is left
+    whole; leaves smaller than ``min_size`` elements, or with no divisible axis, are
+    replicated. With ``axis`` None or absent from the mesh, everything is replicated.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> mesh = make_mesh("fsdp=1")
+        >>> fsdp_partition_specs({"w": jnp.zeros((2, 64, 32)), "b": jnp.zeros(8)}, mesh)
+        {'b': P(), 'w': P(None, 'fsdp')}
+    """
+    size = mesh.shape.get(axis, 0) if axis else 0
+
+    def spec(leaf: Any) -> PartitionSpec:
+        shape = tuple(leaf.shape)
+        if not size or math.prod(shape) < min_size:
+            return PartitionSpec()
+        first = 1 if len(shape) >= 3 else 0
+        candidates = [i for i in range(first, len(shape)) if shape[i] % size == 0]
+        if not candidates:
+            return PartitionSpec()
+        best = max(candidates, key=lambda i: (shape[i], i))
+        return canonical(PartitionSpec(*(axis if i == best else None for i in range(len(shape)))))
+
+    return jax.tree.map(spec, params)
+
+
+def batch_partition_spec(mesh: Mesh, axes: Sequence[str] = ("data", "fsdp")) -> PartitionSpec:
+    """Leading (batch) axis sharded over every one of ``axes`` that the mesh has.
+
+    Example:
+        >>> batch_partition_spec(make_mesh("data=1,fsdp=1"))
+        P(('data', 'fsdp'),)
+    """
+    present = tuple(a for a in axes if a in mesh.shape)
+    if not present:
+        return PartitionSpec()
+    return PartitionSpec(present if len(present) > 1 else present[0])
+
+
+# --- optimizer state ----------------------------------------------------------------
+
+
+def canonical(spec: PartitionSpec) -> PartitionSpec:
+    """``spec`` without trailing ``None`` entries, as compiled outputs report it.
+
+    ``P('fsdp', None)`` and ``P('fsdp')`` shard alike, but ``jit`` caches on the spelling:
+    a state created with one and returned with the other compiles twice.
+
+    Example:
+        >>> canonical(PartitionSpec("fsdp", None))
+        P('fsdp',)
+    """
+    entries = list(spec)
+    while entries and entries[-1] is None:
+        entries.pop()
+    return PartitionSpec(*entries)
+
+
+def _as_spec(s: Any) -> PartitionSpec:
+    if isinstance(s, NamedSharding):
+        return s.spec
+    if isinstance(s, PartitionSpec):
+        return s
+    if s is None:
+        return PartitionSpec()
+    raise TypeError(f"Expected a PartitionSpec or NamedSharding, got {s!r}.")
+
+
+def _is_spec(x: Any) -> bool:
+    return isinstance(x, PartitionSpec | NamedSharding) or x is None
+
+
+def _mesh_of(params: Any, specs: Any) -> Any:
+    for s in jax.tree.leaves((specs, params), is_leaf=lambda x: isinstance(x, NamedSharding)):
+        sharding = s if isinstance(s, NamedSharding) else getattr(s, "sharding", None)
+        if isinstance(sharding, NamedSharding):
+            return sharding.mesh
+    return None
+
+
+def state_partition_specs(
+    tx: optax.GradientTransformation, params: Any, param_specs: Any = None, mesh: Any = None
+):
+    """The partition specs of ``tx.init(params)``'s leaves, without materializing it.
+
+    ``tx.init`` is traced (``jax.eval_shape``) on a mesh with explicit axes, where every
+    array's type carries its sharding: optax's ``zeros_like`` moments inherit their
+    parameter's, and GaLore places its projectors, low-rank moments and schedules by the
+    rules of the module docstring.
+
+    Args:
+        tx: Any optax transformation (GaLore or not, chained or not).
+        params: Arrays or ``jax.ShapeDtypeStruct`` (only shapes and dtypes are read).
+        param_specs: A tree like ``params`` of ``PartitionSpec`` or ``NamedSharding``;
+            by default the ``NamedSharding`` of each param.
+        mesh: The mesh the specs refer to; by default the params' or shardings'.
+
+    Returns:
+        A tree like the state with a ``PartitionSpec`` at each leaf.
+    """
+    if param_specs is None:
+        param_specs = jax.tree.map(lambda p: getattr(p, "sharding", None), params)
+    mesh = mesh if mesh is not None else _mesh_of(params, param_specs)
+    specs = jax.tree.map(_as_spec, param_specs, is_leaf=_is_spec)
+    if mesh is None:
+        shapes = jax.eval_shape(tx.init, params)
+        return jax.tree.map(lambda _: PartitionSpec(), shapes)  # nothing sharded
+    explicit = jax.sharding.AbstractMesh(
+        tuple(mesh.axis_sizes),
+        tuple(mesh.axis_names),
+        axis_types=(AxisType.Explicit,) * len(mesh.axis_names),
+    )
+    abstract = jax.tree.map(
+        lambda p, s: jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=NamedSharding(explicit, s)),
+        params,
+        specs,
+    )
+    found: list[Any] = []
+
+    def init(p: Any) -> Any:
+        state = tx.init(p)
+        found.append(jax.tree.map(canonical, specs_of(state)))  # from the traced types
+        return state
+
+    with jax.sharding.use_abstract_mesh(explicit):
+        jax.eval_shape(init, abstract)
+    return found[0]
+
+
+def state_shardings(
+    tx: optax.GradientTransformation, params: Any, mesh: Mesh | None = None, param_specs=None
+):
+    """``NamedSharding``s of ``tx.init(params)`` on ``mesh`` (see :func:`state_partition_specs`).
+
+    Use them to create the state sharded from the start, so the first update's output
+    matches its input and the second call does not recompile::
+
+        opt_state = jax.jit(tx.init, out_shardings=state_shardings(tx, params))(params)
+
+    Args:
+        tx: The optimizer.
+        params: Arrays or ``jax.ShapeDtypeStruct`` with ``NamedSharding`` (or give
+            ``param_specs``).
+        mesh: The mesh; by default the params'.
+        param_specs: Optional tree of ``PartitionSpec``/``NamedSharding`` like ``params``.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, optax
+        >>> mesh = make_mesh("fsdp=1", explicit=False)
+        >>> params = {"w": jnp.zeros((8, 4))}
+        >>> shardings = state_shardings(optax.adam(0.1), params, mesh, {"w": PartitionSpec("fsdp")})
+        >>> shardings[0].mu["w"].spec
+        P('fsdp',)
+    """
+    if mesh is None:
+        mesh = _mesh_of(params, param_specs)
+        if mesh is None:
+            raise ValueError("state_shardings needs a mesh: pass one or sharded params.")
+    if param_specs is not None:
+        param_specs = jax.tree.map(
+            lambda s: NamedSharding(mesh, _as_spec(s)), param_specs, is_leaf=_is_spec
+        )
+    specs = state_partition_specs(tx, params, param_specs)
+    return jax.tree.map(lambda s: NamedSharding(mesh, s), specs)
+
+
+# --- placement rules (used by galorax.galore's init) -------------------------------
+
+
+def _explicit_mesh(x: Any) -> Any:
+    """The mesh of ``x``'s type when it has explicit axes (sharding in the type), else None."""
+    try:
+        mesh = jax.typeof(x).sharding.mesh
+    except (AttributeError, TypeError):
+        return None
+    if mesh.empty or AxisType.Explicit not in mesh.axis_types:
+        return None
+    return mesh
+
+
+def _merged_spec(spec: tuple[Any, ...], axes: Sequence[int]) -> Any:
+    """Spec of the axes ``axes`` of a weight flattened into one (major axes first)."""
+    names: list[str] = []
+    for ax in axes:
+        entry = spec[ax] if ax < len(spec) else None
+        if entry is None:
+            break  # a sharded axis after an unsharded one is not a block of the merge
+        names.extend(entry if isinstance(entry, tuple) else (entry,))
+    if not names:
+        return None
+    return names[0] if len(names) == 1 else tuple(names)
+
+
+def galore_leaf_specs(param: Any, view: Any, left: bool) -> dict[str, PartitionSpec] | None:
+    """Specs of one projected leaf's state under explicit sharding, or None if unsharded.
+
+    Keys: ``projector`` (the projected axis, like the param's), ``low`` (low-rank moments:
+    the remaining axis), ``batch`` (per-slice schedules).
+    """
+    mesh = _explicit_mesh(param)
+    if mesh is None:
+        return None
+    spec = tuple(jax.typeof(param).sharding.spec)
+    batch = [spec[ax] if ax < len(spec) else None for ax in view.batch_axes]
+    m_spec = _merged_spec(spec, view.reduction_axes)
+    n_spec = _merged_spec(spec, view.output_axes)
+    if left:
+        proj, low = PartitionSpec(*batch, m_spec, None), PartitionSpec(*batch, None, n_spec)
+    else:
+        proj, low = PartitionSpec(*batch, n_spec, None), PartitionSpec(*batch, m_spec, None)
+    return {"projector": proj, "low": low, "batch": PartitionSpec(*batch)}
+
+
+def place(x: Any, param: Any, spec: PartitionSpec | None) -> Any:
+    """``x`` resharded to ``spec`` on ``param``'s explicit mesh (unchanged otherwise)."""
+    mesh = _explicit_mesh(param)
+    if mesh is None or spec is None:
+        return x
+    return jax.sharding.reshard(x, NamedSharding(mesh, spec))
+
+
+def like(x: Any, param: Any) -> Any:
+    """``x`` (shaped like ``param``) sharded like ``param`` under explicit sharding."""
+    mesh = _explicit_mesh(param)
+    if mesh is None:
+        return x
+    return jax.sharding.reshard(x, NamedSharding(mesh, jax.typeof(param).sharding.spec))
+
+
+def explicit_mesh_of(tree: Any) -> Any:
+    """The explicit-axes mesh of the first leaf of ``tree`` that has one, else None."""
+    for leaf in jax.tree.leaves(tree):
+        mesh = _explicit_mesh(leaf)
+        if mesh is not None:
+            return mesh
+    return None
+
+
+def specs_of(tree: Any) -> Any:
+    """Each leaf's ``PartitionSpec`` from its type (explicit sharding)."""
+    return jax.tree.map(lambda x: jax.typeof(x).sharding.spec, tree)
+
+
+def auto_axes_update(update_fn: Any) -> Any:
+    """Wraps an optax ``update`` so it runs on meshes with explicit axes.
+
+    Under explicit sharding every op must say how its output is sharded (a matmul that
+    contracts a sharded axis, a QR or SVD of a sharded matrix are errors). GaLore's
+    update is a data-dependent mix of those, so its body runs with the mesh's axes
+    automatic (``jax.sharding.auto_axes``): the compiler places the intermediates. The
+    outputs are pinned to the inputs' shardings (updates like the gradients, new state
+    like the old), so the next call compiles to the same program.
+    """
+
+    def wrapped(updates: Any, state: Any, params: Any = None, **extra_args: Any):
+        mesh = explicit_mesh_of(updates)
+        if mesh is None:
+            return update_fn(updates, state, params, **extra_args)
+        out = (specs_of(updates), specs_of(state))
+        body = jax.sharding.auto_axes(lambda u, s, p, e: update_fn(u, s, p, **e), out_sharding=out)
+        with contextlib.ExitStack() as stack:
+            if jax.sharding.get_abstract_mesh().empty:
+                stack.enter_context(jax.sharding.use_abstract_mesh(mesh))
+            return body(updates, state, params, extra_args)
+
+    return wrapped
+
+
+def whole_for_svd(g: jax.Array) -> jax.Array:
+    """``g`` (``(*batch, m, n)``) with its matrix axes replicated, for an exact SVD.
+
+    An SVD cannot run on a sharded matrix: on a mesh, each refresh gathers the whole
+    gradient matrix on every device (``m * n`` elements per device) and every device
+    runs the same SVD. This warns once per traced leaf and says so; the randomized
+    refresh (``subspace="randomized"``) keeps the gradient sharded.
+    """
+    from galorax.subspace import _on_several_devices
+
+    if not _on_several_devices(g):
+        return g
+    mesh = jax.typeof(g).sharding.mesh
+    mib = math.prod(g.shape) * g.dtype.itemsize / 2**20
+    warnings.warn(
+        f"galorax: subspace='svd' on a mesh of {mesh.size} devices gathers each "
+        f"{tuple(g.shape)} gradient ({mib:.1f} MiB) onto every device at a refresh and runs "
+        "the same SVD on each; subspace='randomized' keeps it sharded.",
+        stacklevel=2,
+    )
+    spec = PartitionSpec(*([PartitionSpec.UNCONSTRAINED] * (g.ndim - 2)), None, None)
+    return jax.lax.with_sharding_constraint(g, NamedSharding(mesh, spec))
+
+
+# --- multiple processes ---------------------------------------------------------------
+
+
+def initialize_distributed(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    *,
+    local_device_ids: Sequence[int] | None = None,
+) -> bool:
+    """Starts ``jax.distributed`` from arguments or the environment; a no-op for one process.
+
+    Arguments win; missing ones come from ``JAX_COORDINATOR_ADDRESS``,
+    ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID``. With none of them set, JAX's own cluster
+    detection (SLURM, Open MPI, Kubernetes, Cloud TPU) decides when
+    ``GALORAX_DISTRIBUTED=auto``; otherwise the run stays single-process. Call it before
+    any other JAX call. On CPU, collectives across processes go through gloo.
+
+    Returns:
+        Whether ``jax.distributed.initialize`` was called.
+
+    Example:
+        >>> initialize_distributed()  # no flags, no environment: one process
+        False
+    """
+    env = os.environ
+    address = coordinator_address or env.get("JAX_COORDINATOR_ADDRESS")
+    if num_processes is None and env.get("JAX_NUM_PROCESSES"):
+        num_processes = int(env["JAX_NUM_PROCESSES"])
+    if process_id is None and env.get("JAX_PROCESS_ID"):
+        process_id = int(env["JAX_PROCESS_ID"])
+    auto = env.get("GALORAX_DISTRIBUTED", "").lower() == "auto"
+    if address is None and num_processes is None and process_id is None and not auto:
+        return False
+    if num_processes == 1 and not auto:
+        return False
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(
+        coordinator_address=address,
+        num_processes=num_processes,
+        process_id=process_id,
+        local_device_ids=local_device_ids,
+    )
+    return True
+
+
+def process_local_batch(
+    global_batch: Any, sharding: NamedSharding, *, already_local: bool = False
+) -> jax.Array:
+    """A global, sharded batch from each process's own rows.
+
+    Every process passes either the full global batch (the rows it owns are sliced out:
+    process ``i`` of ``n`` owns rows ``[i*B/n, (i+1)*B/n)``) or, with
+    ``already_local=True``, only its own rows (its data loader read only its slice).
+
+    Example:
+        >>> import numpy as np
+        >>> mesh = make_mesh("data=1")
+        >>> rows = NamedSharding(mesh, PartitionSpec("data"))
+        >>> x = process_local_batch(np.arange(8).reshape(4, 2), rows)
+        >>> x.shape
+        (4, 2)
+    """
+    data = np.asarray(global_batch)
+    n, i = jax.process_count(), jax.process_index()
+    if already_local:
+        global_shape = (data.shape[0] * n, *data.shape[1:])
+    else:
+        global_shape = data.shape
+        if data.shape[0] % n:
+            raise ValueError(f"Batch of {data.shape[0]} rows does not split over {n} processes.")
+        rows = data.shape[0] // n
+        data = data[i * rows : (i + 1) * rows]
+    return jax.make_array_from_process_local_data(sharding, data, global_shape)
