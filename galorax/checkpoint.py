@@ -48,7 +48,8 @@ def _is_key(x: Any) -> bool:
 
 def _flatten_state(state: Any) -> dict[str, Any]:
     """Non-empty leaves of ``state`` keyed by zero-padded position (keys as raw data)."""
-    flat = {}
+    # The leaf count doubles as a structure check and keeps an empty state a valid item.
+    flat: dict[str, Any] = {"n_leaves": jnp.asarray(len(jax.tree.leaves(state)), jnp.int32)}
     for i, leaf in enumerate(jax.tree.leaves(state)):
         if _is_key(leaf):
             leaf = jax.random.key_data(leaf)
@@ -72,7 +73,9 @@ def _unflatten_state(flat: dict[str, Any], template: Any) -> Any:
         if key not in flat:  # an empty placeholder: rebuild it from the template
             out.append(jnp.zeros(t.shape, t.dtype))
         elif _is_key(t):
-            out.append(jax.random.wrap_key_data(flat[key], impl=jax.random.key_impl(t)))
+            # Abstract templates carry the impl only on the dtype (jax has no public getter).
+            impl = getattr(t.dtype, "_impl", None)
+            out.append(jax.random.wrap_key_data(flat[key], impl=impl))
         else:
             out.append(flat[key])
     return jax.tree.unflatten(treedef, out)
@@ -128,11 +131,13 @@ class Checkpointer:
         Templates may be real or abstract (``jax.eval_shape``) trees.
         """
         args = self._ocp.args
+        leaves = jax.tree.leaves(opt_state_template)
         abstract_flat = {
             f"{i:06d}": _abstract(leaf)
-            for i, leaf in enumerate(jax.tree.leaves(opt_state_template))
+            for i, leaf in enumerate(leaves)
             if np.prod(_abstract(leaf).shape) != 0
         }
+        abstract_flat["n_leaves"] = jax.ShapeDtypeStruct((), jnp.int32)
         restored = self._mgr.restore(
             step,
             args=args.Composite(
@@ -140,7 +145,13 @@ class Checkpointer:
                 opt_state=args.StandardRestore(abstract_flat),
             ),
         )
-        return restored.params, _unflatten_state(dict(restored.opt_state), opt_state_template)
+        flat = dict(restored.opt_state)
+        if int(flat.pop("n_leaves")) != len(leaves):
+            raise ValueError(
+                f"checkpoint {step} in {self.directory} holds another optimizer's state; "
+                "resume with the run's own settings"
+            )
+        return restored.params, _unflatten_state(flat, opt_state_template)
 
     def restore_params(self, step: int, params_template: Any) -> Any:
         """Restores the parameters only (for fine-tuning with a fresh optimizer)."""

@@ -10,7 +10,7 @@ Example:
     >>> resolve_config(cfg).warmup  # 10% of the steps by default, as in the paper
     1
     >>> sched = make_schedule(1e-2, warmup=10, steps=100)
-    >>> float(sched(10)), round(float(sched(100)), 6)  # peak after warmup, 10% at the end
+    >>> round(float(sched(10)), 6), round(float(sched(100)), 6)  # peak, then 10% at the end
     (0.01, 0.001)
 """
 
@@ -185,6 +185,29 @@ def max_rank(params: Any) -> int:
         if _is_matrix(p)
     ]
     return min(sides)
+
+
+def clip_rank(cfg: TrainConfig, params: Any) -> TrainConfig:
+    """``cfg`` with ``rank`` clipped to the smallest projected matrix side (with a warning).
+
+    Example:
+        >>> from galorax import model
+        >>> import warnings
+        >>> params = model.abstract_params(model.get_preset("micro"))
+        >>> with warnings.catch_warnings(record=True) as w:
+        ...     warnings.simplefilter("always")
+        ...     clip_rank(TrainConfig(rank=1000), params).rank, str(w[0].message)[:24]
+        (32, '--rank 1000 exceeds the ')
+    """
+    limit = max_rank(params)
+    if cfg.optimizer == "adamw" or cfg.rank is None or cfg.rank <= limit:
+        return cfg
+    warnings.warn(
+        f"--rank {cfg.rank} exceeds the smallest projected matrix side ({limit}); "
+        f"clipped to {limit}",
+        stacklevel=3,
+    )
+    return dataclasses.replace(cfg, rank=limit)
 
 
 def make_optimizer(cfg: TrainConfig, params: Any) -> optax.GradientTransformation:
@@ -468,13 +491,9 @@ def train(
     else:
         mcfg = model_lib.get_preset(cfg.preset, corpus.vocab_size)
     abstract = model_lib.abstract_params(mcfg, dtype)
-    if cfg.optimizer != "adamw" and cfg.rank > max_rank(abstract):
-        warnings.warn(
-            f"--rank {cfg.rank} exceeds the smallest projected matrix side "
-            f"({max_rank(abstract)}); clipped to {max_rank(abstract)}",
-            stacklevel=2,
-        )
-        cfg.rank = max_rank(abstract)
+    cfg = clip_rank(cfg, abstract)
+    assert cfg.steps is not None and cfg.batch_size is not None and cfg.seq_len is not None
+    assert cfg.eval_every is not None
 
     opt = make_optimizer(cfg, abstract)
     ckpt = ckpt_lib.Checkpointer(out / "checkpoints")

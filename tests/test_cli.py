@@ -1,0 +1,105 @@
+"""The ``galorax`` command line: train, compare, errors, subcommand registry."""
+
+import argparse
+
+import pytest
+from test_train import make_text_dir
+
+from galorax import cli
+
+MICRO = [
+    "--preset",
+    "micro",
+    "--steps",
+    "6",
+    "--batch-size",
+    "4",
+    "--seq-len",
+    "32",
+    "--eval-batches",
+    "1",
+    "--no-progress",
+]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return str(make_text_dir(tmp_path_factory.mktemp("d") / "texts"))
+
+
+def test_train_prints_summary(data, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli.main(["train", *MICRO, "--data", data, "--out", str(out), "--lr", "0.01"]) == 0
+    text = capsys.readouterr().out
+    assert "optimizer state" in text and "of AdamW" in text and "tokens/s" in text
+    assert (out / "loss_curve.png").exists()
+    # The same --out again: refused, named flags, nothing destroyed.
+    before = (out / "metrics.jsonl").read_text()
+    assert cli.main(["train", *MICRO, "--data", data, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "--resume" in err and "--overwrite" in err
+    assert (out / "metrics.jsonl").read_text() == before
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["--preset", "huge"], "--preset"),
+        (["--data", "/nonexistent/path"], "--data"),
+        (["--resume", "--out", "/nonexistent/run"], "--resume"),
+        (["--resume"], "--resume needs --out"),
+    ],
+)
+def test_bad_inputs_exit_nonzero(argv, needle, capsys):
+    assert cli.main(["train", "--no-progress", *argv]) == 2
+    assert needle in capsys.readouterr().err
+
+
+def test_argparse_rejects_nonsense(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["train", "--steps", "0"])
+    assert e.value.code == 2
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--optimizer", "sgd"])
+
+
+def test_register_subcommand(capsys):
+    def add(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--x", type=int, default=1)
+
+    cli.register(cli.Subcommand("hello", "say hello", add, lambda a: print("hi", a.x) or 0))
+    try:
+        assert cli.main(["hello", "--x", "5"]) == 0
+        assert "hi 5" in capsys.readouterr().out
+    finally:
+        cli.SUBCOMMANDS[:] = [c for c in cli.SUBCOMMANDS if c.name != "hello"]
+
+
+def test_compare_writes_report_and_png(data, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    argv = [
+        "compare",
+        *MICRO,
+        "--data",
+        data,
+        "--out",
+        str(out),
+        "--runs",
+        "adamw:lr=1e-2,1e10",
+        "galore:lr=1e-2",
+    ]
+    assert cli.main(argv) == 0
+    md = (out / "compare.md").read_text()
+    assert (out / "compare.png").stat().st_size > 10_000
+    assert "| adamw | 0.01 |" in md and "| galore | 0.01 |" in md
+    assert "diverged" in md  # the absurd lr is reported, not fatal
+    assert "galorax compare" in md
+    capsys.readouterr()
+    assert cli.main(argv) == 2  # refuses to clobber
+    assert cli.main([*argv, "--resume"]) == 0  # reuses the finished runs
+    assert "reusing" in capsys.readouterr().out
+
+
+def test_compare_bad_spec(capsys):
+    assert cli.main(["compare", "--runs", "sgd:lr=1"]) == 2
+    assert "unknown optimizer" in capsys.readouterr().err
