@@ -196,8 +196,8 @@ def format_report(
         f"jax {__import__('jax').__version__}; whole comparison {elapsed_s / 60:.1f} min.",
         "",
         "| run | best lr | final val loss | vs AdamW | opt state MiB | vs AdamW "
-        "| step memory MiB (XLA) | tokens/s | vs AdamW |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| step memory MiB (XLA) | tokens/s | vs AdamW | tokens/CPU-s | vs AdamW |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for label, r in best.items():
         s = r["summary"]
@@ -209,9 +209,11 @@ def format_report(
             f"| {_mib(s.get('opt_state_bytes'))} "
             f"| {rel(s.get('opt_state_bytes'), rs.get('opt_state_bytes'), '.0%')} "
             f"| {_mib(mem)} ({rel(mem, ref_mem, '.0%')}) | {s.get('tokens_per_s', math.nan):.0f} "
-            f"| {rel(s.get('tokens_per_s'), rs.get('tokens_per_s'), '.2f')}x |"
+            f"| {rel(s.get('tokens_per_s'), rs.get('tokens_per_s'), '.2f')}x "
+            f"| {s.get('tokens_per_cpu_s', math.nan):.0f} "
+            f"| {rel(s.get('tokens_per_cpu_s'), rs.get('tokens_per_cpu_s'), '.2f')}x |"
             if s.get("n_params")
-            else f"| {label} | {r['lr']:g} | diverged | - | - | - | - | - | - |"
+            else f"| {label} | {r['lr']:g} | diverged | - | - | - | - | - | - | - | - |"
         )
     lines += ["", "Sweep (final validation loss per learning rate):", ""]
     lines += ["| run | lr | final val loss | tokens/s |", "|---|---|---|---|"]
@@ -225,7 +227,9 @@ def format_report(
     lines += [
         "",
         "Loss is nats per byte; tokens/s is the mean over all steps but the first of each run "
-        "(projector refreshes included, amortized at their real frequency).",
+        "(projector refreshes included, amortized at their real frequency); tokens/CPU-s "
+        "divides by the CPU time of all the process's threads, which other jobs on a shared "
+        "machine do not inflate.",
         "",
         "Command:",
         "",
