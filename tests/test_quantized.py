@@ -98,7 +98,7 @@ def test_arithmetic_encoder_is_nearest_level(bits, signed):
 shapes = hnp.array_shapes(min_dims=0, max_dims=4, min_side=1, max_side=37)
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=15, deadline=None)
 @given(
     x=hnp.arrays(
         np.float32,
