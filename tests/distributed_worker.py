@@ -1,0 +1,74 @@
+"""One process of ``tests/test_distributed.py``: trains the micro model a few steps.
+
+``python tests/distributed_worker.py PROCESS_ID NUM_PROCESSES PORT OUT.json``. With one
+process it runs on one device (the reference); with several it joins
+``jax.distributed`` on localhost and shards params (FSDP) and batch over all devices.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from galorax import sharding
+
+pid, nproc, port, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+if nproc > 1:
+    sharding.initialize_distributed(f"localhost:{port}", nproc, pid)
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+from jax.sharding import NamedSharding  # noqa: E402
+
+import galorax  # noqa: E402
+from galorax import model  # noqa: E402
+from galorax.dimension_numbers import dimension_numbers_from_rules  # noqa: E402
+
+cfg = model.get_preset("micro")
+# Automatic axes: the model (gathers, scans) needs no sharding annotations.
+mesh = sharding.make_mesh(
+    "data=1,fsdp=-1" if jax.device_count() > 1 else "data=1,fsdp=1", explicit=False
+)
+host_params = jax.device_get(model.init_params(cfg, jax.random.key(0)))
+specs = sharding.fsdp_partition_specs(host_params, mesh, min_size=256)
+shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), specs)
+params = jax.tree.map(
+    lambda x, s: jax.make_array_from_callback(x.shape, s, lambda idx, x=x: x[idx]),
+    host_params,
+    shardings,
+)
+tx = galorax.galore(
+    learning_rate=1e-2,
+    rank=4,
+    update_proj_gap=2,
+    weight_dimension_numbers=dimension_numbers_from_rules(host_params),
+    subspace=galorax.Randomized(qr="gram", power_iters=0),  # same maths on 1 and N devices
+)
+opt_state = jax.jit(tx.init, out_shardings=sharding.state_shardings(tx, params))(params)
+batch_sharding = NamedSharding(mesh, sharding.batch_partition_spec(mesh))
+
+
+@jax.jit
+def step(params, opt_state, tokens):
+    loss, grads = jax.value_and_grad(model.loss_fn)(params, tokens, cfg)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+
+rng = np.random.default_rng(0)
+losses = []
+for _ in range(4):
+    tokens = rng.integers(0, cfg.vocab_size, (8, 17), dtype=np.int32)  # the global batch
+    batch = sharding.process_local_batch(tokens, batch_sharding)  # each process: its rows
+    params, opt_state, loss = step(params, opt_state, batch)
+    losses.append(float(loss))
+    print("step", len(losses), losses[-1], flush=True)
+if jax.process_index() == 0:
+    with open(out, "w") as f:
+        json.dump({"losses": losses, "devices": jax.device_count()}, f)
+sys.stdout.flush()
+# Skip interpreter teardown: the gloo/coordination-service shutdown can wait on a peer
+# that already left, and the result is written.
+os._exit(0)
