@@ -26,6 +26,7 @@ from galorax.dimension_numbers import (
     _is_masked,
     resolve_dimension_numbers,
 )
+from galorax.quantized import dequantize_blockwise, is_quantized, quantize_like
 from galorax.residual import Residual, compensation
 from galorax.schedule import AdaptiveRefresh, RefreshSchedule, advance, subspace_overlap
 
@@ -430,9 +431,9 @@ def scale_by_galore(
     return base.GradientTransformationExtraArgs(init_fn, _sharding.auto_axes_update(update_fn))
 
 
-def _flatten(tree: Any) -> tuple[list[Any], Any]:
+def _flatten(tree: Any, is_leaf: Callable[[Any], bool] = _is_masked) -> tuple[list[Any], Any]:
     """Leaves and treedef, ``optax.MaskedNode`` counted as a leaf (keeps lists aligned)."""
-    return jax.tree.flatten(tree, is_leaf=_is_masked)
+    return jax.tree.flatten(tree, is_leaf=is_leaf)
 
 
 def _compute_dtype(dtype: Any) -> Any:
@@ -442,7 +443,8 @@ def _compute_dtype(dtype: Any) -> Any:
 
 def _rotate(tree: Any, transitions: list[Any], plans: list[_Plan | None], second: bool) -> Any:
     """Carries one moment tree into the new bases (under a cond: only when one changed)."""
-    leaves, treedef = _flatten(tree)
+    # 8-bit moments (galorax.quantized) are leaves here: dequantized, rotated, requantized.
+    leaves, treedef = _flatten(tree, lambda x: _is_masked(x) or is_quantized(x))
     if len(leaves) != len(plans):
         return tree  # not a per-parameter moment tree (e.g. a scalar count)
 
@@ -451,17 +453,20 @@ def _rotate(tree: Any, transitions: list[Any], plans: list[_Plan | None], second
             return m  # unprojected, or a container this rule does not know (left as is)
         changed, new, old = transition
 
-        def rotated() -> jax.Array:
+        def rotated() -> Any:
+            x = dequantize_blockwise(m, jnp.float32) if is_quantized(m) else m
             c = jnp.matmul(
-                jnp.swapaxes(new, -1, -2).astype(m.dtype),
-                old.astype(m.dtype),
+                jnp.swapaxes(new, -1, -2).astype(x.dtype),
+                old.astype(x.dtype),
                 precision=jax.lax.Precision.HIGHEST,
             )
             if second:
                 c = c * c
             if plan.left:  # moments r x n: rows follow the basis
-                return jnp.matmul(c, m, precision=jax.lax.Precision.HIGHEST)
-            return jnp.matmul(m, jnp.swapaxes(c, -1, -2), precision=jax.lax.Precision.HIGHEST)
+                out = jnp.matmul(c, x, precision=jax.lax.Precision.HIGHEST)
+            else:
+                out = jnp.matmul(x, jnp.swapaxes(c, -1, -2), precision=jax.lax.Precision.HIGHEST)
+            return quantize_like(out, m) if is_quantized(m) else out
 
         return jax.lax.cond(changed, rotated, lambda: m)
 

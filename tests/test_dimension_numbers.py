@@ -24,7 +24,7 @@ def _view_case(draw):
     return shape, Dims(tuple(axes[:n_red]), tuple(a - ndim for a in axes[n_red : n_red + n_out]))
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=30, deadline=None)
 @given(_view_case())
 def test_matrix_view_round_trip(case):
     shape, dims = case
