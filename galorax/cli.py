@@ -120,7 +120,7 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     from galorax.train import OPTIMIZERS
 
     p.add_argument("--optimizer", choices=OPTIMIZERS, help="default galore")
-    p.add_argument("--lr", type=float, help="peak learning rate (adamw 3e-3, galore 1e-2)")
+    p.add_argument("--lr", type=float, help="peak learning rate (adamw 1e-3, galore 1e-2)")
     add_model_arguments(p)
     g = p.add_argument_group("output and checkpoints")
     g.add_argument("--out", metavar="DIR", help="output directory (default runs/<name>-<time>)")

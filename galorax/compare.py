@@ -32,7 +32,7 @@ from galorax import train as train_lib
 
 #: The default sweep: each optimizer at a few peak learning rates around its known best.
 DEFAULT_RUNS = (
-    "adamw:lr=2e-3,4e-3",
+    "adamw:lr=1e-3,2e-3",
     "optax-galore:lr=1e-2,2e-2",
     "galore:lr=1e-2,2e-2",
 )

@@ -43,7 +43,7 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 #: Files a run writes into ``--out``; ``--overwrite`` removes these and nothing else.
 RUN_FILES = ("config.json", "metrics.jsonl", "loss_curve.png", "summary.json", "checkpoints")
 #: Per-optimizer default peak learning rates (the paper tuned GaLore higher, scale 0.25).
-DEFAULT_LR = {"adamw": 3e-3, "galore": 1e-2, "optax-galore": 1e-2}
+DEFAULT_LR = {"adamw": 1e-3, "galore": 1e-2, "optax-galore": 1e-2}
 
 
 class UsageError(ValueError):
