@@ -354,14 +354,17 @@ def scale_by_galore(
         projectors: list[Any] = []
         new_schedules: list[Any] = []
         transitions: list[Any] = []
+        matrices: list[Any] = []  # the gradients' matrix views, reused by the residual
         for g, plan, old, sched in zip(leaves, plans, old_projectors, schedules, strict=True):
             if plan is None:
                 lows.append(g)
+                matrices.append(None)
                 projectors.append(old)
                 new_schedules.append(sched)
                 transitions.append(None)
                 continue
             g2 = plan.view.to_matrix(g).astype(_compute_dtype(g.dtype))
+            matrices.append(g2)
             new, sched, changed = jax.lax.cond(
                 jnp.any(count >= sched.next_step),
                 lambda g2=g2, old=old, sched=sched, plan=plan: refresh(plan, g2, old, sched, count),
@@ -399,8 +402,8 @@ def scale_by_galore(
         out = []
         norms = _flatten(state.residual_norm)[0] if residual is not None else [None] * len(plans)
         new_norms: list[Any] = []
-        for g, low, u, plan, p, norm in zip(
-            leaves, lows, _flatten(low_updates)[0], plans, projectors, norms, strict=True
+        for g, g2, low, u, plan, p, norm in zip(
+            leaves, matrices, lows, _flatten(low_updates)[0], plans, projectors, norms, strict=True
         ):
             if plan is None:
                 out.append(u)
@@ -413,7 +416,6 @@ def scale_by_galore(
                 else jnp.matmul(u, jnp.swapaxes(p, -1, -2), precision=precision)
             )
             if residual is not None:
-                g2 = plan.view.to_matrix(g).astype(_compute_dtype(g.dtype))
                 term, norm = compensation(g2, low, u, p, plan.left, norm, residual, precision)
                 full = full + term
             new_norms.append(norm)
