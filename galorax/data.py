@@ -28,6 +28,8 @@ import pathlib
 import sys
 import sysconfig
 import tempfile
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -171,54 +173,162 @@ def load_text_path(path: str) -> Corpus:
     )
 
 
+#: ``datasets``' packaged builders: ``hf:BUILDER:PATH`` reads local files with one of them.
+HF_FILE_BUILDERS = ("json", "csv", "text", "parquet", "arrow")
+#: Default byte budget of a ``datasets`` corpus' train split (``c4``: about 30k documents).
+HF_MAX_BYTES = 64 << 20
+
+
+def _hf_take(
+    stream: Iterable[Mapping[str, Any]],
+    label: str,
+    split: str,
+    text_field: str,
+    max_bytes: int,
+    max_docs: int | None,
+) -> list[bytes]:
+    """The first documents of a streamed split, up to ``max_bytes`` (or ``max_docs``)."""
+    docs: list[bytes] = []
+    total = 0
+    if max_docs is not None and max_docs <= 0:
+        return docs
+    for row in stream:
+        if text_field not in row:
+            raise DataError(
+                f"--data {label}: the {split} split has no {text_field!r} field "
+                f"(its fields: {', '.join(map(str, row))}); give each record a {text_field!r}"
+            )
+        text = row[text_field]
+        if text is None or not str(text).strip():
+            continue  # empty records carry no text (as empty files are skipped)
+        b = str(text).encode("utf-8")
+        docs.append(b)
+        total += len(b)
+        if total >= max_bytes or (max_docs is not None and len(docs) >= max_docs):
+            break
+    return docs
+
+
+def _hf_missing_path(spec: str) -> bool:
+    if any(c in spec for c in "*?["):
+        return False  # a glob: datasets resolves it (and says so if it matches nothing)
+    return not pathlib.Path(spec).expanduser().exists()
+
+
 def load_hf_corpus(
     name: str,
     config: str | None = None,
     data_files: str | None = None,
-    max_bytes: int = 64 << 20,
+    max_bytes: int | None = None,
     text_field: str = "text",
+    max_docs: int | None = None,
 ) -> Corpus:
-    """A Hugging Face ``datasets`` corpus (e.g. the paper's C4), byte-tokenized.
+    """A Hugging Face ``datasets`` corpus (the paper's C4, a Hub dataset, local files), as bytes.
 
-    Streams the ``train`` split up to ``max_bytes``; validation is the ``validation`` split
-    when the dataset has one, else every ``VAL_EVERY``-th document.
+    Needs ``pip install datasets`` (the ``c4`` extra). The dataset is opened with
+    ``datasets.load_dataset(name, config, streaming=True)``, so nothing but the documents read
+    is downloaded, and the first documents of each split are taken in stream order
+    (deterministic): ``train`` up to ``max_bytes`` bytes (default ``HF_MAX_BYTES``; and
+    ``max_docs`` documents, if given), ``validation``, when the dataset has that split (C4
+    does), up to ``1/VAL_EVERY`` of that. A dataset without a ``validation`` split gives every
+    ``VAL_EVERY``-th of its train documents to validation, as :func:`load_text_path` does with
+    files. Each record's ``text_field`` is one document; records with empty text are skipped.
+
+    Sources, as in ``datasets``:
+
+    * a Hub dataset: ``name="allenai/c4", config="en"`` (needs network access);
+    * local files through a packaged builder (``json``, ``csv``, ``text``, ``parquet``,
+      ``arrow``): ``name="json", data_files="corpus.jsonl"`` (one ``{"text": ...}`` per line;
+      ``text`` takes one document per line). ``data_files`` is a file, a glob, or a directory;
+      in a directory, files named like ``train.jsonl`` / ``validation.jsonl`` (or in
+      ``train/`` / ``validation/`` folders) become those splits;
+    * a local directory of data files as ``name`` (same split naming).
 
     Raises:
-        DataError: ``datasets`` is not installed or the dataset cannot be loaded.
+        DataError: ``datasets`` is not installed, the local path is missing, the dataset cannot
+            be loaded (offline, unknown name or config), has no ``train`` split, no
+            ``text_field``, or too few documents.
     """
+    label = f"hf:{name}" + (f":{data_files}" if data_files else f":{config}" if config else "")
+    if data_files is not None and _hf_missing_path(data_files):
+        raise DataError(f"--data {label}: no such file or directory; pass an existing path")
+    if name.startswith((".", "/", "~")) and not pathlib.Path(name).expanduser().exists():
+        raise DataError(f"--data {label}: no such directory; pass an existing path")
     try:
         import datasets  # type: ignore[import-not-found]
     except ImportError as e:
-        raise DataError(f"--data hf:{name} needs `pip install datasets`") from e
+        raise DataError(
+            f"--data {label} needs the `datasets` library: pip install datasets "
+            "(or pip install -e '.[c4]')"
+        ) from e
 
-    def take(split: str, budget: int) -> list[bytes]:
-        ds = datasets.load_dataset(name, config, data_files=data_files, split=split, streaming=True)
-        docs, total = [], 0
-        for row in ds:
-            b = str(row[text_field]).encode()
-            docs.append(b)
-            total += len(b)
-            if total >= budget:
-                break
-        return docs
-
+    if max_bytes is None:
+        max_bytes = HF_MAX_BYTES
+    kwargs: dict[str, str] = {}
+    if data_files is not None:
+        p = pathlib.Path(data_files).expanduser()
+        kwargs["data_dir" if p.is_dir() else "data_files"] = str(p)
+    path = str(pathlib.Path(name).expanduser()) if name.startswith("~") else name
     try:
-        train = take("train", max_bytes)
-        try:
-            val = take("validation", max(max_bytes // 20, 1))
-        except (ValueError, KeyError):
+        splits = datasets.load_dataset(path, config, streaming=True, **kwargs)
+        if "train" not in splits:
+            raise DataError(
+                f"--data {label}: the dataset has no 'train' split (it has "
+                f"{', '.join(map(str, splits)) or 'none'})"
+            )
+        train = _hf_take(splits["train"], label, "train", text_field, max_bytes, max_docs)
+        if "validation" in splits:
+            val = _hf_take(
+                splits["validation"],
+                label,
+                "validation",
+                text_field,
+                max(max_bytes // VAL_EVERY, 1),
+                None if max_docs is None else max(max_docs // VAL_EVERY, 1),
+            )
+            how = "validation split"
+        else:
+            if len(train) < 2:
+                raise DataError(
+                    f"--data {label}: {len(train)} document(s), need at least two to split "
+                    "train/validation; add documents"
+                )
+            how = f"1 doc in {min(VAL_EVERY, len(train))} for val"
             train, val = _split_by_file(train)
     except DataError:
         raise
-    except Exception as e:  # datasets raises many types (network, missing config, ...)
-        raise DataError(f"--data hf:{name}: could not load the dataset: {e}") from e
+    except Exception as e:  # datasets raises many types (network, offline, missing config, ...)
+        raise DataError(
+            f"--data {label}: could not load the dataset ({type(e).__name__}: {e}); a Hub "
+            "dataset needs network access (or the Hugging Face cache), local files "
+            "hf:json:PATH"
+        ) from e
     if not train or not val:
-        raise DataError(f"--data hf:{name}: the dataset is empty")
-    return Corpus(_to_tokens(train), _to_tokens(val), f"hf:{name}", len(train), len(val))
+        raise DataError(
+            f"--data {label}: the {'train' if not train else 'validation'} split has no text"
+        )
+    return Corpus(
+        _to_tokens(train),
+        _to_tokens(val),
+        f"{label} ({len(train)} train / {len(val)} val docs, {how})",
+        len(train),
+        len(val),
+    )
 
 
 def load_corpus(data: str | None = None) -> Corpus:
-    """Resolves ``--data``: None (embedded stdlib), ``c4``, ``hf:NAME[:CONFIG]``, or a path.
+    """Resolves ``--data``: None, ``c4``, ``hf:NAME[:CONFIG]``, ``hf:BUILDER:PATH``, or a path.
+
+    * None: the embedded stdlib corpus (:func:`load_stdlib_corpus`).
+    * ``c4``: the paper's setting, ``allenai/c4`` config ``en`` streamed from the Hub: its
+      first ``HF_MAX_BYTES`` of ``train`` and the first ``HF_MAX_BYTES / VAL_EVERY`` of
+      ``validation`` (:func:`load_hf_corpus`; needs ``pip install datasets`` and network).
+    * ``hf:NAME[:CONFIG]``: a Hugging Face Hub dataset (``hf:allenai/c4:en``), or a local
+      directory of data files (``hf:./my_corpus``, with ``train.jsonl`` / ``validation.jsonl``).
+    * ``hf:BUILDER:PATH`` with BUILDER one of ``json csv text parquet arrow``: local files read
+      by that ``datasets`` builder, offline (``hf:json:corpus.jsonl``, one ``{"text": ...}``
+      per line; PATH may be a glob or a directory).
+    * anything else: a text file or a directory of them (:func:`load_text_path`).
 
     Raises:
         DataError: on a missing or empty source.
@@ -228,8 +338,14 @@ def load_corpus(data: str | None = None) -> Corpus:
     if data == "c4":
         return load_hf_corpus("allenai/c4", "en")
     if data.startswith("hf:"):
-        name, _, config = data[3:].partition(":")
-        return load_hf_corpus(name, config or None)
+        name, _, rest = data[3:].partition(":")
+        if not name:
+            raise DataError(f"--data {data}: name a dataset, e.g. hf:allenai/c4:en")
+        if name in HF_FILE_BUILDERS:
+            if not rest:
+                raise DataError(f"--data {data}: name the files to read, e.g. hf:{name}:PATH")
+            return load_hf_corpus(name, data_files=rest)
+        return load_hf_corpus(name, rest or None)
     return load_text_path(data)
 
 
