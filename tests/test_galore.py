@@ -587,3 +587,146 @@ def test_converges_on_low_rank_regression(subspace, moments):
     for _ in range(300):
         params, state, _ = step(params, state)
     assert float(loss(params)) < 0.1 * first
+
+
+# ---------------------------------------------------------------- quantized projectors
+
+QUANT_SHAPES = {"w": (3, 64, 32), "v": (96, 48), "b": (48,)}
+QUANT_DIMS = {"w": Dims(1, 2), "v": Dims(0, 1), "b": None}
+
+
+def _quant_tx(bits, **kw):
+    kw = dict(rank=16, update_proj_gap=4, weight_dimension_numbers=QUANT_DIMS) | kw
+    return galorax.scale_by_galore(projector_bits=bits, **kw)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_projector_bytes(bits):
+    from galorax.memory import tree_bytes
+    from galorax.quantized import is_quantized
+
+    params = _params(QUANT_SHAPES)
+    dense, quant = _quant_tx(None).init(params), _quant_tx(bits).init(params)
+    assert is_quantized(quant.projector["w"]) and quant.projector["b"] == optax.MaskedNode()
+    assert quant.projector["w"].shape == dense.projector["w"].shape == (3, 64, 16)
+    # Projector values (3*64*16 + 96*16) in `bits` each, one f32 scale per 256 values.
+    values = 3 * 64 * 16 + 96 * 16
+    expected = values * bits // 8 + 4 * (3 * 4 + 6)
+    assert tree_bytes(quant.projector) == expected
+    assert tree_bytes(dense.projector) == 4 * values
+    assert tree_bytes(dense.projector) / expected > 32 / bits * 0.96
+    # Nothing else in the state changes.
+    rest = lambda s: tree_bytes(s) - tree_bytes(s.projector)  # noqa: E731
+    assert rest(quant) == rest(dense)
+    # The placeholder is exact: still the orthonormal eye.
+    np.testing.assert_array_equal(
+        galorax.dequantize_blockwise(quant.projector["v"]), dense.projector["v"]
+    )
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_projector_update_error_is_what_projector_error_measures(bits):
+    """Gradient-linear base optimizer: the update is Q Q^T G instead of P P^T G."""
+    params = {"v": jnp.zeros((96, 48))}
+    key = jax.random.key(1)
+    spectrum = jnp.diag(1.0 / jnp.arange(1, 49))
+    g = jax.random.normal(key, (96, 48)) @ spectrum @ jax.random.normal(key, (48, 48))
+    runs = {}
+    for b in (None, bits):
+        tx = _quant_tx(
+            b, base_optimizer=optax.identity(), weight_dimension_numbers=None, subspace="svd"
+        )
+        updates, state = jax.jit(tx.update)({"v": g}, tx.init(params))
+        runs[b] = updates["v"], state.projector["v"]
+    (u, p), (uq, q) = runs[None], runs[bits]
+    # The same basis, quantized: the refresh stores quantize_projector(P).
+    np.testing.assert_array_equal(q.codes, galorax.quantize_projector(p, bits=bits).codes)
+    err = galorax.projector_error(p, q, g)
+    rel = float(jnp.linalg.norm(uq - u) / jnp.linalg.norm(u))
+    assert rel <= 1.01 * float(err.update_relative) + 1e-6
+    assert float(err.relative) < (0.01 if bits == 8 else 0.15)
+    assert float(err.update_relative) < (0.01 if bits == 8 else 0.15)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_projectors_converge_on_low_rank_regression(bits):
+    key = jax.random.key(0)
+    x = jax.random.normal(key, (128, 32))
+    target = jax.random.normal(jax.random.fold_in(key, 1), (32, 4)) @ jax.random.normal(
+        jax.random.fold_in(key, 2), (4, 24)
+    )
+    y = x @ target
+
+    def loss(p):
+        return jnp.mean((x @ p["w"] + p["b"] - y) ** 2)
+
+    params = {"w": jnp.zeros((32, 24)), "b": jnp.zeros(24)}
+    tx = galorax.galore(0.05, rank=8, update_proj_gap=20, projector_bits=bits)
+    state = tx.init(params)
+
+    @jax.jit
+    def step(params, state):
+        value, grads = jax.value_and_grad(loss)(params)
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state, value
+
+    first = float(loss(params))
+    for _ in range(300):
+        params, state, _ = step(params, state)
+    assert float(loss(params)) < 0.1 * first
+    assert int(state[0].schedule["w"].refreshes) == 15  # quantized refreshes happened
+    assert step._cache_size() == 1  # the default (randomized) refresh compiles once
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_projectors_per_slice_jit_once_and_checkpoint(bits, tmp_path):
+    """Stacked leaf: a slice whose gradient is unusable keeps its quantized projector while
+    the others refresh; one compilation; eval_shape and orbax see the same state."""
+    from galorax.checkpoint import Checkpointer
+
+    params = _params({"w": (3, 64, 32), "b": (48,)})
+    tx = galorax.galore(
+        0.1,
+        rank=4,
+        update_proj_gap=2,
+        weight_dimension_numbers={"w": Dims(1, 2), "b": None},
+        subspace="svd",  # compiles in a fraction of the randomized refresh's time
+        residual=True,
+        adaptive=True,
+        projector_bits=bits,
+    )
+    state = tx.init(params)
+    placeholder = state[0].projector["w"]
+    update = jax.jit(tx.update)
+    grads = _grads(params, 0)
+    grads["w"] = grads["w"].at[1].set(0.0)  # unusable: no subspace to find
+    _, state = update(grads, state, params)
+    q = state[0].projector["w"]
+    np.testing.assert_array_equal(state[0].schedule["w"].refreshes, [1, 0, 1])
+    np.testing.assert_array_equal(q.codes[1], placeholder.codes[1])
+    np.testing.assert_array_equal(q.scales[1], placeholder.scales[1])
+    assert not np.array_equal(q.codes[0], placeholder.codes[0])
+    for t in (1, 2, 3):  # the retry, then a refresh with rotated moments and the residual
+        updates, state = update(_grads(params, t), state, params)
+    assert update._cache_size() == 1
+    np.testing.assert_array_equal(state[0].schedule["w"].refreshes, [2, 2, 2])
+    assert all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree.leaves(updates))
+    abstract = jax.eval_shape(tx.init, params)
+    assert jax.tree.structure(abstract) == jax.tree.structure(state)
+    for a, s in zip(jax.tree.leaves(abstract), jax.tree.leaves(state), strict=True):
+        assert (a.shape, a.dtype) == (s.shape, s.dtype)
+    ck = Checkpointer(tmp_path)
+    ck.save(4, params, state, {"step": 4})
+    _, restored = ck.restore(4, params, abstract)
+    ck.close()
+    assert jax.tree.structure(restored) == jax.tree.structure(state)
+    for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("bad", [16, 1, 0, 8.0, True, "8", jnp.asarray(8)])
+def test_bad_projector_bits(bad):
+    with pytest.raises(ValueError, match="projector_bits"):
+        galorax.galore(0.1, projector_bits=bad)
+    with pytest.raises(ValueError, match="projector_bits"):
+        galorax.scale_by_galore(projector_bits=bad)
