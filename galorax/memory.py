@@ -134,6 +134,7 @@ def make_optimizer(
     *,
     side: Any = "auto",
     projector_dtype: Any = jnp.float32,
+    projector_bits: int | None = None,
     learning_rate: float = 1e-3,
 ) -> optax.GradientTransformation:
     """The optimizer ``option`` (one of :data:`OPTIONS`) as the training command builds it.
@@ -144,6 +145,7 @@ def make_optimizer(
         rank: GaLore rank.
         side: GaLore's projection side.
         projector_dtype: Storage dtype of GaLore's projectors.
+        projector_bits: ``None``, 8 or 4: GaLore's quantized projectors.
         learning_rate: Irrelevant to memory; any value.
     """
     from galorax.quantized import adamw_8bit, scale_by_adam_8bit
@@ -163,6 +165,7 @@ def make_optimizer(
             weight_dimension_numbers=galore_dimension_numbers(params),
             side=side,
             projector_dtype=projector_dtype,
+            projector_bits=projector_bits,
         )
     raise ValueError(f"unknown optimizer {option!r}; choose one of {', '.join(OPTIONS)}")
 
@@ -207,8 +210,8 @@ def plan_memory(
         dtype: Parameter (and gradient) dtype.
         side: GaLore projection side.
         projector_dtype: GaLore projector storage dtype.
-        projector_bits: 8 or 4: count the projectors as :func:`galorax.quantized.
-            quantize_projector` stores them (group 256) instead of ``projector_dtype``.
+        projector_bits: 8 or 4: GaLore with quantized projectors (``galorax.galore(...,
+            projector_bits=...)``; the state is sized as that optimizer really holds it).
         per_layer_updates: Count gradient memory as the paper's 7B run does: each layer's
             weights are updated as soon as its gradient exists, so only the largest of one
             layer's gradients or one unstacked leaf's (embedding, head) is held.
@@ -224,21 +227,15 @@ def plan_memory(
 
     params = model_lib.abstract_params(cfg, dtype)
     galore = option.startswith("galore")
-    opt = make_optimizer(option, params, rank, side=side, projector_dtype=projector_dtype)
+    bits = projector_bits if galore else None
+    opt = make_optimizer(
+        option, params, rank, side=side, projector_dtype=projector_dtype, projector_bits=bits
+    )
     state = jax.eval_shape(opt.init, params)
     state_bytes = tree_bytes(state)
     proj = sum(tree_bytes(s.projector) for s in _find_galore_states(state)) if galore else 0
-    if galore and projector_bits:
-        from galorax.quantized import quantize_projector
-
-        quantized = [
-            tree_bytes(jax.eval_shape(lambda p: quantize_projector(p, projector_bits), leaf))
-            for s in _find_galore_states(state)
-            for leaf in jax.tree.leaves(s.projector)
-        ]
-        state_bytes += sum(quantized) - proj
-        proj = sum(quantized)
-        option = f"{option}+int{projector_bits}P"
+    if bits:
+        option = f"{option}+int{bits}P"
     weights = tree_bytes(params)
     grads = weights
     if per_layer_updates:

@@ -37,6 +37,24 @@ def test_planned_state_bytes_equal_the_real_state(option, dtype):
     assert est.total == est.weights + est.grads + est.state
 
 
+@pytest.mark.parametrize("option", ["galore", "galore8bit"])
+@pytest.mark.parametrize("bits", [8, 4])
+def test_planned_quantized_projectors_equal_the_real_state(option, bits):
+    """With projector_bits the planner sizes the state that galorax.galore really holds."""
+    from galorax.memory import _find_galore_states
+    from galorax.quantized import is_quantized
+
+    est = plan_memory(SMALL, option, rank=16, dtype=jnp.float32, projector_bits=bits)
+    params = model_lib.init_params(SMALL, jax.random.key(0), jnp.float32)
+    state = make_optimizer(option, params, rank=16, projector_bits=bits).init(params)
+    (galore,) = _find_galore_states(state)
+    assert est.state == tree_bytes(state)
+    assert est.projectors == tree_bytes(galore.projector)
+    assert est.option == f"{option}+int{bits}P"
+    leaves = jax.tree.leaves(galore.projector, is_leaf=is_quantized)
+    assert leaves and all(is_quantized(q) and q.bits == bits for q in leaves)
+
+
 def test_orderings_and_8bit_ratio():
     cfg = model_lib.get_preset("60m", vocab_size=32000)
     est = {o: plan_memory(cfg, o, rank=128, dtype=jnp.float32) for o in OPTIONS}
