@@ -11,6 +11,13 @@ the structure of a freshly initialized state. That keeps any pytree node type (N
 placeholders (``optax.contrib.galore`` keeps ``zeros((0, 0))`` for unprojected leaves) are
 not stored at all, and typed PRNG keys are stored as their raw key data.
 
+Sharded arrays (``NamedSharding`` over a mesh, one process or several under
+``jax.distributed``) are written shard by shard, each process writing its own. A restore
+places every array on its template's ``.sharding`` when it has one: pass the live state, or
+abstract trees such as ``jax.ShapeDtypeStruct(shape, dtype, sharding=...)`` (see
+:func:`with_shardings`); the target shardings need not be those of the save. Templates
+without shardings (``jax.eval_shape`` on one device) restore as before.
+
 Example:
     >>> import tempfile, jax.numpy as jnp, optax
     >>> params = {"w": jnp.arange(6.0).reshape(2, 3)}
@@ -35,6 +42,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
 
 from galorax import model as model_lib
 
@@ -59,10 +67,45 @@ def _flatten_state(state: Any) -> dict[str, Any]:
     return flat
 
 
+def _key_data_sharding(sharding: Any) -> Any:
+    """The sharding of a key array's raw data (one trailing, unsharded axis more)."""
+    if isinstance(sharding, NamedSharding):
+        return NamedSharding(sharding.mesh, PartitionSpec(*sharding.spec))
+    if isinstance(sharding, SingleDeviceSharding):
+        return sharding
+    return None  # let orbax choose (the sharding the array was saved with)
+
+
 def _abstract(x: Any) -> Any:
+    """``x``'s shape, dtype and sharding (if any) as a ``ShapeDtypeStruct`` (keys: raw data)."""
+    sharding = getattr(x, "sharding", None)
     if _is_key(x):
-        x = jax.eval_shape(jax.random.key_data, x)
-    return jax.ShapeDtypeStruct(np.shape(x), x.dtype)
+        sharding = _key_data_sharding(sharding)
+        x = jax.eval_shape(jax.random.key_data, jax.ShapeDtypeStruct(x.shape, x.dtype))
+    return jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding)
+
+
+def with_shardings(tree: Any, shardings: Any) -> Any:
+    """``tree``'s leaves as ``jax.ShapeDtypeStruct``s placed on ``shardings``: a restore target.
+
+    Args:
+        tree: Arrays or ``ShapeDtypeStruct``s (e.g. from ``jax.eval_shape``).
+        shardings: A tree like ``tree`` of ``jax.sharding.Sharding`` (e.g. from
+            :func:`galorax.sharding.state_shardings`), or one sharding for every leaf.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        >>> with_shardings({"w": jnp.zeros(3)}, one)["w"].sharding == one
+        True
+    """
+    if isinstance(shardings, jax.sharding.Sharding):
+        return jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=shardings), tree
+        )
+    return jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings
+    )
 
 
 def _unflatten_state(flat: dict[str, Any], template: Any) -> Any:
@@ -71,7 +114,7 @@ def _unflatten_state(flat: dict[str, Any], template: Any) -> Any:
     for i, t in enumerate(leaves):
         key = f"{i:06d}"
         if key not in flat:  # an empty placeholder: rebuild it from the template
-            out.append(jnp.zeros(t.shape, t.dtype))
+            out.append(jnp.zeros(t.shape, t.dtype, device=getattr(t, "sharding", None)))
         elif _is_key(t):
             # Abstract templates carry the impl only on the dtype (jax has no public getter).
             impl = getattr(t.dtype, "_impl", None)
@@ -128,7 +171,8 @@ class Checkpointer:
     def restore(self, step: int, params_template: Any, opt_state_template: Any) -> tuple[Any, Any]:
         """Restores ``(params, opt_state)`` with the structure, shapes and dtypes of the templates.
 
-        Templates may be real or abstract (``jax.eval_shape``) trees.
+        Templates may be real or abstract (``jax.eval_shape``) trees; leaves with a
+        ``.sharding`` are restored onto it (see :func:`with_shardings`).
         """
         args = self._ocp.args
         leaves = jax.tree.leaves(opt_state_template)
