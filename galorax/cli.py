@@ -105,15 +105,34 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--side", choices=["auto", "std", "reverse_std", "left", "right"], help="projected side"
     )
+    g.add_argument(
+        "--residual",
+        choices=["channel", "matrix"],
+        help="add back the gradient outside the subspace, Fira-scaled (default off)",
+    )
+    g.add_argument(
+        "--adaptive", type=_bool, metavar="{true,false}", help="lengthen stable layers' gaps"
+    )
+    g.add_argument("--projector-bits", type=int, choices=[8, 4], help="quantized projectors")
+    g = p.add_argument_group("memory")
+    g.add_argument(
+        "--state-bits", type=int, choices=[32, 8], help="8: 8-bit Adam moments (default 32)"
+    )
+
+
+def given_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``TrainConfig`` fields the user set on the command line."""
+    from galorax.train import TrainConfig
+
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    return {k: v for k, v in vars(args).items() if k in fields and v is not None}
 
 
 def config_from_args(args: argparse.Namespace, **overrides: Any) -> Any:
     """A ``TrainConfig`` from the parsed flags (unset flags keep the config's defaults)."""
     from galorax.train import TrainConfig
 
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    given = {k: v for k, v in vars(args).items() if k in fields and v is not None}
-    return TrainConfig(**{**given, **overrides})
+    return TrainConfig(**{**given_flags(args), **overrides})
 
 
 def _add_train_arguments(p: argparse.ArgumentParser) -> None:
@@ -155,6 +174,7 @@ def _run_train(args: argparse.Namespace) -> int:
         init_from=args.init_from,
         stop_after=args.stop_after,
         progress=not args.no_progress,
+        flags=given_flags(args),
     )
     print()
     print(format_summary(summary))

@@ -3,9 +3,10 @@
 Each run spec is ``OPTIMIZER[:key=value]...``; ``lr`` may list several values (a sweep) and
 the best final validation loss is kept. Keys: ``lr``, ``rank``, ``scale``, ``gap``
 (``update_proj_gap``), ``subspace``, ``moments``, ``stagger``, ``side``, ``weight_decay``,
-``label``. Writes ``compare.md`` (best run per spec, the whole sweep, the command) and
-``compare.png`` (all curves plus a memory/speed table) into ``--out``; each run's own files
-are under ``runs/<label>/lr-<lr>/``, and ``--resume`` reuses the finished ones.
+``residual``, ``adaptive``, ``state_bits``, ``projector_bits``, ``label``. Writes
+``compare.md`` (best run per spec, the whole sweep, the command) and ``compare.png`` (all
+curves plus a memory/speed table) into ``--out``; each run's own files are under
+``runs/<label>/lr-<lr>/``, and ``--resume`` reuses the finished ones.
 
 Example:
     >>> spec = parse_spec("galore:lr=1e-2,2e-2:scale=0.25:label=g")
@@ -47,6 +48,10 @@ _KEYS: dict[str, Any] = {
     "stagger": lambda s: s.lower() in ("1", "true", "yes", "on"),
     "side": str,
     "weight_decay": float,
+    "residual": str,
+    "adaptive": lambda s: s.lower() in ("1", "true", "yes", "on"),
+    "state_bits": int,
+    "projector_bits": int,
 }
 
 

@@ -77,6 +77,12 @@ class TrainConfig:
         moments: galore only: ``keep``, ``align`` or ``rotate`` at a refresh.
         stagger: galore only: spread the refreshes of the layers over the gap.
         side: galore only: ``auto``, ``std``, ``reverse_std``, ``left`` or ``right``.
+        residual: galore only: residual compensation, ``channel`` or ``matrix``
+            (:class:`galorax.Residual`); None: off.
+        adaptive: galore only: adaptive refresh gaps (:class:`galorax.AdaptiveRefresh`).
+        state_bits: 32, or 8 for 8-bit Adam moments (adamw: :func:`galorax.adamw_8bit`;
+            galore: :func:`galorax.scale_by_adam_8bit` as the base optimizer).
+        projector_bits: galore only: store projectors in 8 or 4 bits (None: f32).
         remat: Recompute activations in the backward pass (less memory, more compute).
     """
 
@@ -102,6 +108,10 @@ class TrainConfig:
     moments: str | None = None
     stagger: bool | None = None
     side: str | None = None
+    residual: str | None = None
+    adaptive: bool | None = None
+    state_bits: int = 32
+    projector_bits: int | None = None
     remat: bool = False
 
 
@@ -119,6 +129,7 @@ def resolve_config(cfg: TrainConfig) -> TrainConfig:
         raise UsageError(f"--optimizer {cfg.optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
     if cfg.dtype not in DTYPES:
         raise UsageError(f"--dtype {cfg.dtype!r}: choose one of {', '.join(DTYPES)}")
+    _check_optimizer_options(cfg)
     tiny = cfg.preset == "tiny"
     c = dataclasses.replace(cfg)
     c.steps = c.steps if c.steps is not None else (300 if tiny else 1000)
@@ -137,6 +148,27 @@ def resolve_config(cfg: TrainConfig) -> TrainConfig:
     if c.lr <= 0 or not math.isfinite(c.lr):
         raise UsageError(f"--lr must be a positive number, got {c.lr}")
     return c
+
+
+#: Settings that only GaLore (galorax's) takes, as flags.
+_GALORE_ONLY = ("subspace", "moments", "stagger", "side", "residual", "adaptive", "projector_bits")
+
+
+def _check_optimizer_options(cfg: TrainConfig) -> None:
+    if cfg.residual not in (None, "channel", "matrix"):
+        raise UsageError(f"--residual {cfg.residual!r}: choose channel or matrix")
+    if cfg.state_bits not in (32, 8):
+        raise UsageError(f"--state-bits {cfg.state_bits}: choose 32 or 8")
+    if cfg.projector_bits not in (None, 8, 4):
+        raise UsageError(f"--projector-bits {cfg.projector_bits}: choose 8 or 4 (or leave out)")
+    if cfg.optimizer == "galore":
+        return
+    given = [k for k in _GALORE_ONLY if getattr(cfg, k) not in (None, False)]
+    if given:
+        flags = ", ".join("--" + k.replace("_", "-") for k in given)
+        raise UsageError(f"{flags}: only --optimizer galore takes these (got {cfg.optimizer})")
+    if cfg.optimizer == "optax-galore" and cfg.state_bits != 32:
+        raise UsageError("--state-bits 8: use --optimizer galore or adamw (not optax-galore)")
 
 
 def make_schedule(lr: float, warmup: int, steps: int, min_ratio: float = 0.1) -> optax.Schedule:
@@ -215,7 +247,11 @@ def make_optimizer(cfg: TrainConfig, params: Any) -> optax.GradientTransformatio
     assert cfg.lr is not None and cfg.warmup is not None and cfg.steps is not None
     assert cfg.rank is not None
     sched = make_schedule(cfg.lr, cfg.warmup, cfg.steps)
-    if cfg.optimizer == "adamw":
+    if cfg.optimizer == "adamw" and cfg.state_bits == 8:
+        from galorax.quantized import adamw_8bit
+
+        opt = adamw_8bit(sched, weight_decay=cfg.weight_decay)
+    elif cfg.optimizer == "adamw":
         opt = optax.adamw(sched, weight_decay=cfg.weight_decay)
     elif cfg.optimizer == "optax-galore":
         from optax.contrib import galore as optax_galore
@@ -236,8 +272,18 @@ def make_optimizer(cfg: TrainConfig, params: Any) -> optax.GradientTransformatio
             for k in ("subspace", "moments", "stagger", "side")
             if getattr(cfg, k) is not None
         }
-        if "seed" in inspect.signature(galorax.galore).parameters:
-            ext["seed"] = cfg.seed  # the randomized range finder's sketch
+        if ext.get("subspace", "randomized") == "randomized":
+            ext["subspace"] = galorax.Randomized(seed=cfg.seed)  # the range finder's sketches
+        if cfg.residual is not None:
+            ext["residual"] = galorax.Residual(granularity=cfg.residual)  # type: ignore[arg-type]
+        if cfg.adaptive:
+            ext["adaptive"] = galorax.AdaptiveRefresh()
+        if cfg.projector_bits is not None:
+            if "projector_bits" not in inspect.signature(galorax.galore).parameters:
+                raise UsageError("--projector-bits: this galorax has no quantized projectors")
+            ext["projector_bits"] = cfg.projector_bits
+        if cfg.state_bits == 8:
+            ext["base_optimizer"] = galorax.scale_by_adam_8bit()
         opt = galorax.galore(
             sched,
             rank=cfg.rank,
@@ -300,6 +346,25 @@ def adamw_reference(cfg: TrainConfig, mcfg: model_lib.ModelConfig, abstract: Any
 
 
 # ----------------------------------------------------------------------------- output dir
+
+#: Settings a resumed run may change: they decide what is logged and saved, not the weights.
+RESUME_FREE = ("eval_every", "eval_batches", "checkpoint_every")
+
+
+def _resume_config(saved: dict[str, Any], flags: dict[str, Any]) -> dict[str, Any]:
+    """The saved run's settings, checked against (and updated by) the user's flags."""
+    clash = {
+        k: v for k, v in flags.items() if k not in RESUME_FREE and k in saved and saved[k] != v
+    }
+    if clash:
+        said = ", ".join(
+            f"--{k.replace('_', '-')} {v} (saved: {saved[k]})" for k, v in clash.items()
+        )
+        raise UsageError(
+            f"--resume continues the saved run as it was configured, but {said} differ; drop "
+            "those flags, or start a new run (--init-from to start from its weights)"
+        )
+    return {**saved, **{k: v for k, v in flags.items() if k in RESUME_FREE}}
 
 
 def _holds_run(out: pathlib.Path) -> bool:
@@ -442,6 +507,7 @@ def train(
     progress: bool = True,
     adamw_ref: bool = True,
     log: Callable[[str], None] = print,
+    flags: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Runs (or resumes) one training run into ``out`` and returns its summary.
 
@@ -458,6 +524,9 @@ def train(
         progress: Show a tqdm progress bar.
         adamw_ref: Also compute AdamW's state bytes and step memory for the summary.
         log: Where messages go.
+        flags: The config fields the user set explicitly. With ``resume`` they must agree
+            with the saved run's (else :class:`UsageError`), except the ones that do not
+            change the trajectory (:data:`RESUME_FREE`), which override the saved values.
 
     Raises:
         UsageError: bad flags or output directory (nothing is modified then).
@@ -472,7 +541,7 @@ def train(
     prepare_out_dir(out, resume, overwrite)
     if resume:
         saved = json.loads((out / "config.json").read_text())["train"]
-        cfg = TrainConfig(**saved)
+        cfg = TrainConfig(**_resume_config(saved, flags or {}))
     cfg = resolve_config(cfg)
     assert cfg.steps is not None and cfg.batch_size is not None and cfg.seq_len is not None
     assert cfg.rank is not None and cfg.eval_every is not None

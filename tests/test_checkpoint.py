@@ -87,15 +87,36 @@ def test_kill_during_saves_leaves_a_readable_checkpoint(tmp_path):
     ck.close()
 
 
-@pytest.mark.parametrize("optimizer", ["galore", "adamw"])
-def test_resume_is_bit_identical(optimizer, tmp_path):
+@pytest.mark.parametrize(
+    "optimizer, extra",
+    [
+        ("galore", {}),
+        ("adamw", {}),
+        ("galore", {"residual": "channel", "adaptive": True, "state_bits": 8}),
+        ("adamw", {"state_bits": 8}),
+    ],
+    ids=["galore", "adamw", "galore-residual-adaptive-8bit", "adamw-8bit"],
+)
+def test_resume_is_bit_identical(optimizer, extra, tmp_path):
     data = make_text_dir(tmp_path / "data")
-    cfg = micro_config(data, optimizer=optimizer, steps=6, checkpoint_every=3, update_proj_gap=2)
+    cfg = micro_config(
+        data, optimizer=optimizer, steps=6, checkpoint_every=3, update_proj_gap=2, **extra
+    )
     full = T.train(cfg, tmp_path / "full", progress=False, adamw_ref=False)
     part = T.train(cfg, tmp_path / "split", progress=False, adamw_ref=False, stop_after=3)
     assert part["steps_done"] == 3
+    before = (tmp_path / "split" / "config.json").read_text()
+    # A flag that would change the trajectory is refused, and nothing is touched.
+    with pytest.raises(T.UsageError, match=r"--lr 0.5 \(saved: 0.01\)"):
+        T.train(T.TrainConfig(), tmp_path / "split", resume=True, flags={"lr": 0.5})
+    assert (tmp_path / "split" / "config.json").read_text() == before
     resumed = T.train(
-        T.TrainConfig(), tmp_path / "split", resume=True, progress=False, adamw_ref=False
+        T.TrainConfig(),
+        tmp_path / "split",
+        resume=True,
+        progress=False,
+        adamw_ref=False,
+        flags={"lr": 0.01, "optimizer": optimizer, "eval_every": 3},  # agree / free to change
     )
     assert resumed["steps_done"] == 6
     assert resumed["val_loss"] == full["val_loss"]

@@ -121,6 +121,32 @@ def test_peer_optimizers_run(optimizer, data, tmp_path):
     assert s["val_loss"] < s["val_loss_start"]
 
 
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"residual": "matrix"},
+        {"adaptive": True, "update_proj_gap": 2},
+        {"state_bits": 8},
+        {"optimizer": "adamw", "state_bits": 8},
+    ],
+    ids=["residual", "adaptive", "galore-8bit", "adamw-8bit"],
+)
+def test_extensions_train(extra, data, tmp_path):
+    import galorax
+
+    cfg = micro_config(data, **extra)
+    s = T.train(cfg, tmp_path, progress=False, adamw_ref=False)
+    assert s["val_loss"] < s["val_loss_start"]
+    opt = T.make_optimizer(
+        T.resolve_config(cfg), T.model_lib.abstract_params(T.model_lib.get_preset("micro"))
+    )
+    leaves = jax.tree.leaves(
+        jax.eval_shape(opt.init, T.model_lib.abstract_params(T.model_lib.get_preset("micro"))),
+        is_leaf=galorax.quantized.is_quantized,
+    )
+    assert any(galorax.quantized.is_quantized(x) for x in leaves) == (extra.get("state_bits") == 8)
+
+
 def test_bfloat16(data, tmp_path):
     s = T.train(
         micro_config(data, dtype="bfloat16", steps=3), tmp_path, progress=False, adamw_ref=False
@@ -163,6 +189,12 @@ def test_resume_without_a_run(data, tmp_path):
         ({"optimizer": "sgd"}, "--optimizer"),
         ({"warmup": 100}, "--warmup"),
         ({"lr": -1.0}, "--lr"),
+        ({"optimizer": "adamw", "residual": "channel"}, "--residual: only --optimizer galore"),
+        ({"optimizer": "adamw", "adaptive": True}, "--adaptive: only --optimizer galore"),
+        ({"residual": "row"}, "--residual 'row': choose channel or matrix"),
+        ({"state_bits": 4}, "--state-bits 4: choose 32 or 8"),
+        ({"optimizer": "optax-galore", "state_bits": 8}, "--state-bits 8: use"),
+        ({"projector_bits": 2}, "--projector-bits 2"),
     ],
 )
 def test_bad_config(data, tmp_path, kw, match):
