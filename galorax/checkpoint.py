@@ -57,13 +57,15 @@ def _is_key(x: Any) -> bool:
 def _flatten_state(state: Any) -> dict[str, Any]:
     """Non-empty leaves of ``state`` keyed by zero-padded position (keys as raw data)."""
     # The leaf count doubles as a structure check and keeps an empty state a valid item.
-    flat: dict[str, Any] = {"n_leaves": jnp.asarray(len(jax.tree.leaves(state)), jnp.int32)}
+    # Host values are numpy: a jax array made by one process alone lives on that process's
+    # device only, and orbax refuses such arrays under jax.distributed.
+    flat: dict[str, Any] = {"n_leaves": np.asarray(len(jax.tree.leaves(state)), np.int32)}
     for i, leaf in enumerate(jax.tree.leaves(state)):
         if _is_key(leaf):
             leaf = jax.random.key_data(leaf)
         if np.size(leaf) == 0:
             continue
-        flat[f"{i:06d}"] = jnp.asarray(leaf)
+        flat[f"{i:06d}"] = leaf if isinstance(leaf, jax.Array) else np.asarray(leaf)
     return flat
 
 

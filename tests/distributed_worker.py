@@ -3,6 +3,7 @@
 ``python tests/distributed_worker.py PROCESS_ID NUM_PROCESSES PORT OUT.json``. With one
 process it runs on one device (the reference); with several it joins
 ``jax.distributed`` on localhost and shards params (FSDP) and batch over all devices.
+It saves a sharded checkpoint after step 2 and, after step 4, resumes from it.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 
 import galorax  # noqa: E402
 from galorax import model  # noqa: E402
+from galorax.checkpoint import Checkpointer, with_shardings  # noqa: E402
 from galorax.dimension_numbers import dimension_numbers_from_rules  # noqa: E402
 
 cfg = model.get_preset("micro")
@@ -66,16 +68,31 @@ step = jax.jit(
 )
 
 rng = np.random.default_rng(0)
-losses = []
-for _ in range(4):
-    tokens = rng.integers(0, cfg.vocab_size, (8, 17), dtype=np.int32)  # the global batch
-    batch = sharding.process_local_batch(tokens, batch_sharding)  # each process: its rows
-    params, opt_state, loss = step(params, opt_state, batch)
-    losses.append(float(loss))
-    print("step", len(losses), losses[-1], f"{time.perf_counter() - t0:.1f}s", flush=True)
+global_batches = [rng.integers(0, cfg.vocab_size, (8, 17), dtype=np.int32) for _ in range(4)]
+
+
+def run(params, opt_state, start):
+    losses = []
+    for tokens in global_batches[start:]:
+        batch = sharding.process_local_batch(tokens, batch_sharding)  # each process: its rows
+        params, opt_state, loss = step(params, opt_state, batch)
+        losses.append(float(loss))
+        print("step", start + len(losses), losses[-1], f"{time.perf_counter() - t0:.1f}s")
+        if start + len(losses) == 2:  # a sharded checkpoint, every process writing its shards
+            ckpt.save(2, params, opt_state, {"step": 2})
+    return losses
+
+
+ckpt = Checkpointer(out + ".ckpt")
+losses = run(params, opt_state, 0)
+# Resume from step 2 onto the same shardings (abstract targets: nothing else is live).
+abstract = jax.eval_shape(lambda: (params, opt_state))
+params, opt_state = ckpt.restore(2, *with_shardings(abstract, (shardings, state_shardings)))
+resumed = run(params, opt_state, 2)
+ckpt.close()
 if jax.process_index() == 0:
     with open(out, "w") as f:
-        json.dump({"losses": losses, "devices": jax.device_count()}, f)
+        json.dump({"losses": losses, "resumed": resumed, "devices": jax.device_count()}, f)
 sys.stdout.flush()
 # Skip interpreter teardown: the gloo/coordination-service shutdown can wait on a peer
 # that already left, and the result is written.
