@@ -201,8 +201,8 @@ def format_report(
         f"jax {__import__('jax').__version__}; whole comparison {elapsed_s / 60:.1f} min.",
         "",
         "| run | best lr | final val loss | vs AdamW | opt state MiB | vs AdamW "
-        "| step memory MiB (XLA) | tokens/s | vs AdamW | tokens/CPU-s | vs AdamW |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| step memory MiB (XLA) | tokens/s | vs AdamW | tokens/CPU-s | vs AdamW | refreshes |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for label, r in best.items():
         s = r["summary"]
@@ -216,9 +216,10 @@ def format_report(
             f"| {_mib(mem)} ({rel(mem, ref_mem, '.0%')}) | {s.get('tokens_per_s', math.nan):.0f} "
             f"| {rel(s.get('tokens_per_s'), rs.get('tokens_per_s'), '.2f')}x "
             f"| {s.get('tokens_per_cpu_s', math.nan):.0f} "
-            f"| {rel(s.get('tokens_per_cpu_s'), rs.get('tokens_per_cpu_s'), '.2f')}x |"
+            f"| {rel(s.get('tokens_per_cpu_s'), rs.get('tokens_per_cpu_s'), '.2f')}x "
+            f"| {s.get('refreshes') if s.get('refreshes') is not None else '-'} |"
             if s.get("n_params")
-            else f"| {label} | {r['lr']:g} | diverged | - | - | - | - | - | - | - | - |"
+            else f"| {label} | {r['lr']:g} | diverged | - | - | - | - | - | - | - | - | - |"
         )
     lines += ["", "Sweep (final validation loss per learning rate):", ""]
     lines += ["| run | lr | final val loss | tokens/s |", "|---|---|---|---|"]

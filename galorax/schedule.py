@@ -104,3 +104,28 @@ def advance(
         gap=gap,
         refreshes=sched.refreshes + accept.astype(sched.refreshes.dtype),
     )
+
+
+def count_refreshes(state: Any) -> int:
+    """Projector refreshes done so far, summed over every slice of every projected leaf.
+
+    Finds the :class:`RefreshSchedule` nodes anywhere in an optimizer state (chains and
+    wrappers included); the initial projectors, computed at the first step, count too.
+
+    Example:
+        >>> import jax.numpy as jnp, galorax
+        >>> params = {"w": jnp.ones((3, 8, 4))}  # 3 slices along a batch axis
+        >>> dn = {"w": galorax.GaLoreDimensionNumbers(reduction_axis=1, output_axis=2)}
+        >>> tx = galorax.galore(0.1, rank=2, update_proj_gap=2, weight_dimension_numbers=dn)
+        >>> state = tx.init(params)
+        >>> for _ in range(3):
+        ...     _, state = tx.update(params, state, params)
+        >>> count_refreshes(state)  # each slice: at its first step and one gap later
+        6
+    """
+    scheds = [
+        x
+        for x in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, RefreshSchedule))
+        if isinstance(x, RefreshSchedule)
+    ]
+    return int(sum(int(jnp.sum(s.refreshes)) for s in scheds))
