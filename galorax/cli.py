@@ -151,6 +151,21 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--stop-after", type=_positive_int, help="stop after N steps (then --resume)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g = p.add_argument_group(
+        "sharding",
+        "several devices or processes (jax.distributed; the JAX_COORDINATOR_ADDRESS, "
+        "JAX_NUM_PROCESSES and JAX_PROCESS_ID variables work too). On CPU, simulate devices "
+        "with XLA_FLAGS=--xla_force_host_platform_device_count=N.",
+    )
+    g.add_argument(
+        "--mesh",
+        metavar="AXES",
+        help="shard over a device mesh, e.g. data=2,fsdp=4 (params and state FSDP over "
+        "fsdp, batch rows over both; one size may be -1); default: one device",
+    )
+    g.add_argument("--coordinator", metavar="HOST:PORT", help="process 0's address")
+    g.add_argument("--num-processes", type=_positive_int, help="processes in the run")
+    g.add_argument("--process-id", type=_nonneg_int, help="this process's index")
 
 
 def _default_out(prefix: str) -> str:
@@ -160,8 +175,11 @@ def _default_out(prefix: str) -> str:
 
 
 def _run_train(args: argparse.Namespace) -> int:
+    from galorax import sharding
     from galorax.train import format_summary, train
 
+    # Before anything else touches a device: joins the other processes, if any.
+    sharding.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
     cfg = config_from_args(args)
     if args.out is None and args.resume:
         raise _usage("--resume needs --out DIR: the run to continue")
@@ -176,6 +194,8 @@ def _run_train(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         flags=given_flags(args),
     )
+    if not sharding.is_primary():
+        return 0
     print()
     print(format_summary(summary))
     print(f"\nwrote {out}/: metrics.jsonl, loss_curve.png, config.json, summary.json, checkpoints/")

@@ -17,6 +17,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import json
 import math
@@ -38,7 +39,9 @@ from galorax import data as data_lib
 from galorax import model as model_lib
 from galorax.memory import tree_bytes
 
-OPTIMIZERS = ("galore", "adamw", "optax-galore")
+OPTIMIZERS = ("galore", "adamw", "optax-galore", "galore8bit", "adamw8bit")
+#: Names (as in ``galorax memory``) for an optimizer with 8-bit Adam moments.
+EIGHT_BIT = {"galore8bit": "galore", "adamw8bit": "adamw"}
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 #: Files a run writes into ``--out``; ``--overwrite`` removes these and nothing else.
 RUN_FILES = ("config.json", "metrics.jsonl", "loss_curve.png", "summary.json", "checkpoints")
@@ -84,6 +87,9 @@ class TrainConfig:
             galore: :func:`galorax.scale_by_adam_8bit` as the base optimizer).
         projector_bits: galore only: store projectors in 8 or 4 bits (None: f32).
         remat: Recompute activations in the backward pass (less memory, more compute).
+        mesh: Shard the run over a device mesh, e.g. ``data=2,fsdp=4`` (all processes'
+            devices): params and optimizer state FSDP over ``fsdp``, the batch's rows over
+            ``data`` and ``fsdp`` (:class:`galorax.sharding.TrainPlacement`). None: one device.
     """
 
     preset: str = "tiny"
@@ -113,6 +119,7 @@ class TrainConfig:
     state_bits: int = 32
     projector_bits: int | None = None
     remat: bool = False
+    mesh: str | None = None
 
 
 def resolve_config(cfg: TrainConfig) -> TrainConfig:
@@ -129,6 +136,8 @@ def resolve_config(cfg: TrainConfig) -> TrainConfig:
         raise UsageError(f"--optimizer {cfg.optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
     if cfg.dtype not in DTYPES:
         raise UsageError(f"--dtype {cfg.dtype!r}: choose one of {', '.join(DTYPES)}")
+    if cfg.optimizer in EIGHT_BIT:  # galore8bit = galore with --state-bits 8
+        cfg = dataclasses.replace(cfg, optimizer=EIGHT_BIT[cfg.optimizer], state_bits=8)
     _check_optimizer_options(cfg)
     tiny = cfg.preset == "tiny"
     c = dataclasses.replace(cfg)
@@ -147,6 +156,13 @@ def resolve_config(cfg: TrainConfig) -> TrainConfig:
         raise UsageError(f"--warmup {c.warmup} must be between 0 and --steps {c.steps}")
     if c.lr <= 0 or not math.isfinite(c.lr):
         raise UsageError(f"--lr must be a positive number, got {c.lr}")
+    if c.mesh is not None:
+        from galorax.sharding import parse_mesh
+
+        try:
+            parse_mesh(c.mesh)
+        except ValueError as e:
+            raise UsageError(f"--mesh: {e}") from None
     return c
 
 
@@ -299,15 +315,24 @@ def make_optimizer(cfg: TrainConfig, params: Any) -> optax.GradientTransformatio
 
 
 def make_train_step(
-    mcfg: model_lib.ModelConfig, opt: optax.GradientTransformation, remat: bool = False
+    mcfg: model_lib.ModelConfig,
+    opt: optax.GradientTransformation,
+    remat: bool = False,
+    out_shardings: Any = None,
 ) -> Any:
-    """A jitted ``(params, opt_state, batch) -> (params, opt_state, loss)``; donates the state."""
+    """A jitted ``(params, opt_state, batch) -> (params, opt_state, loss)``; donates the state.
+
+    On a mesh, ``out_shardings`` (params', state's, loss's) pins the outputs to the inputs'
+    shardings, so every step runs the same compiled program.
+    """
 
     def step(params: Any, opt_state: Any, batch: jax.Array) -> tuple[Any, Any, jax.Array]:
         loss, grads = jax.value_and_grad(model_lib.loss_fn)(params, batch, mcfg, remat)
         updates, opt_state = opt.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
+    if out_shardings is not None:
+        return jax.jit(step, donate_argnums=(0, 1), out_shardings=out_shardings)
     return jax.jit(step, donate_argnums=(0, 1))
 
 
@@ -334,25 +359,48 @@ def compiled_memory(compiled: Any) -> dict[str, int] | None:
     }
 
 
-def adamw_reference(cfg: TrainConfig, mcfg: model_lib.ModelConfig, abstract: Any) -> dict[str, Any]:
-    """AdamW's optimizer-state bytes and compiled step memory, computed without running it."""
-    ref = resolve_config(dataclasses.replace(cfg, optimizer="adamw", lr=cfg.lr))
+def adamw_reference(
+    cfg: TrainConfig, mcfg: model_lib.ModelConfig, abstract: Any, placement: Any = None
+) -> dict[str, Any]:
+    """AdamW's optimizer-state bytes and compiled step memory, computed without running it.
+
+    With a ``placement`` (a :class:`galorax.sharding.TrainPlacement`), AdamW's step is
+    compiled sharded the same way (its memory is then per device).
+    """
+    plain = {k: None for k in _GALORE_ONLY}  # AdamW takes none of GaLore's settings
+    ref = resolve_config(
+        dataclasses.replace(cfg, optimizer="adamw", lr=cfg.lr, state_bits=32, **plain)
+    )
     opt = make_optimizer(ref, abstract)
     state = jax.eval_shape(opt.init, abstract)
     assert cfg.batch_size is not None and cfg.seq_len is not None
-    batch = jax.ShapeDtypeStruct((cfg.batch_size, cfg.seq_len + 1), jnp.int32)
-    compiled = make_train_step(mcfg, opt, cfg.remat).lower(abstract, state, batch).compile()
+    shape = (cfg.batch_size, cfg.seq_len + 1)
+    batch = jax.ShapeDtypeStruct(shape, jnp.int32)
+    shardings = None
+    if placement is not None:
+        from galorax.checkpoint import with_shardings
+
+        state_sh = placement.state(opt, abstract)
+        shardings = (placement.params, state_sh, placement.replicated)
+        abstract, state = with_shardings((abstract, state), shardings[:2])
+        batch = placement.abstract_batch(shape, jnp.int32)
+    step = make_train_step(mcfg, opt, cfg.remat, shardings)
+    compiled = step.lower(abstract, state, batch).compile()
     return {"opt_state_bytes": tree_bytes(state), "step_memory": compiled_memory(compiled)}
 
 
 # ----------------------------------------------------------------------------- output dir
 
 #: Settings a resumed run may change: they decide what is logged and saved, not the weights.
-RESUME_FREE = ("eval_every", "eval_batches", "checkpoint_every")
+#: ``mesh`` decides where arrays live, not the maths (the sums' rounding may differ): a
+#: resumed run may move to another mesh or number of processes.
+RESUME_FREE = ("eval_every", "eval_batches", "checkpoint_every", "mesh")
 
 
 def _resume_config(saved: dict[str, Any], flags: dict[str, Any]) -> dict[str, Any]:
     """The saved run's settings, checked against (and updated by) the user's flags."""
+    if flags.get("optimizer") in EIGHT_BIT:
+        flags = {**flags, "optimizer": EIGHT_BIT[flags["optimizer"]], "state_bits": 8}
     clash = {
         k: v for k, v in flags.items() if k not in RESUME_FREE and k in saved and saved[k] != v
     }
@@ -496,6 +544,32 @@ def _batches(corpus: data_lib.Corpus, cfg: TrainConfig, start: int) -> Iterator[
         yield data_lib.sample_batch(corpus.train, cfg.batch_size, cfg.seq_len, cfg.seed, step)
 
 
+def _placement(cfg: TrainConfig, abstract: Any, opt: optax.GradientTransformation):
+    """``cfg.mesh``'s placement and restore targets ``(params, state, state shardings)``.
+
+    ``(None, None)`` without a mesh.
+    """
+    if cfg.mesh is None:
+        return None, None
+    from galorax.checkpoint import with_shardings
+    from galorax.sharding import TrainPlacement
+
+    try:
+        placement = TrainPlacement.create(cfg.mesh, abstract)
+    except ValueError as e:
+        raise UsageError(f"--mesh {cfg.mesh}: {e}") from None
+    assert cfg.batch_size is not None
+    ways = placement.batch_ways()
+    if cfg.batch_size % ways:
+        raise UsageError(
+            f"--batch-size {cfg.batch_size} does not split over the {ways} data-parallel "
+            f"devices of --mesh {cfg.mesh}; use a multiple of {ways}"
+        )
+    state_sh = placement.state(opt, abstract)
+    state = with_shardings(jax.eval_shape(opt.init, abstract), state_sh)
+    return placement, (with_shardings(abstract, placement.params), state, state_sh)
+
+
 def train(
     cfg: TrainConfig,
     out: str | os.PathLike[str],
@@ -534,11 +608,19 @@ def train(
         FloatingPointError: the loss became NaN/inf (lower ``--lr``).
     """
     from galorax import checkpoint as ckpt_lib
+    from galorax import sharding as sharding_lib
 
     out = pathlib.Path(out)
     if init_from is not None and resume:
         raise UsageError("--init-from starts a new run; it cannot be combined with --resume")
-    prepare_out_dir(out, resume, overwrite)
+    # Under jax.distributed every process trains, process 0 alone writes the run's files
+    # (checkpoints: every process its own shards).
+    primary = sharding_lib.is_primary()
+    if primary:
+        prepare_out_dir(out, resume, overwrite)
+    else:
+        log, progress = (lambda msg: None), False
+    sharding_lib.sync_processes("galorax train: out dir ready")
     if resume:
         saved = json.loads((out / "config.json").read_text())["train"]
         cfg = TrainConfig(**_resume_config(saved, flags or {}))
@@ -565,25 +647,36 @@ def train(
     assert cfg.eval_every is not None
 
     opt = make_optimizer(cfg, abstract)
+    placement, targets = _placement(cfg, abstract, opt)
     ckpt = ckpt_lib.Checkpointer(out / "checkpoints")
     start = 0
     if resume:
         latest = ckpt.latest_step()
         if latest is None:
             raise UsageError(f"--resume: {out}/checkpoints holds no finished checkpoint")
-        params, opt_state = ckpt.restore(latest, abstract, jax.eval_shape(opt.init, abstract))
+        if targets is None:
+            targets = (abstract, jax.eval_shape(opt.init, abstract))
+        params, opt_state = ckpt.restore(latest, *targets[:2])  # onto the mesh, if any
         start = latest
         # Metrics past the checkpoint are re-run: drop them so the log has no duplicates.
         recs = [r for r in _read_metrics(out / "metrics.jsonl") if r.get("step", 0) <= start]
-        _atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in recs))
+        if primary:
+            text = "".join(json.dumps(r) + "\n" for r in recs)
+            _atomic_write_text(out / "metrics.jsonl", text)
         log(f"resumed {out} at step {start}/{cfg.steps}")
     else:
         if init_from is not None:
-            params = ckpt_lib.load_params(init_from, abstract)
+            params = ckpt_lib.load_params(init_from, abstract if targets is None else targets[0])
             init_meta = {"init_from": str(init_from)}
+        elif placement is not None:  # born sharded: no process holds the whole model
+            init = functools.partial(model_lib.init_params, mcfg, dtype=dtype)
+            params = jax.jit(init, out_shardings=placement.params)(jax.random.key(cfg.seed))
         else:
             params = model_lib.init_params(mcfg, jax.random.key(cfg.seed), dtype)
-        opt_state = opt.init(params)
+        if targets is not None:
+            opt_state = jax.jit(opt.init, out_shardings=targets[2])(params)
+        else:
+            opt_state = opt.init(params)
         config_json = {
             "train": dataclasses.asdict(cfg),
             "model": dataclasses.asdict(mcfg),
@@ -592,25 +685,42 @@ def train(
             "optax": optax.__version__,
             **init_meta,
         }
-        _atomic_write_text(out / "config.json", json.dumps(config_json, indent=2) + "\n")
-        (out / "metrics.jsonl").touch()
+        if primary:
+            _atomic_write_text(out / "config.json", json.dumps(config_json, indent=2) + "\n")
+            (out / "metrics.jsonl").touch()
+    sharding_lib.sync_processes("galorax train: metrics ready")  # all read the same log
 
     # One compile serves both the memory analysis and the loop.
-    batch0 = np.zeros((cfg.batch_size, cfg.seq_len + 1), np.int32)
+    batch_shape = (cfg.batch_size, cfg.seq_len + 1)
+    batch0: Any = np.zeros(batch_shape, np.int32)
+    out_shardings = None
+    if placement is not None:
+        assert targets is not None
+        batch0 = placement.abstract_batch(batch_shape, jnp.int32)
+        out_shardings = (placement.params, targets[2], placement.replicated)
     t0 = time.perf_counter()
-    step_fn = make_train_step(mcfg, opt, cfg.remat).lower(params, opt_state, batch0).compile()
+    step_fn = make_train_step(mcfg, opt, cfg.remat, out_shardings)
+    step_fn = step_fn.lower(params, opt_state, batch0).compile()
     compile_s = time.perf_counter() - t0
     step_memory = compiled_memory(step_fn)
     opt_state_bytes = tree_bytes(opt_state)
-    ref = adamw_reference(cfg, mcfg, abstract) if adamw_ref and cfg.optimizer != "adamw" else None
+    ref = (
+        adamw_reference(cfg, mcfg, abstract, placement)
+        if adamw_ref and (cfg.optimizer != "adamw" or cfg.state_bits != 32)
+        else None
+    )
 
-    val = data_lib.eval_batches(corpus.val, cfg.batch_size, cfg.seq_len, cfg.eval_batches)
+    val: list[Any] = data_lib.eval_batches(
+        corpus.val, cfg.batch_size, cfg.seq_len, cfg.eval_batches
+    )
+    if placement is not None:
+        val = [placement.put_batch(b) for b in val]
     eval_fn = jax.jit(lambda p, b: model_lib.loss_fn(p, b, mcfg))
 
     def evaluate(p: Any) -> float:
         return float(np.mean([float(eval_fn(p, b)) for b in val]))
 
-    metrics_f = open(out / "metrics.jsonl", "a")  # noqa: SIM115 - closed in finally
+    metrics_f = open(out / "metrics.jsonl" if primary else os.devnull, "a")  # noqa: SIM115
 
     def record(rec: dict[str, Any]) -> None:
         metrics_f.write(json.dumps(rec) + "\n")
@@ -637,6 +747,8 @@ def train(
         while step < stop:
             t, c = time.perf_counter(), time.process_time()
             batch = next(batches)
+            if placement is not None:  # every process keeps the rows of its devices
+                batch = placement.put_batch(batch)
             params, opt_state, loss_arr = step_fn(params, opt_state, batch)
             loss = float(loss_arr)  # syncs: the time below is the real step time
             dt, dc = time.perf_counter() - t, time.process_time() - c
@@ -682,9 +794,12 @@ def train(
         ckpt.close()
         recs = _read_metrics(out / "metrics.jsonl")
         try:
-            plot_curves(
-                {cfg.optimizer: recs}, out / "loss_curve.png", f"{cfg.preset} ({corpus.source})"
-            )
+            if primary:
+                plot_curves(
+                    {cfg.optimizer: recs},
+                    out / "loss_curve.png",
+                    f"{cfg.preset} ({corpus.source})",
+                )
         except Exception as e:  # a plotting failure must not lose the run
             log(f"warning: could not plot the loss curve: {e}")
 
@@ -694,7 +809,7 @@ def train(
     if timed_s == 0.0 and step_times:
         timed_s, timed_tokens = sum(step_times), tokens_per_step * len(step_times)
     summary: dict[str, Any] = {
-        "optimizer": cfg.optimizer,
+        "optimizer": cfg.optimizer + ("8bit" if cfg.state_bits == 8 else ""),
         "preset": cfg.preset,
         "lr": cfg.lr,
         "rank": cfg.rank if cfg.optimizer != "adamw" else None,
@@ -710,21 +825,35 @@ def train(
         "n_params": model_lib.count_params(abstract),
         "param_bytes": tree_bytes(abstract),
         "opt_state_bytes": opt_state_bytes,
+        "refreshes": _refreshes(cfg, opt_state, abstract, step),
         "step_memory": step_memory,
         "compile_s": compile_s,
         "adamw": ref
         or (
             {"opt_state_bytes": opt_state_bytes, "step_memory": step_memory}
-            if cfg.optimizer == "adamw"
+            if cfg.optimizer == "adamw" and cfg.state_bits == 32
             else None
         ),
         "data_source": corpus.source,
         **init_meta,
     }
-    _atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    if primary:
+        _atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     if step < cfg.steps:
         log(f"stopped after step {step}/{cfg.steps}; continue with --resume --out {out}")
     return summary
+
+
+def _refreshes(cfg: TrainConfig, opt_state: Any, params: Any, steps: int) -> int | None:
+    """Projectors computed over the run (per layer slice for galore, per leaf for optax)."""
+    if cfg.optimizer == "galore":
+        from galorax.schedule import count_refreshes
+
+        return count_refreshes(opt_state)
+    if cfg.optimizer == "optax-galore":  # every projected leaf at each multiple of the gap
+        leaves = jax.tree.leaves(galore_dimension_numbers(params, folded=True))
+        return len(leaves) * -(-steps // cfg.update_proj_gap)
+    return None
 
 
 def main_error(msg: str) -> None:
