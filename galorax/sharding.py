@@ -22,6 +22,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import warnings
@@ -42,6 +43,9 @@ __all__ = [
     "state_shardings",
     "initialize_distributed",
     "process_local_batch",
+    "TrainPlacement",
+    "is_primary",
+    "sync_processes",
 ]
 
 
@@ -457,9 +461,11 @@ def process_local_batch(
 ) -> jax.Array:
     """A global, sharded batch from each process's own rows.
 
-    Every process passes either the full global batch (the rows it owns are sliced out:
-    process ``i`` of ``n`` owns rows ``[i*B/n, (i+1)*B/n)``) or, with
-    ``already_local=True``, only its own rows (its data loader read only its slice).
+    Every process passes either the full global batch (each device's rows are sliced out
+    of it, whatever the mesh's device order) or, with ``already_local=True``, only the rows
+    its devices hold: the process's contiguous block of ``sharding``'s leading axis (for
+    meshes from :func:`make_mesh`, process ``i`` of ``n`` holds rows
+    ``[i*B/n, (i+1)*B/n)``).
 
     Example:
         >>> import numpy as np
@@ -470,13 +476,78 @@ def process_local_batch(
         (4, 2)
     """
     data = np.asarray(global_batch)
-    n, i = jax.process_count(), jax.process_index()
+    n = jax.process_count()
     if already_local:
         global_shape = (data.shape[0] * n, *data.shape[1:])
-    else:
-        global_shape = data.shape
-        if data.shape[0] % n:
-            raise ValueError(f"Batch of {data.shape[0]} rows does not split over {n} processes.")
-        rows = data.shape[0] // n
-        data = data[i * rows : (i + 1) * rows]
-    return jax.make_array_from_process_local_data(sharding, data, global_shape)
+        return jax.make_array_from_process_local_data(sharding, data, global_shape)
+    return jax.make_array_from_callback(data.shape, sharding, lambda index: data[index])
+
+
+def is_primary() -> bool:
+    """Whether this process writes the run's files (process 0; always true alone)."""
+    return jax.process_index() == 0
+
+
+def sync_processes(name: str) -> None:
+    """Waits until every process reaches ``name`` (a no-op for one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainPlacement:
+    """Where a training run's arrays live on a mesh (used by ``galorax train --mesh``).
+
+    The mesh's axes are automatic: the model's ops (embedding gathers, ``lax.scan``) need
+    no sharding annotations, the compiler propagates the placements below.
+
+    Attributes:
+        mesh: The device mesh (all processes' devices).
+        params: ``NamedSharding`` per parameter: FSDP over ``fsdp`` (see
+            :func:`fsdp_partition_specs`), small leaves replicated.
+        batch: The batch's: rows over every data-parallel axis (:func:`batch_partition_spec`).
+        replicated: Scalars (the loss).
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> plan = TrainPlacement.create("data=1,fsdp=1", {"w": jnp.zeros((64, 32))})
+        >>> plan.params["w"].spec, plan.batch.spec
+        (P('fsdp',), P(('data', 'fsdp'),))
+    """
+
+    mesh: Mesh
+    params: Any
+    batch: NamedSharding
+    replicated: NamedSharding
+
+    @classmethod
+    def create(cls, spec: str | dict[str, int], params: Any, *, min_size: int = 1024):
+        """A placement for ``params`` (arrays or ``ShapeDtypeStruct``) on mesh ``spec``."""
+        mesh = make_mesh(spec, explicit=False)
+        specs = fsdp_partition_specs(params, mesh, min_size=min_size)
+        return cls(
+            mesh=mesh,
+            params=jax.tree.map(lambda s: NamedSharding(mesh, s), specs),
+            batch=NamedSharding(mesh, batch_partition_spec(mesh)),
+            replicated=NamedSharding(mesh, PartitionSpec()),
+        )
+
+    def batch_ways(self) -> int:
+        """Into how many row blocks a batch is split."""
+        entry = self.batch.spec[0] if len(self.batch.spec) else None
+        names = entry if isinstance(entry, tuple) else (entry,) if entry else ()
+        return math.prod(self.mesh.shape[a] for a in names)
+
+    def state(self, tx: optax.GradientTransformation, params: Any) -> Any:
+        """``NamedSharding``s of ``tx.init(params)`` (see :func:`state_shardings`)."""
+        return state_shardings(tx, params, self.mesh, self.params)
+
+    def put_batch(self, rows: Any) -> jax.Array:
+        """The global batch (the same ``rows`` on every process) placed on the mesh."""
+        return process_local_batch(rows, self.batch)
+
+    def abstract_batch(self, shape: tuple[int, ...], dtype: Any) -> jax.ShapeDtypeStruct:
+        """A batch's shape, dtype and sharding, for ``jit(...).lower``."""
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=self.batch)

@@ -1,99 +1,75 @@
-"""One process of ``tests/test_distributed.py``: trains the micro model a few steps.
+"""One process of ``tests/test_distributed.py``: ``galorax train``'s loop on the micro model.
 
-``python tests/distributed_worker.py PROCESS_ID NUM_PROCESSES PORT OUT.json``. With one
-process it runs on one device (the reference); with several it joins
-``jax.distributed`` on localhost and shards params (FSDP) and batch over all devices.
-It saves a sharded checkpoint after step 2 and, after step 4, resumes from it.
+``python tests/distributed_worker.py PROCESS_ID NUM_PROCESSES PORT DATA OUT``. With one
+process it trains 4 steps on one device (the reference). With several it joins
+``jax.distributed`` on localhost and trains on the mesh ``data=1,fsdp=N`` (params and
+optimizer state FSDP-sharded, each process feeding its devices' rows of the batch,
+sharded checkpoints every 2 steps), then restores the last checkpoint onto the mesh.
 """
 
 from __future__ import annotations
 
-import json
 import os
+import pathlib
 import sys
 import time
 
 from galorax import sharding
 
 t0 = time.perf_counter()
-pid, nproc, port, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
-if nproc > 1:
-    sharding.initialize_distributed(f"localhost:{port}", nproc, pid)
+pid, nproc, port, data, out = sys.argv[1:6]
+if int(nproc) > 1:  # before anything else touches a device
+    sharding.initialize_distributed(f"localhost:{port}", int(nproc), int(pid))
 
 import jax  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
-from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 
-import galorax  # noqa: E402
-from galorax import model  # noqa: E402
-from galorax.checkpoint import Checkpointer, with_shardings  # noqa: E402
-from galorax.dimension_numbers import dimension_numbers_from_rules  # noqa: E402
+from galorax import train as T  # noqa: E402
 
-cfg = model.get_preset("micro")
-# Automatic axes: the model (gathers, scans) needs no sharding annotations.
-mesh = sharding.make_mesh("data=1,fsdp=-1", explicit=False)
-host_params = jax.device_get(model.init_params(cfg, jax.random.key(0)))
-specs = sharding.fsdp_partition_specs(host_params, mesh, min_size=256)
-shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), specs)
-params = jax.tree.map(
-    lambda x, s: jax.make_array_from_callback(x.shape, s, lambda idx, x=x: x[idx]),
-    host_params,
-    shardings,
-)
-tx = galorax.galore(
-    learning_rate=1e-2,
-    rank=4,
+
+def log(msg: str) -> None:
+    print(f"[{time.perf_counter() - t0:.1f}s] {msg}", flush=True)
+
+
+cfg = T.TrainConfig(
+    preset="micro",
+    steps=4,
+    batch_size=8,
+    seq_len=32,
+    eval_batches=1,
+    eval_every=2,
+    checkpoint_every=2,
     update_proj_gap=2,
-    weight_dimension_numbers=dimension_numbers_from_rules(host_params),
-    subspace=galorax.Randomized(qr="gram", power_iters=0),  # same maths on 1 and N devices
+    lr=1e-2,
+    data=data,
+    mesh="data=1,fsdp=-1" if int(nproc) > 1 else None,
 )
-state_shardings = sharding.state_shardings(tx, params)
-opt_state = jax.jit(tx.init, out_shardings=state_shardings)(params)
-batch_sharding = NamedSharding(mesh, sharding.batch_partition_spec(mesh))
+log(f"devices {jax.device_count()} processes {jax.process_count()}")
+quiet = dict(progress=False, adamw_ref=False, log=log)
+T.train(cfg, out, **quiet)
+if int(nproc) > 1:
+    # The step-4 checkpoint restored onto the run's shardings by both processes (each
+    # reading its shards): its validation loss is the run's last one, to the bit.
+    import json
 
+    from galorax import checkpoint, model
+    from galorax import data as data_lib
 
-def step(params, opt_state, tokens):
-    loss, grads = jax.value_and_grad(model.loss_fn)(params, tokens, cfg)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
-
-
-# Outputs pinned to the inputs' shardings: without them the compiler picks its own for
-# the new params and state, and the second step compiles the whole program again.
-step = jax.jit(
-    step,
-    out_shardings=(shardings, state_shardings, NamedSharding(mesh, PartitionSpec())),
-    donate_argnums=(0, 1),
-)
-
-rng = np.random.default_rng(0)
-global_batches = [rng.integers(0, cfg.vocab_size, (8, 17), dtype=np.int32) for _ in range(4)]
-
-
-def run(params, opt_state, start):
-    losses = []
-    for tokens in global_batches[start:]:
-        batch = sharding.process_local_batch(tokens, batch_sharding)  # each process: its rows
-        params, opt_state, loss = step(params, opt_state, batch)
-        losses.append(float(loss))
-        print("step", start + len(losses), losses[-1], f"{time.perf_counter() - t0:.1f}s")
-        if start + len(losses) == 2:  # a sharded checkpoint, every process writing its shards
-            ckpt.save(2, params, opt_state, {"step": 2})
-    return losses
-
-
-ckpt = Checkpointer(out + ".ckpt")
-losses = run(params, opt_state, 0)
-# Resume from step 2 onto the same shardings (abstract targets: nothing else is live).
-abstract = jax.eval_shape(lambda: (params, opt_state))
-params, opt_state = ckpt.restore(2, *with_shardings(abstract, (shardings, state_shardings)))
-resumed = run(params, opt_state, 2)
-ckpt.close()
-if jax.process_index() == 0:
-    with open(out, "w") as f:
-        json.dump({"losses": losses, "resumed": resumed, "devices": jax.device_count()}, f)
+    run = T.resolve_config(cfg)
+    corpus = data_lib.load_corpus(data)
+    mcfg = model.get_preset("micro", corpus.vocab_size)
+    abstract = model.abstract_params(mcfg)
+    placement, targets = T._placement(run, abstract, T.make_optimizer(run, abstract))
+    ckpt = checkpoint.Checkpointer(pathlib.Path(out) / "checkpoints")
+    params, _ = ckpt.restore(4, *targets[:2])
+    ckpt.close()
+    for a, t in zip(jax.tree.leaves(params), jax.tree.leaves(targets[0]), strict=True):
+        assert a.sharding == t.sharding, (a.sharding, t.sharding)
+    batch = data_lib.eval_batches(corpus.val, run.batch_size, run.seq_len, 1)[0]
+    loss = jax.jit(lambda p, b: model.loss_fn(p, b, mcfg))(params, placement.put_batch(batch))
+    lines = (pathlib.Path(out) / "metrics.jsonl").read_text().splitlines()
+    log(f"restored val_loss {float(loss)!r} run {json.loads(lines[-1])['val_loss']!r}")
+log("done")
 sys.stdout.flush()
 # Skip interpreter teardown: the gloo/coordination-service shutdown can wait on a peer
-# that already left, and the result is written.
+# that already left, and the results are written.
 os._exit(0)

@@ -7,6 +7,7 @@ Not collected by the main pytest run (XLA_FLAGS must be set before JAX starts):
 from __future__ import annotations
 
 import re
+import tempfile
 import warnings
 
 import jax
@@ -210,3 +211,47 @@ def test_sharded_checkpoint_restores_onto_other_shardings(tmp_path):
     _leaves_equal(params, p3, same_sharding=False)
     assert p3["w"].sharding.is_fully_replicated
     ck.close()
+
+
+def _metrics(out):
+    import json
+
+    timing = ("step_s", "cpu_s", "tokens_per_s")
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(x).items() if k not in timing} for x in lines]
+
+
+def test_train_cli_on_mesh(tmp_path):
+    """``galorax train --mesh data=2,fsdp=4``, split by --stop-after/--resume: the unsharded
+    run's losses."""
+    from test_train import make_text_dir, micro_config
+
+    from galorax import cli
+    from galorax import train as T
+
+    # The resume loads the split run's compiled programs (test_train's cache directory).
+    jax.config.update("jax_compilation_cache_dir", str(tempfile.gettempdir()) + "/galorax-test-xla")
+    data = make_text_dir(tmp_path / "data")
+    settings = dict(steps=4, batch_size=8, eval_every=2, checkpoint_every=2, update_proj_gap=2)
+    T.train(micro_config(data, **settings), tmp_path / "one", progress=False, adamw_ref=False)
+    one = _metrics(tmp_path / "one")
+    flags = "--preset micro --steps 4 --batch-size 8 --seq-len 32 --eval-batches 1 "
+    flags += f"--eval-every 2 --checkpoint-every 2 --update-proj-gap 2 --no-progress --data {data}"
+
+    def train(out, *extra):
+        assert cli.main(["train", *flags.split(), "--out", str(tmp_path / out), *extra]) == 0
+        return _metrics(tmp_path / out)
+
+    # Split in two: steps 1-2, then --resume for steps 3-4 (both on the mesh).
+    split = train("split", "--mesh", "data=2,fsdp=4", "--stop-after", "2")
+    assert len(split) == 3
+    resumed = ["train", "--resume", "--out", str(tmp_path / "split"), "--no-progress"]
+    assert cli.main(resumed) == 0
+    mesh = _metrics(tmp_path / "split")
+    assert len(mesh) == 5
+    for a, b in zip(one, mesh, strict=True):
+        assert a.keys() == b.keys()
+        for k in a:
+            np.testing.assert_allclose(b[k], a[k], rtol=1e-4, err_msg=f"step {a['step']}: {k}")
+    config = (tmp_path / "split" / "config.json").read_text()
+    assert '"mesh": "data=2,fsdp=4"' in config
