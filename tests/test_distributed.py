@@ -52,6 +52,7 @@ def _free_port() -> int:
 
 def _start(pid: int, nproc: int, port: int, data: pathlib.Path, out: pathlib.Path):
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT), XLA_FLAGS=XLA_FLAGS)
+    env.setdefault("OPENBLAS_NUM_THREADS", "1")  # LAPACK's own threads, like XLA's: one
     # Logs go to files: an undrained pipe would block a chatty worker (and its peer).
     log = out.parent / f"{out.name}.{pid}.log"
     args = [str(WORKER), str(pid), str(nproc), str(port), str(data), str(out)]

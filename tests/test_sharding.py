@@ -22,6 +22,9 @@ def test_sharding_cases_on_8_devices():
         + " --xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
     ).strip()
     env["JAX_PLATFORMS"] = "cpu"
+    # jaxlib's LAPACK kernels (eigh, QR, SVD) run on OpenBLAS, whose own threads, called
+    # from 8 simulated devices at once on a small machine, spin against each other.
+    env.setdefault("OPENBLAS_NUM_THREADS", "1")
     cmd = [sys.executable, "-m", "pytest", "-o", "addopts=", "-q", "-x", "-p", "no:cacheprovider"]
     cmd += ["--rootdir", str(ROOT), str(ROOT / "tests" / "sharding_cases.py")]
     proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
