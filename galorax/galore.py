@@ -276,8 +276,9 @@ def scale_by_galore(
             back-projection, warm start, sign alignment, moment rotation, residual,
             subspace overlap) dequantizes it to the compute dtype first. Projector bytes:
             1.016 (8) or 0.516 (4) per value instead of 4 (3.9x / 7.8x smaller). Measured
-            on the ``tiny`` model's projectors (``BENCHMARKS.md``): ``||Q - P|| / ||P||``
-            0.8% (8) / 14% (4), error of the back-projected gradient 0.9% / 16%.
+            on the ``tiny`` model (``BENCHMARKS.md``): ``||Q - P|| / ||P||`` 0.85% (8) /
+            15% (4), error of the back-projected gradient 1.0% / 18%; validation loss after
+            400 steps (2 refreshes) within 0.003 of float32 (8) and 0.01 below it (4).
 
     Returns:
         A ``GradientTransformationExtraArgs``; extra arguments reach the base optimizer.
