@@ -18,7 +18,11 @@ threads), each as a ratio to AdamW's from the same run.
 from __future__ import annotations
 
 import argparse
+import os
 import time
+
+# As `galorax train` does: one OpenBLAS thread for jaxlib's QR/eigh (see galorax/cli.py).
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import jax
 import numpy as np

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
+import os
 import sys
 import warnings
 from collections.abc import Callable, Sequence
@@ -268,6 +269,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from galorax.data import DataError
     from galorax.train import UsageError
 
+    # jaxlib's CPU QR/eigh/SVD run on scipy's OpenBLAS, whose threads ignore XLA's flags;
+    # on small refresh matrices they only contend (measured: 10-100x slower refreshes on
+    # a busy 2-core machine). Takes effect because scipy loads at the first linalg call.
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     args.argv = argv

@@ -367,7 +367,7 @@ def adamw_reference(
     With a ``placement`` (a :class:`galorax.sharding.TrainPlacement`), AdamW's step is
     compiled sharded the same way (its memory is then per device).
     """
-    plain = {k: None for k in _GALORE_ONLY}  # AdamW takes none of GaLore's settings
+    plain: dict[str, Any] = {k: None for k in _GALORE_ONLY}  # AdamW takes none of GaLore's settings
     ref = resolve_config(
         dataclasses.replace(cfg, optimizer="adamw", lr=cfg.lr, state_bits=32, **plain)
     )
