@@ -128,8 +128,9 @@ def test_peer_optimizers_run(optimizer, data, tmp_path):
         {"adaptive": True, "update_proj_gap": 2},
         {"state_bits": 8},
         {"optimizer": "adamw8bit"},
+        {"projector_bits": 8},
     ],
-    ids=["residual", "adaptive", "galore-8bit", "adamw8bit"],
+    ids=["residual", "adaptive", "galore-8bit", "adamw8bit", "projector-bits"],
 )
 def test_extensions_train(extra, data, tmp_path):
     import galorax
