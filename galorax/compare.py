@@ -335,9 +335,11 @@ def run(args: argparse.Namespace) -> int:
     results = run_comparison(base, specs, out, resume=args.resume, progress=not args.no_progress)
     command = "galorax " + " ".join(shlex.quote(a) for a in getattr(args, "argv", sys.argv[1:]))
     report = format_report(results, base, command, time.perf_counter() - t0)
-    (out / "compare.md").write_text(report)
-    (out / "compare.json").write_text(
-        json.dumps([{k: v for k, v in r.items() if k != "metrics"} for r in results], indent=2)
+    # Atomic: an interrupted write never leaves a half report over a finished one.
+    train_lib._atomic_write_text(out / "compare.md", report)
+    train_lib._atomic_write_text(
+        out / "compare.json",
+        json.dumps([{k: v for k, v in r.items() if k != "metrics"} for r in results], indent=2),
     )
     plot_comparison(results, out / "compare.png", f"galorax compare: {base.preset}")
     print(report)
