@@ -18,35 +18,18 @@ import jax
 import numpy as np
 import optax
 
-import galorax
 from galorax import data as data_lib
 from galorax import model as model_lib
 from galorax import train as train_lib
 from galorax.memory import tree_bytes
-from galorax.quantized import adamw_8bit, scale_by_adam_8bit
 
 OPTIONS = ("adamw", "adamw8bit", "galore", "galore8bit")
 
 
 def make(option: str, cfg: train_lib.TrainConfig, params) -> optax.GradientTransformation:
-    base = "adamw" if option.startswith("adamw") else "galore"
-    c = train_lib.resolve_config(dataclasses.replace(cfg, optimizer=base))
-    sched = train_lib.make_schedule(c.lr, c.warmup, c.steps)
-    if option == "adamw":
-        opt = optax.adamw(sched, weight_decay=c.weight_decay)
-    elif option == "adamw8bit":
-        opt = adamw_8bit(sched, weight_decay=c.weight_decay)
-    else:
-        opt = galorax.galore(
-            sched,
-            rank=c.rank,
-            update_proj_gap=c.update_proj_gap,
-            scale=c.scale,
-            weight_decay=c.weight_decay,
-            weight_dimension_numbers=train_lib.galore_dimension_numbers(params),
-            base_optimizer=scale_by_adam_8bit() if option == "galore8bit" else None,
-        )
-    return optax.chain(optax.clip_by_global_norm(c.grad_clip), opt)
+    """``galorax train``'s optimizer for ``option`` (``adamw8bit``/``galore8bit``: 8-bit Adam)."""
+    c = train_lib.resolve_config(dataclasses.replace(cfg, optimizer=option))
+    return train_lib.make_optimizer(c, params)
 
 
 def main() -> None:

@@ -63,12 +63,21 @@ def _nonneg_int(s: str) -> int:
     return v
 
 
-def _bool(s: str) -> bool:
+class _BadBool(argparse.ArgumentTypeError, ValueError):
+    """argparse shows its message; run-spec parsing catches it as a ValueError."""
+
+
+def parse_bool(s: str) -> bool:
+    """``true/false`` (also ``1/0``, ``yes/no``, ``on/off``) of a flag or a run-spec key.
+
+    Raises:
+        ValueError: anything else (argparse reports it as an invalid value).
+    """
     if s.lower() in ("1", "true", "yes", "on"):
         return True
     if s.lower() in ("0", "false", "no", "off"):
         return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {s}")
+    raise _BadBool(f"expected true or false, got {s!r}")
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
@@ -102,7 +111,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--scale", type=float, help="GaLore update scale (default 0.25)")
     g.add_argument("--subspace", choices=["randomized", "svd"], help="refresh method")
     g.add_argument("--moments", choices=["keep", "align", "rotate"], help="moments at a refresh")
-    g.add_argument("--stagger", type=_bool, metavar="{true,false}", help="spread refreshes")
+    g.add_argument("--stagger", type=parse_bool, metavar="{true,false}", help="spread refreshes")
     g.add_argument(
         "--side", choices=["auto", "std", "reverse_std", "left", "right"], help="projected side"
     )
@@ -112,7 +121,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
         help="add back the gradient outside the subspace, Fira-scaled (default off)",
     )
     g.add_argument(
-        "--adaptive", type=_bool, metavar="{true,false}", help="lengthen stable layers' gaps"
+        "--adaptive", type=parse_bool, metavar="{true,false}", help="lengthen stable layers' gaps"
     )
     g.add_argument("--projector-bits", type=int, choices=[8, 4], help="quantized projectors")
     g = p.add_argument_group("memory")

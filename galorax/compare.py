@@ -30,6 +30,7 @@ import time
 from typing import Any
 
 from galorax import train as train_lib
+from galorax.cli import parse_bool
 
 #: The default sweep: each optimizer at a few peak learning rates around its known best.
 DEFAULT_RUNS = (
@@ -45,11 +46,11 @@ _KEYS: dict[str, Any] = {
     "update_proj_gap": int,
     "subspace": str,
     "moments": str,
-    "stagger": lambda s: s.lower() in ("1", "true", "yes", "on"),
+    "stagger": parse_bool,
     "side": str,
     "weight_decay": float,
     "residual": str,
-    "adaptive": lambda s: s.lower() in ("1", "true", "yes", "on"),
+    "adaptive": parse_bool,
     "state_bits": int,
     "projector_bits": int,
 }

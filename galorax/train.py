@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import inspect
 import json
 import math
 import os
@@ -295,8 +294,6 @@ def make_optimizer(cfg: TrainConfig, params: Any) -> optax.GradientTransformatio
         if cfg.adaptive:
             ext["adaptive"] = galorax.AdaptiveRefresh()
         if cfg.projector_bits is not None:
-            if "projector_bits" not in inspect.signature(galorax.galore).parameters:
-                raise UsageError("--projector-bits: this galorax has no quantized projectors")
             ext["projector_bits"] = cfg.projector_bits
         if cfg.state_bits == 8:
             ext["base_optimizer"] = galorax.scale_by_adam_8bit()

@@ -61,6 +61,9 @@ def test_argparse_rejects_nonsense(capsys):
     assert e.value.code == 2
     with pytest.raises(SystemExit):
         cli.main(["train", "--optimizer", "sgd"])
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--adaptive", "maybe"])
+    assert "--adaptive: expected true or false, got 'maybe'" in capsys.readouterr().err
 
 
 def test_register_subcommand(capsys):
@@ -103,3 +106,5 @@ def test_compare_writes_report_and_png(data, tmp_path, capsys):
 def test_compare_bad_spec(capsys):
     assert cli.main(["compare", "--runs", "sgd:lr=1"]) == 2
     assert "unknown optimizer" in capsys.readouterr().err
+    assert cli.main(["compare", "--runs", "galore:stagger=maybe"]) == 2
+    assert "'stagger=maybe': expected true or false" in capsys.readouterr().err
