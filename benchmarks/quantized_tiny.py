@@ -1,9 +1,9 @@
 """AdamW vs 8-bit AdamW vs GaLore vs 8-bit GaLore on the ``tiny`` preset: final loss, state bytes.
 
-Same data, schedule, clipping and defaults as ``galorax train --preset tiny`` (lr 3e-3 for
-AdamW, 1e-2 with scale 0.25 for GaLore, rank 64, gap 200, cosine with 10% warmup); the 8-bit
-variants swap in ``galorax.quantized.adamw_8bit`` / ``scale_by_adam_8bit`` and change nothing
-else. Usage::
+Same data, schedule, clipping and defaults as ``galorax train --preset tiny`` but one peak
+lr for every optimizer, GaLore's 1e-2 (scale 0.25, rank 64, gap 200, cosine with 10%
+warmup); the 8-bit variants swap in ``galorax.quantized.adamw_8bit`` /
+``scale_by_adam_8bit`` and change nothing else. Usage::
 
     python benchmarks/quantized_tiny.py --steps 300
 """
