@@ -30,6 +30,30 @@ def _t(a: jax.Array) -> jax.Array:
     return jnp.swapaxes(a, -1, -2)
 
 
+def _shared_cpu_pool() -> bool:
+    """Whether several CPU devices share this process's thread pool (simulated devices)."""
+    devices = jax.local_devices()
+    return len(devices) > 1 and devices[0].platform == "cpu"
+
+
+def _per_matrix(fn, *xs: jax.Array):
+    """``fn`` (a LAPACK decomposition) of ``(*batch, m, n)`` inputs.
+
+    Batched, except where several CPU devices share one thread pool: there jaxlib's
+    batched LAPACK kernels wait, on a pool thread, for batch tasks queued behind the
+    other devices' waiting kernels, and every device hangs (jaxlib 0.10, seen with
+    ``--xla_force_host_platform_device_count=2`` and a batch of eight 1024x72 QRs).
+    There each matrix is factorized on its own, in a loop.
+    """
+    nb = xs[0].ndim - 2
+    if nb == 0 or not _shared_cpu_pool():
+        return fn(*xs)
+    batch = xs[0].shape[:nb]
+    flat = [x.reshape(-1, *x.shape[nb:]) for x in xs]
+    out = jax.lax.map(lambda args: fn(*args), flat)
+    return jax.tree.map(lambda o: o.reshape(*batch, *o.shape[1:]), out)
+
+
 QR = Literal["auto", "householder", "gram"]
 _QRS = ("auto", "householder", "gram")
 
@@ -66,8 +90,7 @@ def orthonormalize(y: jax.Array, method: QR = "householder", *, precision: Preci
     if method == "auto":
         method = "gram" if _on_several_devices(y) else "householder"
     if method == "householder":
-        q, _ = jnp.linalg.qr(y, mode="reduced")
-        return q
+        return _per_matrix(lambda x: jnp.linalg.qr(x, mode="reduced")[0], y)
     precision = jax.lax.Precision.HIGHEST if precision is None else precision
     # Scaled to max |y| = 1, so the Gram neither overflows nor underflows.
     peak = jnp.max(jnp.abs(y), axis=(-2, -1), keepdims=True)
@@ -90,7 +113,7 @@ def _fill(y: jax.Array, seed: int) -> jax.Array:
 def _svqb(y: jax.Array, fill: jax.Array, tol: float, precision: Precision) -> jax.Array:
     """One SVQB pass; columns with Gram eigenvalue <= ``tol * max`` become ``fill``."""
     gram = _mm(_t(y), y, precision)
-    lam, v = jnp.linalg.eigh(gram)
+    lam, v = _per_matrix(jnp.linalg.eigh, gram)
     keep = lam > tol * jnp.max(lam, axis=-1, keepdims=True)
     inv = jnp.where(keep, jax.lax.rsqrt(jnp.where(keep, lam, 1)), 0)
     q = _mm(y, v, precision) * inv[..., None, :]
@@ -119,7 +142,7 @@ def exact_basis(a: jax.Array, rank: int, *, left: bool = True) -> jax.Array:
                [1., 0.],
                [0., 1.]], dtype=float32)
     """
-    u, _, vh = jnp.linalg.svd(a, full_matrices=False)
+    u, _, vh = _per_matrix(lambda x: jnp.linalg.svd(x, full_matrices=False), a)
     return u[..., :rank] if left else _t(vh[..., :rank, :])
 
 
@@ -182,7 +205,7 @@ def randomized_basis(
         z = orthonormalize(_mm(_t(a), q, precision), qr, precision=precision)
         q = orthonormalize(_mm(a, z, precision), qr, precision=precision)
     b = _mm(_t(q), a, precision)
-    _, vecs = jnp.linalg.eigh(_mm(b, _t(b), precision))
+    _, vecs = _per_matrix(jnp.linalg.eigh, _mm(b, _t(b), precision))
     top = vecs[..., ::-1][..., :rank]  # eigh sorts ascending
     return _mm(q, top, precision)
 

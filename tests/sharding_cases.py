@@ -255,3 +255,25 @@ def test_train_cli_on_mesh(tmp_path):
             np.testing.assert_allclose(b[k], a[k], rtol=1e-4, err_msg=f"step {a['step']}: {k}")
     config = (tmp_path / "split" / "config.json").read_text()
     assert '"mesh": "data=2,fsdp=4"' in config
+
+
+@pytest.mark.parametrize("method", ["householder", "gram", "svd"])
+def test_decompositions_run_matrix_by_matrix_on_shared_cpu_pool(method):
+    """Simulated CPU devices share one thread pool, where jaxlib's batched LAPACK kernels
+    can wait on each other forever: each matrix of a batch is factorized on its own."""
+    from galorax import subspace
+
+    mesh = sharding.make_mesh("data=8", explicit=False)
+    y = jax.random.normal(jax.random.key(3), (4, 64, 8))
+    y = jax.device_put(y, NamedSharding(mesh, P()))
+    if method == "svd":
+        fn = lambda y: subspace.exact_basis(y, 4)  # noqa: E731
+    else:
+        fn = lambda y: subspace.orthonormalize(y, method)  # noqa: E731
+    text = jax.jit(fn).lower(y).compile().as_text()
+    calls = re.findall(r"= \(?f32\[([\d,]+)\][^\n]*custom_call_target=\"lapack_", text)
+    assert calls, "no LAPACK call found"
+    assert all(c.count(",") <= 1 for c in calls), calls  # (m, n) operands, no batch axis
+    want = np.stack([fn(x) for x in np.asarray(y)])  # one matrix: the plain call
+    span = lambda q: q @ np.swapaxes(q, -1, -2)  # noqa: E731  (bases equal up to signs)
+    np.testing.assert_allclose(span(np.asarray(jax.jit(fn)(y))), span(want), atol=1e-5)
