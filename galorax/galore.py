@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Literal, NamedTuple
 
 import jax
@@ -135,6 +135,22 @@ def _check_projector_bits(value: Any) -> int | None:
     raise ValueError(f"`projector_bits` must be None, 8 or 4, got {value!r}.{hint}")
 
 
+def _check_axes(value: Any) -> tuple[str, ...]:
+    """``refresh_axes`` as a tuple of mesh axis names."""
+    if isinstance(value, str):
+        axes: tuple[Any, ...] = (value,)
+    elif isinstance(value, tuple | list) or value is None:
+        axes = tuple(value or ())
+    else:
+        axes = (None,)  # refused below
+    if not all(isinstance(a, str) and a for a in axes) or len(set(axes)) != len(axes):
+        raise TypeError(
+            f"`refresh_axes` must be a mesh axis name or a tuple of distinct names, e.g. "
+            f"'data' or ('data', 'replica'), got {value!r}."
+        )
+    return axes
+
+
 def _quantize_projector(p: jax.Array, bits: int) -> QuantizedArray:
     """``p`` (``(*batch, rows, r)``) in ``bits`` with one scale per group of at most
     ``_PROJECTOR_GROUP`` values; a group never spans two slices, so the slices of a
@@ -220,6 +236,7 @@ def scale_by_galore(
     residual: Residual | bool | None = None,
     adaptive: AdaptiveRefresh | bool | None = None,
     projector_bits: int | None = None,
+    refresh_axes: str | Sequence[str] | None = None,
 ) -> base.GradientTransformationExtraArgs:
     """Scale updates using GaLore (Gradient Low-Rank Projection).
 
@@ -279,6 +296,15 @@ def scale_by_galore(
             on the ``tiny`` model (``BENCHMARKS.md``): ``||Q - P|| / ||P||`` 0.85% (8) /
             15% (4), error of the back-projected gradient 1.0% / 18%; validation loss after
             400 steps (2 refreshes) within 0.003 of float32 (8) and 0.01 below it (4).
+        refresh_axes: Mesh axes (a name or a tuple) over which the weights are
+            replicated, typically the data-parallel ones, e.g. ``"data"``. A refresh of
+            a stacked weight then splits its slices (layers) over these axes: each device
+            factorizes its share and the new projectors are gathered, instead of every
+            device factorizing every slice (``BENCHMARKS.md``, "Spread refreshes").
+            Leaves without batch axes, and batch sizes no sub-product of the axes
+            divides, are refreshed whole on each device; without a mesh it does nothing.
+            Naming an axis the gradients are sharded over moves them (an error when the
+            mesh has no such axis).
 
     Returns:
         A ``GradientTransformationExtraArgs``; extra arguments reach the base optimizer.
@@ -300,6 +326,7 @@ def scale_by_galore(
     _check_choice(moments, "moments", _MOMENTS)
     _check_choice(side, "side", _SIDES)
     projector_bits = _check_projector_bits(projector_bits)
+    refresh_axes = _check_axes(refresh_axes)
     try:
         projector_dtype = jnp.dtype(projector_dtype)
     except TypeError:
@@ -407,27 +434,34 @@ def scale_by_galore(
         # A bad slice must not poison the batched factorization of the good ones.
         g2 = jnp.where(valid[..., None, None], g2, 0)
         old_c = _dense(old, g2.dtype)
+        nb = len(plan.view.batch_shape)
+        factorize: Callable[..., jax.Array]
         if not isinstance(randomized, _subspace.Randomized):
             # On a mesh the SVD needs each matrix whole: gathered (with a warning).
-            cand = _subspace.exact_basis(_sharding.whole_for_svd(g2), plan.rank, left=plan.left)
+            factorize = lambda a: _subspace.exact_basis(a, plan.rank, left=plan.left)  # noqa: E731
+            inputs: tuple[Any, ...] = (_sharding.whole_for_svd(g2),)
         else:
             a = g2 if plan.left else jnp.swapaxes(g2, -1, -2)
             key = jax.random.key(randomized.seed)
             key = jax.random.fold_in(jax.random.fold_in(key, plan.index), count)
-            cand = _subspace.randomized_basis(
-                a,
-                plan.rank,
-                key,
-                oversample=randomized.oversample,
-                power_iters=randomized.power_iters,
-                warm_start=old_c if randomized.warm_start else None,
-                warm_start_mask=sched.refreshes > 0,
-                precision=precision,
-                qr=randomized.qr,
-            )
+            r = randomized
+
+            def factorize(a, omega, old_c, fresh):
+                warm = old_c if r.warm_start else None
+                return _subspace.range_finder(
+                    a, omega, plan.rank, warm, fresh, precision, r.qr, r.power_iters
+                )
+
+            omega = _subspace.sketch(key, a, plan.rank, r.oversample)
+            inputs = (a, omega, old_c, sched.refreshes > 0)
+        # Replicated stacked weights: each device factorizes its share of the slices.
+        cand, split = _sharding.spread_map(factorize, refresh_axes, nb, *inputs)
+        whole = (lambda x: _sharding.whole_slices(x, nb)) if split else (lambda x: x)
+        cand = whole(cand)
         if moments != "keep":
             signs = jnp.sign(jnp.sum(cand * old_c, axis=-2, keepdims=True))
             cand = cand * jnp.where(signs == 0, 1, signs)
+        overlap = subspace_overlap(cand, old_c) if adaptive is not None else None
         accept = due & valid
         if is_quantized(old):
             new = _select_slices(
@@ -435,9 +469,8 @@ def scale_by_galore(
             )
         else:
             new = jnp.where(accept[..., None, None], cand.astype(old.dtype), old)
-        overlap = subspace_overlap(cand, old_c) if adaptive is not None else None
         sched = advance(sched, accept, count, plan.offset, update_proj_gap, overlap, adaptive)
-        return new, sched, jnp.any(accept)
+        return jax.tree.map(whole, (new, sched)) + (jnp.any(accept),)
 
     def update_fn(
         updates: base.Updates,
@@ -610,6 +643,7 @@ def galore(
     residual: Residual | bool | None = None,
     adaptive: AdaptiveRefresh | bool | None = None,
     projector_bits: int | None = None,
+    refresh_axes: str | Sequence[str] | None = None,
 ) -> base.GradientTransformationExtraArgs:
     """GaLore: Memory-efficient training via gradient low-rank projection.
 
@@ -689,6 +723,7 @@ def galore(
         adaptive: Adaptive refresh gaps (:class:`galorax.AdaptiveRefresh`).
         projector_bits: ``None``, ``8`` or ``4``: projectors stored quantized
             (int8 / int4 with per-group scales; 3.9x / 7.8x fewer projector bytes).
+        refresh_axes: Data-parallel mesh axes to split stacked weights' refreshes over.
 
     Returns:
         A ``GradientTransformationExtraArgs`` implementing GaLore.
@@ -709,6 +744,7 @@ def galore(
             residual=residual,
             adaptive=adaptive,
             projector_bits=projector_bits,
+            refresh_axes=refresh_axes,
         ),
         optax.add_decayed_weights(weight_decay, mask),
         optax.scale_by_learning_rate(learning_rate),

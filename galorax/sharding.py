@@ -410,6 +410,78 @@ def whole_for_svd(g: jax.Array) -> jax.Array:
     return jax.lax.with_sharding_constraint(g, NamedSharding(mesh, spec))
 
 
+def spread_map(fn: Any, axes: tuple[str, ...], n_batch: int, *xs: jax.Array) -> tuple[Any, bool]:
+    """``fn(*xs)``, each device computing it on its share of one batch axis; and whether split.
+
+    Used by a refresh (``refresh_axes`` of :func:`galorax.scale_by_galore`): the weights,
+    hence the gradients, are replicated over ``axes`` (data parallelism), so every device
+    would factorize every slice of a stacked weight. Here ``fn`` runs under
+    ``jax.shard_map``, manual over ``axes`` only (the other mesh axes stay automatic, so
+    an FSDP-sharded matrix stays sharded): each device factorizes its share of the slices.
+    Splitting a replicated array moves no data; the result (``m * r`` per slice) is
+    gathered afterwards by whoever reads it.
+
+    The first batch axis that the axes' product divides is split; if none is, the last
+    axis is dropped and the rest tried again; with none left, or without a mesh (one
+    device), ``fn(*xs)`` runs as it is. Every ``xs`` starts with the same batch axes.
+    After a split, give what derives from the result :func:`whole_slices`: otherwise the
+    compiler may keep it (and the state built from it) split, and the next call recompiles.
+
+    Raises:
+        ValueError: ``axes`` names an axis the mesh does not have.
+    """
+    try:
+        typ = jax.typeof(xs[0]).sharding
+        mesh, spec = typ.mesh, tuple(typ.spec)
+    except (AttributeError, TypeError):
+        return fn(*xs), False
+    if not axes or not n_batch or mesh.empty:
+        return fn(*xs), False
+    missing = [a for a in axes if a not in mesh.shape]
+    if missing:
+        raise ValueError(
+            f"refresh_axes names {missing}, but the mesh's axes are {tuple(mesh.shape)}: "
+            "name the data-parallel axes (those the weights are replicated over)."
+        )
+    used = {n for e in spec if e is not None for n in (e if isinstance(e, tuple) else (e,))}
+    names = [a for a in axes if mesh.shape[a] > 1 and a not in used]
+    while names:
+        ways = math.prod(mesh.shape[a] for a in names)
+        dim = next((i for i in range(n_batch) if xs[0].shape[i] % ways == 0), None)
+        if dim is not None:
+            entry = names[0] if len(names) == 1 else tuple(names)
+            split = PartitionSpec(*([None] * dim), entry)
+            mapped = jax.shard_map(
+                fn,
+                mesh=mesh,
+                in_specs=(split,) * len(xs),
+                out_specs=split,
+                axis_names=frozenset(names),
+                check_vma=False,
+            )
+            return mapped(*xs), True
+        names.pop()
+    return fn(*xs), False
+
+
+def whole_slices(x: jax.Array, n_batch: int) -> jax.Array:
+    """``x`` with its batch axes whole on every device (matrix axes left to the compiler).
+
+    After :func:`spread_map`, the new projectors and schedules are constrained to this
+    placement, their own (the weights are replicated over the split axes), so an update's
+    output shardings equal its input's.
+    """
+    try:
+        mesh = jax.typeof(x).sharding.mesh
+    except (AttributeError, TypeError):
+        return x
+    if mesh.empty or not n_batch:
+        return x
+    free = PartitionSpec.UNCONSTRAINED
+    spec = PartitionSpec(*([None] * n_batch), *([free] * (x.ndim - n_batch)))
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
 # --- multiple processes ---------------------------------------------------------------
 
 

@@ -14,10 +14,12 @@ randomized finder tens of milliseconds (``BENCHMARKS.md``).
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Literal
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import AxisType
 
 Precision = jax.lax.Precision | str | None
 
@@ -126,7 +128,11 @@ def _on_several_devices(x: jax.Array) -> bool:
         mesh = jax.typeof(x).sharding.mesh
     except (AttributeError, TypeError):
         return False
-    return not mesh.empty and mesh.size > 1
+    if mesh.empty:
+        return False
+    # Inside shard_map, manual axes hold whole local blocks: only the others spread x.
+    kinds = dict(zip(mesh.axis_names, mesh.axis_types, strict=True))
+    return math.prod(n for a, n in mesh.shape.items() if kinds[a] != AxisType.Manual) > 1
 
 
 def exact_basis(a: jax.Array, rank: int, *, left: bool = True) -> jax.Array:
@@ -192,9 +198,28 @@ def randomized_basis(
         >>> float(jnp.linalg.norm(p @ (p.T @ a) - a) / jnp.linalg.norm(a)) < 1e-4
         True
     """
+    omega = sketch(key, a, rank, oversample)
+    return range_finder(a, omega, rank, warm_start, warm_start_mask, precision, qr, power_iters)
+
+
+def sketch(key: jax.Array, a: jax.Array, rank: int, oversample: int) -> jax.Array:
+    """The Gaussian test matrix ``(*batch, n, k)`` of :func:`randomized_basis` for ``a``."""
     *batch, m, n = a.shape
     k = min(rank + oversample, m, n)
-    omega = jax.random.normal(key, (*batch, n, k), dtype=a.dtype)
+    return jax.random.normal(key, (*batch, n, k), dtype=a.dtype)
+
+
+def range_finder(
+    a: jax.Array,
+    omega: jax.Array,
+    rank: int,
+    warm_start: jax.Array | None,
+    warm_start_mask: jax.Array | None,
+    precision: Precision,
+    qr: QR,
+    power_iters: int,
+) -> jax.Array:
+    """:func:`randomized_basis` from a given sketch ``omega`` (see :func:`sketch`)."""
     if warm_start is not None:
         warm = _mm(_t(a), warm_start, precision)
         if warm_start_mask is not None:

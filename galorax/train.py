@@ -88,7 +88,8 @@ class TrainConfig:
         remat: Recompute activations in the backward pass (less memory, more compute).
         mesh: Shard the run over a device mesh, e.g. ``data=2,fsdp=4`` (all processes'
             devices): params and optimizer state FSDP over ``fsdp``, the batch's rows over
-            ``data`` and ``fsdp`` (:class:`galorax.sharding.TrainPlacement`). None: one device.
+            ``data`` and ``fsdp`` (:class:`galorax.sharding.TrainPlacement`); GaLore's
+            refreshes split the layers over ``data`` (``refresh_axes``). None: one device.
     """
 
     preset: str = "tiny"
@@ -281,6 +282,7 @@ def make_optimizer(cfg: TrainConfig, params: Any) -> optax.GradientTransformatio
         )
     else:
         import galorax
+        from galorax.sharding import parse_mesh
 
         ext: dict[str, Any] = {
             k: getattr(cfg, k)
@@ -297,6 +299,9 @@ def make_optimizer(cfg: TrainConfig, params: Any) -> optax.GradientTransformatio
             ext["projector_bits"] = cfg.projector_bits
         if cfg.state_bits == 8:
             ext["base_optimizer"] = galorax.scale_by_adam_8bit()
+        if cfg.mesh is not None and "data" in parse_mesh(cfg.mesh):
+            # Weights are replicated over `data`: its devices share each refresh's layers.
+            ext["refresh_axes"] = "data"
         opt = galorax.galore(
             sched,
             rank=cfg.rank,

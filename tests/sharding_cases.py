@@ -277,3 +277,55 @@ def test_decompositions_run_matrix_by_matrix_on_shared_cpu_pool(method):
     want = np.stack([fn(x) for x in np.asarray(y)])  # one matrix: the plain call
     span = lambda q: q @ np.swapaxes(q, -1, -2)  # noqa: E731  (bases equal up to signs)
     np.testing.assert_allclose(span(np.asarray(jax.jit(fn)(y))), span(want), atol=1e-5)
+
+
+def _stacked_run(mesh, subspace, refresh_axes, steps=3):
+    """A stacked (4, 32, 16) weight replicated on ``mesh``; every step refreshes."""
+    rep = NamedSharding(mesh, P())
+    params = {"s": jax.device_put(jnp.ones((4, 32, 16)), rep)}
+    tx = galorax.scale_by_galore(
+        rank=4,
+        update_proj_gap=1,
+        subspace=subspace,
+        weight_dimension_numbers={"s": Dims(1, 2)},
+        refresh_axes=refresh_axes,
+    )
+    state = jax.jit(tx.init, out_shardings=sharding.state_shardings(tx, params))(params)
+    grads = [
+        jax.device_put(jax.random.normal(jax.random.key(i), (4, 32, 16)), rep) for i in range(steps)
+    ]
+    update = jax.jit(tx.update).lower({"s": grads[0]}, state).compile()  # one program
+    outs = []
+    for g in grads:
+        u, state = update({"s": g}, state)
+        outs.append(np.asarray(u["s"]))
+    assert state.projector["s"].sharding.is_fully_replicated
+    return outs, update.as_text()
+
+
+@pytest.mark.parametrize("explicit", [False, True], ids=["auto", "explicit"])
+@pytest.mark.parametrize("subspace", ["randomized", "svd"])
+def test_refresh_axes_spread_the_slices(explicit, subspace):
+    """refresh_axes="data": each of 4 devices factorizes 1 of the 4 slices (not all 4), the
+    updates equal the unspread ones over 3 refreshes, and one program serves every step."""
+    mesh = sharding.make_mesh("data=4,fsdp=2", explicit=explicit)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # svd on a mesh warns that it gathers
+        whole, whole_text = _stacked_run(mesh, subspace, None)
+        spread, text = _stacked_run(mesh, subspace, "data")
+    for a, b in zip(whole, spread, strict=True):
+        np.testing.assert_allclose(b, a, atol=2e-4, rtol=2e-3)
+
+    def trips(hlo):  # trip counts of the compiled loops
+        return set(re.findall(r"known_trip_count[^0-9]{0,12}(\d+)", hlo))
+
+    # Simulated devices factorize matrix by matrix (subspace._per_matrix), in a loop over
+    # the slices each device holds: 4 unspread; 1 spread (no loop left).
+    assert "4" in trips(whole_text)
+    assert "4" not in trips(text), trips(text)
+
+
+def test_refresh_axes_names_a_missing_axis():
+    mesh = sharding.make_mesh("data=4,fsdp=2", explicit=False)
+    with pytest.raises(ValueError, match="refresh_axes names \\['model'\\]"):
+        _stacked_run(mesh, "randomized", ("data", "model"), steps=1)

@@ -716,3 +716,22 @@ def test_bad_projector_bits(bad):
         galorax.galore(0.1, projector_bits=bad)
     with pytest.raises(ValueError, match="projector_bits"):
         galorax.scale_by_galore(projector_bits=bad)
+
+
+def test_refresh_axes_without_a_mesh_change_nothing():
+    """Off a mesh ``refresh_axes`` is a no-op (the mesh cases: tests/sharding_cases.py)."""
+    dims = {"s": galorax.GaLoreDimensionNumbers(1, 2)}
+    params = {"s": jnp.ones((4, 16, 8))}
+    grads = {"s": jax.random.normal(jax.random.key(0), (4, 16, 8))}
+    outs = []
+    for axes in (None, "data", ("data", "replica")):
+        tx = galorax.scale_by_galore(rank=2, weight_dimension_numbers=dims, refresh_axes=axes)
+        outs.append(jax.jit(tx.update)(grads, tx.init(params))[0]["s"])
+    np.testing.assert_array_equal(outs[0], outs[1])
+    np.testing.assert_array_equal(outs[0], outs[2])
+
+
+@pytest.mark.parametrize("bad", [3, ("data", "data"), ("data", ""), ["data", 1]])
+def test_refresh_axes_checked(bad):
+    with pytest.raises(TypeError, match="refresh_axes"):
+        galorax.scale_by_galore(refresh_axes=bad)
