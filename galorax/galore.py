@@ -137,18 +137,19 @@ def _check_projector_bits(value: Any) -> int | None:
 
 def _check_axes(value: Any) -> tuple[str, ...]:
     """``refresh_axes`` as a tuple of mesh axis names."""
-    if isinstance(value, str):
-        axes: tuple[Any, ...] = (value,)
-    elif isinstance(value, tuple | list) or value is None:
-        axes = tuple(value or ())
-    else:
-        axes = (None,)  # refused below
-    if not all(isinstance(a, str) and a for a in axes) or len(set(axes)) != len(axes):
+    if value is None:
+        return ()
+    axes = (value,) if isinstance(value, str) else value
+    if (
+        not isinstance(axes, tuple | list)
+        or not all(isinstance(a, str) and a for a in axes)
+        or len(set(axes)) != len(axes)
+    ):
         raise TypeError(
             f"`refresh_axes` must be a mesh axis name or a tuple of distinct names, e.g. "
             f"'data' or ('data', 'replica'), got {value!r}."
         )
-    return axes
+    return tuple(axes)
 
 
 def _quantize_projector(p: jax.Array, bits: int) -> QuantizedArray:
@@ -444,20 +445,18 @@ def scale_by_galore(
             a = g2 if plan.left else jnp.swapaxes(g2, -1, -2)
             key = jax.random.key(randomized.seed)
             key = jax.random.fold_in(jax.random.fold_in(key, plan.index), count)
-            r = randomized
+            rf = randomized
 
             def factorize(a, omega, old_c, fresh):
-                warm = old_c if r.warm_start else None
+                warm = old_c if rf.warm_start else None
                 return _subspace.range_finder(
-                    a, omega, plan.rank, warm, fresh, precision, r.qr, r.power_iters
+                    a, omega, plan.rank, warm, fresh, precision, rf.qr, rf.power_iters
                 )
 
-            omega = _subspace.sketch(key, a, plan.rank, r.oversample)
+            omega = _subspace.sketch(key, a, plan.rank, rf.oversample)
             inputs = (a, omega, old_c, sched.refreshes > 0)
         # Replicated stacked weights: each device factorizes its share of the slices.
         cand, split = _sharding.spread_map(factorize, refresh_axes, nb, *inputs)
-        whole = (lambda x: _sharding.whole_slices(x, nb)) if split else (lambda x: x)
-        cand = whole(cand)
         if moments != "keep":
             signs = jnp.sign(jnp.sum(cand * old_c, axis=-2, keepdims=True))
             cand = cand * jnp.where(signs == 0, 1, signs)
@@ -470,7 +469,9 @@ def scale_by_galore(
         else:
             new = jnp.where(accept[..., None, None], cand.astype(old.dtype), old)
         sched = advance(sched, accept, count, plan.offset, update_proj_gap, overlap, adaptive)
-        return jax.tree.map(whole, (new, sched)) + (jnp.any(accept),)
+        if split:  # the new state whole again, placed like the old (no recompilation)
+            new, sched = jax.tree.map(lambda x: _sharding.whole_slices(x, nb), (new, sched))
+        return new, sched, jnp.any(accept)
 
     def update_fn(
         updates: base.Updates,

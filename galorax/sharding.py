@@ -287,15 +287,19 @@ def state_shardings(
 # --- placement rules (used by galorax.galore's init) -------------------------------
 
 
-def _explicit_mesh(x: Any) -> Any:
-    """The mesh of ``x``'s type when it has explicit axes (sharding in the type), else None."""
+def _typed_mesh(x: Any) -> Any:
+    """The (abstract) mesh in ``x``'s type, or None off a mesh."""
     try:
         mesh = jax.typeof(x).sharding.mesh
     except (AttributeError, TypeError):
         return None
-    if mesh.empty or AxisType.Explicit not in mesh.axis_types:
-        return None
-    return mesh
+    return None if mesh.empty else mesh
+
+
+def _explicit_mesh(x: Any) -> Any:
+    """The mesh of ``x``'s type when it has explicit axes (sharding in the type), else None."""
+    mesh = _typed_mesh(x)
+    return mesh if mesh is not None and AxisType.Explicit in mesh.axis_types else None
 
 
 def _merged_spec(spec: tuple[Any, ...], axes: Sequence[int]) -> Any:
@@ -430,12 +434,8 @@ def spread_map(fn: Any, axes: tuple[str, ...], n_batch: int, *xs: jax.Array) -> 
     Raises:
         ValueError: ``axes`` names an axis the mesh does not have.
     """
-    try:
-        typ = jax.typeof(xs[0]).sharding
-        mesh, spec = typ.mesh, tuple(typ.spec)
-    except (AttributeError, TypeError):
-        return fn(*xs), False
-    if not axes or not n_batch or mesh.empty:
+    mesh = _typed_mesh(xs[0])
+    if not axes or not n_batch or mesh is None:
         return fn(*xs), False
     missing = [a for a in axes if a not in mesh.shape]
     if missing:
@@ -443,6 +443,7 @@ def spread_map(fn: Any, axes: tuple[str, ...], n_batch: int, *xs: jax.Array) -> 
             f"refresh_axes names {missing}, but the mesh's axes are {tuple(mesh.shape)}: "
             "name the data-parallel axes (those the weights are replicated over)."
         )
+    spec = jax.typeof(xs[0]).sharding.spec
     used = {n for e in spec if e is not None for n in (e if isinstance(e, tuple) else (e,))}
     names = [a for a in axes if mesh.shape[a] > 1 and a not in used]
     while names:
@@ -471,11 +472,8 @@ def whole_slices(x: jax.Array, n_batch: int) -> jax.Array:
     placement, their own (the weights are replicated over the split axes), so an update's
     output shardings equal its input's.
     """
-    try:
-        mesh = jax.typeof(x).sharding.mesh
-    except (AttributeError, TypeError):
-        return x
-    if mesh.empty or not n_batch:
+    mesh = _typed_mesh(x)
+    if mesh is None or not n_batch:
         return x
     free = PartitionSpec.UNCONSTRAINED
     spec = PartitionSpec(*([None] * n_batch), *([free] * (x.ndim - n_batch)))
