@@ -27,13 +27,13 @@ import numpy as np
 import optax
 
 import galorax
-from galorax import data as data_lib
-from galorax import model as model_lib
-from galorax import train as train_lib
+from galorax.app import data as data_lib
+from galorax.app import model as model_lib
+from galorax.app import train as train_lib
+from galorax.app.planner import _find_galore_states, tree_bytes
 from galorax.dimension_numbers import MatrixView, resolve_dimension_numbers
-from galorax.galore import GaLoreState
-from galorax.memory import _find_galore_states, tree_bytes
-from galorax.quantized import ProjectorError, projector_error, quantize_projector
+from galorax.quantization import ProjectorError, projector_error, quantize_projector
+from galorax.transform import GaLoreState
 
 BITS = ("32", "8", "4")
 

@@ -2,7 +2,7 @@
 
 Same data, schedule, clipping and defaults as ``galorax train --preset tiny`` but one peak
 lr for every optimizer, GaLore's 1e-2 (scale 0.25, rank 64, gap 200, cosine with 10%
-warmup); the 8-bit variants swap in ``galorax.quantized.adamw_8bit`` /
+warmup); the 8-bit variants swap in ``galorax.adamw_8bit`` /
 ``scale_by_adam_8bit`` and change nothing else. Usage::
 
     python benchmarks/quantized_tiny.py --steps 300
@@ -18,10 +18,10 @@ import jax
 import numpy as np
 import optax
 
-from galorax import data as data_lib
-from galorax import model as model_lib
-from galorax import train as train_lib
-from galorax.memory import tree_bytes
+from galorax.app import data as data_lib
+from galorax.app import model as model_lib
+from galorax.app import train as train_lib
+from galorax.app.planner import tree_bytes
 
 OPTIONS = ("adamw", "adamw8bit", "galore", "galore8bit")
 

@@ -27,8 +27,8 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 import jax
 import numpy as np
 
-from galorax import model as model_lib
-from galorax import train as train_lib
+from galorax.app import model as model_lib
+from galorax.app import train as train_lib
 from galorax.schedule import count_refreshes
 
 

@@ -2,61 +2,99 @@
 
 A drop-in for ``optax.contrib.galore`` that is faster (randomized refresh), per-layer
 (batch axes), stable at every refresh (moments carried across) and works at scale.
+
+The public surface, by what it is for (names load on first use: ``import galorax`` imports
+neither JAX nor the training application until one is touched):
+
+* The transform: :func:`galore`, :func:`scale_by_galore`, :class:`GaLoreState`.
+* How weights become matrices: :class:`GaLoreDimensionNumbers`, :class:`MatrixView`,
+  :func:`default_dimension_numbers`, :func:`dimension_numbers_from_rules`.
+* Refresh options and their math: :class:`Randomized`, :func:`randomized_basis`,
+  :func:`exact_basis`, :func:`captured_energy`; :class:`RefreshSchedule`,
+  :class:`AdaptiveRefresh`, :func:`subspace_overlap`; :class:`Residual`.
+* 8-bit Adam: :func:`adamw_8bit`, :func:`scale_by_adam_8bit`, :class:`ScaleByAdam8bitState`.
+* Bytes: :func:`tree_bytes`; the planner behind ``galorax memory``: :func:`plan_memory`,
+  :class:`MemoryEstimate`.
+* Namespaces: :mod:`galorax.quantization` (block-wise codes, quantized projectors),
+  :mod:`galorax.sharding` (meshes and state shardings), :mod:`galorax.torch` (PyTorch).
 """
 
-from galorax.dimension_numbers import (
-    GaLoreDimensionNumbers,
-    GaLoreDimNumsOrFn,
-    MatrixView,
-    default_dimension_numbers,
-    dimension_numbers_from_rules,
-)
-from galorax.galore import GaLoreState, galore, scale_by_galore
-from galorax.memory import MemoryEstimate, plan_memory, tree_bytes
-from galorax.quantized import (
-    QuantizedArray,
-    ScaleByAdam8bitState,
-    adamw_8bit,
-    dequantize_blockwise,
-    projector_error,
-    quantize_blockwise,
-    quantize_like,
-    quantize_projector,
-    scale_by_adam_8bit,
-)
-from galorax.residual import Residual
-from galorax.schedule import AdaptiveRefresh, RefreshSchedule, subspace_overlap
-from galorax.subspace import Randomized, captured_energy, exact_basis, randomized_basis
+from __future__ import annotations
 
-__all__ = [
-    "MemoryEstimate",
-    "QuantizedArray",
-    "ScaleByAdam8bitState",
-    "adamw_8bit",
-    "dequantize_blockwise",
-    "plan_memory",
-    "projector_error",
-    "quantize_blockwise",
-    "quantize_like",
-    "quantize_projector",
-    "scale_by_adam_8bit",
-    "AdaptiveRefresh",
-    "Residual",
-    "subspace_overlap",
-    "GaLoreDimNumsOrFn",
-    "GaLoreDimensionNumbers",
-    "GaLoreState",
-    "MatrixView",
-    "Randomized",
-    "RefreshSchedule",
-    "captured_energy",
-    "default_dimension_numbers",
-    "dimension_numbers_from_rules",
-    "exact_basis",
-    "galore",
-    "randomized_basis",
-    "scale_by_galore",
-    "tree_bytes",
-]
+from typing import TYPE_CHECKING
+
+from galorax.lazy import lazy_exports
 
 __version__ = "0.1.0"
+
+_EXPORTS = {
+    # the transform
+    "GaLoreState": "galorax.transform",
+    "galore": "galorax.transform",
+    "scale_by_galore": "galorax.transform",
+    # weights as matrices
+    "GaLoreDimNumsOrFn": "galorax.dimension_numbers",
+    "GaLoreDimensionNumbers": "galorax.dimension_numbers",
+    "MatrixView": "galorax.dimension_numbers",
+    "default_dimension_numbers": "galorax.dimension_numbers",
+    "dimension_numbers_from_rules": "galorax.dimension_numbers",
+    # refresh options and their math
+    "Randomized": "galorax.subspace",
+    "captured_energy": "galorax.subspace",
+    "exact_basis": "galorax.subspace",
+    "randomized_basis": "galorax.subspace",
+    "AdaptiveRefresh": "galorax.schedule",
+    "RefreshSchedule": "galorax.schedule",
+    "subspace_overlap": "galorax.schedule",
+    "Residual": "galorax.residual",
+    # 8-bit Adam
+    "ScaleByAdam8bitState": "galorax.adam8bit",
+    "adamw_8bit": "galorax.adam8bit",
+    "scale_by_adam_8bit": "galorax.adam8bit",
+    # bytes and the planner
+    "tree_bytes": "galorax.accounting",
+    "MemoryEstimate": "galorax.app.planner",
+    "plan_memory": "galorax.app.planner",
+}
+# Flat names of earlier releases, now under galorax.quantization (still resolved).
+_COMPAT = {
+    name: "galorax.quantization"
+    for name in (
+        "QuantizedArray",
+        "dequantize_blockwise",
+        "projector_error",
+        "quantize_blockwise",
+        "quantize_like",
+        "quantize_projector",
+    )
+}
+
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(
+    __name__, {**_EXPORTS, **_COMPAT}, submodules=("quantization", "sharding"), hidden=_COMPAT
+)
+
+if TYPE_CHECKING:
+    from galorax import quantization, sharding
+    from galorax.accounting import tree_bytes
+    from galorax.adam8bit import ScaleByAdam8bitState, adamw_8bit, scale_by_adam_8bit
+    from galorax.app.planner import MemoryEstimate, plan_memory
+    from galorax.dimension_numbers import (
+        GaLoreDimensionNumbers,
+        GaLoreDimNumsOrFn,
+        MatrixView,
+        default_dimension_numbers,
+        dimension_numbers_from_rules,
+    )
+    from galorax.quantization import (
+        QuantizedArray,
+        dequantize_blockwise,
+        projector_error,
+        quantize_blockwise,
+        quantize_like,
+        quantize_projector,
+    )
+    from galorax.residual import Residual
+    from galorax.schedule import AdaptiveRefresh, RefreshSchedule, subspace_overlap
+    from galorax.subspace import Randomized, captured_energy, exact_basis, randomized_basis
+    from galorax.transform import GaLoreState, galore, scale_by_galore

@@ -14,12 +14,12 @@ randomized finder tens of milliseconds (``BENCHMARKS.md``).
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Literal
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import AxisType
+
+from galorax.placement import on_several_devices
 
 Precision = jax.lax.Precision | str | None
 
@@ -90,7 +90,7 @@ def orthonormalize(y: jax.Array, method: QR = "householder", *, precision: Preci
     if method not in _QRS:
         raise ValueError(f"`method` must be one of {_QRS}, got {method!r}.")
     if method == "auto":
-        method = "gram" if _on_several_devices(y) else "householder"
+        method = "gram" if on_several_devices(y) else "householder"
     if method == "householder":
         return _per_matrix(lambda x: jnp.linalg.qr(x, mode="reduced")[0], y)
     precision = jax.lax.Precision.HIGHEST if precision is None else precision
@@ -121,18 +121,6 @@ def _svqb(y: jax.Array, fill: jax.Array, tol: float, precision: Precision) -> ja
     q = _mm(y, v, precision) * inv[..., None, :]
     return jnp.where(keep[..., None, :], q, fill)
 
-
-def _on_several_devices(x: jax.Array) -> bool:
-    """Whether ``x`` (an array or a tracer) belongs to a mesh of more than one device."""
-    try:
-        mesh = jax.typeof(x).sharding.mesh
-    except (AttributeError, TypeError):
-        return False
-    if mesh.empty:
-        return False
-    # Inside shard_map, manual axes hold whole local blocks: only the others spread x.
-    kinds = dict(zip(mesh.axis_names, mesh.axis_types, strict=True))
-    return math.prod(n for a, n in mesh.shape.items() if kinds[a] != AxisType.Manual) > 1
 
 
 def exact_basis(a: jax.Array, rank: int, *, left: bool = True) -> jax.Array:

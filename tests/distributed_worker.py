@@ -14,16 +14,16 @@ import pathlib
 import sys
 import time
 
-from galorax import sharding
+from galorax.app import distributed
 
 t0 = time.perf_counter()
 pid, nproc, port, data, out = sys.argv[1:6]
 if int(nproc) > 1:  # before anything else touches a device
-    sharding.initialize_distributed(f"localhost:{port}", int(nproc), int(pid))
+    distributed.initialize_distributed(f"localhost:{port}", int(nproc), int(pid))
 
 import jax  # noqa: E402
 
-from galorax import train as T  # noqa: E402
+from galorax.app import train as T  # noqa: E402
 
 
 def log(msg: str) -> None:
@@ -51,8 +51,8 @@ if int(nproc) > 1:
     # reading its shards): its validation loss is the run's last one, to the bit.
     import json
 
-    from galorax import checkpoint, model
-    from galorax import data as data_lib
+    from galorax.app import checkpoint, model
+    from galorax.app import data as data_lib
 
     run = T.resolve_config(cfg)
     corpus = data_lib.load_corpus(data)

@@ -169,7 +169,7 @@ def _leaves_equal(a, b, same_sharding=True):
 @pytest.mark.parametrize("explicit", [False, True], ids=["auto", "explicit"])
 def test_sharded_checkpoint_roundtrip(tmp_path, explicit):
     """Sharded params and GaLore state come back bit-identical, on the same shardings."""
-    from galorax.checkpoint import Checkpointer, with_shardings
+    from galorax.app.checkpoint import Checkpointer, with_shardings
 
     mesh = sharding.make_mesh("data=2,fsdp=4", explicit=explicit)
     params, state, _ = _sharded_state(mesh)
@@ -189,7 +189,7 @@ def test_sharded_checkpoint_roundtrip(tmp_path, explicit):
 
 def test_sharded_checkpoint_restores_onto_other_shardings(tmp_path):
     """Saved on data=2,fsdp=4; restored fully sharded over 8 devices and replicated."""
-    from galorax.checkpoint import Checkpointer, with_shardings
+    from galorax.app.checkpoint import Checkpointer, with_shardings
 
     params, state, tx = _sharded_state(sharding.make_mesh("data=2,fsdp=4", explicit=False))
     ck = Checkpointer(tmp_path)
@@ -226,8 +226,8 @@ def test_train_cli_on_mesh(tmp_path):
     run's losses."""
     from test_train import make_text_dir, micro_config
 
-    from galorax import cli
-    from galorax import train as T
+    from galorax.app import cli
+    from galorax.app import train as T
 
     # The resume loads the split run's compiled programs (test_train's cache directory).
     jax.config.update("jax_compilation_cache_dir", str(tempfile.gettempdir()) + "/galorax-test-xla")

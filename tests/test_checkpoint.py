@@ -12,8 +12,8 @@ import optax
 import pytest
 from test_train import make_text_dir, micro_config
 
-from galorax import train as T
-from galorax.checkpoint import Checkpointer, load_params
+from galorax.app import train as T
+from galorax.app.checkpoint import Checkpointer, load_params
 
 
 def _equal(a, b):
@@ -67,7 +67,7 @@ def test_leftover_tmp_dir_is_ignored(tmp_path):
 def test_kill_during_saves_leaves_a_readable_checkpoint(tmp_path):
     script = textwrap.dedent(f"""
         import jax.numpy as jnp
-        from galorax.checkpoint import Checkpointer
+        from galorax.app.checkpoint import Checkpointer
         ck = Checkpointer({str(tmp_path)!r}, max_to_keep=3)
         for step in range(1, 10_000):
             ck.save(step, {{"w": jnp.full((256, 256), float(step))}}, (), {{"step": step}})
@@ -121,7 +121,7 @@ def test_resume_is_bit_identical(optimizer, extra, tmp_path):
     assert resumed["steps_done"] == 6
     assert resumed["val_loss"] == full["val_loss"]
 
-    from galorax import model as M
+    from galorax.app import model as M
 
     template = M.abstract_params(M.get_preset("micro"))
     _equal(load_params(tmp_path / "full", template), load_params(tmp_path / "split", template))

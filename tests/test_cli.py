@@ -5,7 +5,7 @@ import argparse
 import pytest
 from test_train import make_text_dir
 
-from galorax import cli
+from galorax.app import cli
 
 MICRO = [
     "--preset",

@@ -9,7 +9,7 @@ import types
 import numpy as np
 import pytest
 
-from galorax import data as D
+from galorax.app import data as D
 
 
 @pytest.fixture(autouse=True)

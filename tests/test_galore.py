@@ -609,8 +609,8 @@ def _quant_tx(bits, **kw):
 
 @pytest.mark.parametrize("bits", [8, 4])
 def test_quantized_projector_bytes(bits):
-    from galorax.memory import tree_bytes
-    from galorax.quantized import is_quantized
+    from galorax.app.planner import tree_bytes
+    from galorax.quantization import is_quantized
 
     params = _params(QUANT_SHAPES)
     dense, quant = _quant_tx(None).init(params), _quant_tx(bits).init(params)
@@ -668,7 +668,7 @@ def test_quantized_projectors_converge_on_low_rank_regression(bits):
 def test_quantized_projectors_per_slice_jit_once_and_checkpoint(bits, tmp_path):
     """Stacked leaf: a slice whose gradient is unusable keeps its quantized projector while
     the others refresh; one compilation; eval_shape and orbax see the same state."""
-    from galorax.checkpoint import Checkpointer
+    from galorax.app.checkpoint import Checkpointer
 
     params = _params({"w": (3, 64, 32), "b": (48,)})
     tx = galorax.galore(

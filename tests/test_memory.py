@@ -1,4 +1,4 @@
-"""Tests of the memory planner (galorax.memory)."""
+"""Tests of the memory planner (galorax.app.planner)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import optax
 import pytest
 
-from galorax import model as model_lib
-from galorax.memory import (
+from galorax.app import model as model_lib
+from galorax.app.planner import (
     OPTIONS,
     PAPER_GB,
     add_memory_arguments,
@@ -41,13 +41,13 @@ def test_planned_state_bytes_equal_the_real_state(option, dtype):
 @pytest.mark.parametrize("bits", [8, 4])
 def test_planned_quantized_projectors_equal_the_real_state(option, bits):
     """With projector_bits the planner sizes the state that galorax.galore really holds."""
-    from galorax.memory import _find_galore_states
-    from galorax.quantized import is_quantized
+    from galorax.accounting import find_galore_states
+    from galorax.quantization import is_quantized
 
     est = plan_memory(SMALL, option, rank=16, dtype=jnp.float32, projector_bits=bits)
     params = model_lib.init_params(SMALL, jax.random.key(0), jnp.float32)
     state = make_optimizer(option, params, rank=16, projector_bits=bits).init(params)
-    (galore,) = _find_galore_states(state)
+    (galore,) = find_galore_states(state)
     assert est.state == tree_bytes(state)
     assert est.projectors == tree_bytes(galore.projector)
     assert est.option == f"{option}+int{bits}P"

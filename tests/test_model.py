@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from galorax import model as M
+from galorax.app import model as M
 
 CFG = M.ModelConfig(vocab_size=256, d_model=32, n_layers=2, n_heads=4, d_ff=48)
 

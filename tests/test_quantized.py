@@ -1,4 +1,4 @@
-"""Tests of galorax.quantized: block-wise codes, 8-bit Adam, quantized projectors."""
+"""Tests of galorax.quantization and galorax.adam8bit: codes, 8-bit Adam, quantized projectors."""
 
 from __future__ import annotations
 
@@ -13,24 +13,19 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from galorax.memory import tree_bytes
-from galorax.quantized import (
+from galorax.accounting import tree_bytes
+from galorax.adam8bit import ScaleByAdam8bitState, adamw_8bit, scale_by_adam_8bit
+from galorax.projector import projector_error, quantize_projector
+from galorax.quantization.blockwise import (
     QuantizedArray,
-    ScaleByAdam8bitState,
     _encode,
-    adamw_8bit,
-    code_table,
     dequantize_blockwise,
-    dynamic_code,
     is_quantized,
-    linear_code,
-    projector_error,
     quantize_blockwise,
     quantize_like,
-    quantize_projector,
     quantized_zeros,
-    scale_by_adam_8bit,
 )
+from galorax.quantization.codes import code_table, dynamic_code, linear_code
 
 CODES = [(c, b, s) for c in ("dynamic", "linear") for b in (8, 4) for s in (True, False)]
 

@@ -9,7 +9,7 @@ import warnings
 import jax
 import pytest
 
-from galorax import train as T
+from galorax.app import train as T
 
 # Identical programs compiled by several tests (and test runs) are compiled once: the tests
 # share one micro setting (6 steps, lr 1e-2) so that most runs hit this cache.
@@ -33,7 +33,7 @@ def make_text_dir(path: pathlib.Path, n_files: int = 6, seed: int = 0) -> pathli
 
 
 def micro_config(data: pathlib.Path, **kw):
-    from galorax.train import TrainConfig
+    from galorax.app.train import TrainConfig
 
     base = dict(
         preset="micro",
@@ -91,7 +91,7 @@ def test_summary_compares_with_adamw(galore_run):
 def test_projects_stacked_matrices_only(galore_run):
     import jax
 
-    from galorax import model as M
+    from galorax.app import model as M
 
     dn = T.galore_dimension_numbers(M.abstract_params(M.get_preset("micro")))
     flat = {
@@ -146,9 +146,9 @@ def test_extensions_train(extra, data, tmp_path):
     )
     leaves = jax.tree.leaves(
         jax.eval_shape(opt.init, T.model_lib.abstract_params(T.model_lib.get_preset("micro"))),
-        is_leaf=galorax.quantized.is_quantized,
+        is_leaf=galorax.quantization.is_quantized,
     )
-    assert any(galorax.quantized.is_quantized(x) for x in leaves) == ("8" in str(extra))
+    assert any(galorax.quantization.is_quantized(x) for x in leaves) == ("8" in str(extra))
 
 
 def test_bfloat16(data, tmp_path):
@@ -160,7 +160,7 @@ def test_bfloat16(data, tmp_path):
 
 
 def test_rank_larger_than_matrices_is_clipped(data):
-    from galorax import model as M
+    from galorax.app import model as M
 
     params = M.abstract_params(M.get_preset("micro"))
     with pytest.warns(UserWarning, match="--rank 1000 exceeds .* clipped to 32"):
@@ -207,7 +207,7 @@ def test_bad_config(data, tmp_path, kw, match):
 
 
 def test_missing_data(tmp_path):
-    from galorax.data import DataError
+    from galorax.app.data import DataError
 
     with pytest.raises(DataError, match="--data .*no such file"):
         T.train(micro_config(tmp_path / "nope"), tmp_path / "x")

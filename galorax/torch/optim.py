@@ -534,7 +534,7 @@ class GaLoreAdamW8bit(GaLoreAdamW):
 
     @staticmethod
     def _code(signed: bool, device: torch.device) -> torch.Tensor:
-        from galorax.quantized import dynamic_code  # the JAX side's table (numpy)
+        from galorax.quantization.codes import dynamic_code  # the JAX side's table (numpy)
 
         return torch.from_numpy(dynamic_code(8, signed=signed).copy()).to(device)
 

@@ -3,7 +3,7 @@
 Subcommands live in :data:`SUBCOMMANDS`, a list of :class:`Subcommand` entries
 ``(name, help, add_arguments, run)``; another module adds its own with :func:`register`::
 
-    from galorax import cli
+    from galorax.app import cli
     cli.register(cli.Subcommand("memory", "estimate memory", add_arguments, run))
 
 ``run(args)`` returns the exit status. Errors that are the user's to fix (``UsageError``,
@@ -41,7 +41,7 @@ class Subcommand(NamedTuple):
 SUBCOMMANDS: list[Subcommand] = []
 
 #: Modules imported before parsing so that they can :func:`register` their subcommands.
-PLUGIN_MODULES = ("galorax.memory",)
+PLUGIN_MODULES = ("galorax.app.planner",)
 
 
 def register(cmd: Subcommand) -> None:
@@ -82,8 +82,8 @@ def parse_bool(s: str) -> bool:
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
     """Flags shared by ``train`` and ``compare`` (defaults: see ``TrainConfig``)."""
-    from galorax.model import PRESETS
-    from galorax.train import DTYPES
+    from galorax.app.model import PRESETS
+    from galorax.app.train import DTYPES
 
     g = p.add_argument_group("model and data")
     g.add_argument("--preset", help=f"model size: {', '.join(PRESETS)} (default tiny)")
@@ -132,7 +132,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
 
 def given_flags(args: argparse.Namespace) -> dict[str, Any]:
     """The ``TrainConfig`` fields the user set on the command line."""
-    from galorax.train import TrainConfig
+    from galorax.app.train import TrainConfig
 
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     return {k: v for k, v in vars(args).items() if k in fields and v is not None}
@@ -140,13 +140,13 @@ def given_flags(args: argparse.Namespace) -> dict[str, Any]:
 
 def config_from_args(args: argparse.Namespace, **overrides: Any) -> Any:
     """A ``TrainConfig`` from the parsed flags (unset flags keep the config's defaults)."""
-    from galorax.train import TrainConfig
+    from galorax.app.train import TrainConfig
 
     return TrainConfig(**{**given_flags(args), **overrides})
 
 
 def _add_train_arguments(p: argparse.ArgumentParser) -> None:
-    from galorax.train import OPTIMIZERS
+    from galorax.app.train import OPTIMIZERS
 
     p.add_argument("--optimizer", choices=OPTIMIZERS, help="default galore")
     p.add_argument("--lr", type=float, help="peak learning rate (adamw 1e-3, galore 1e-2)")
@@ -185,11 +185,11 @@ def _default_out(prefix: str) -> str:
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from galorax import sharding
-    from galorax.train import format_summary, train
+    from galorax.app import distributed
+    from galorax.app.train import format_summary, train
 
     # Before anything else touches a device: joins the other processes, if any.
-    sharding.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+    distributed.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
     cfg = config_from_args(args)
     if args.out is None and args.resume:
         raise _usage("--resume needs --out DIR: the run to continue")
@@ -204,7 +204,7 @@ def _run_train(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         flags=given_flags(args),
     )
-    if not sharding.is_primary():
+    if not distributed.is_primary():
         return 0
     print()
     print(format_summary(summary))
@@ -213,19 +213,19 @@ def _run_train(args: argparse.Namespace) -> int:
 
 
 def _usage(msg: str) -> Exception:
-    from galorax.train import UsageError
+    from galorax.app.train import UsageError
 
     return UsageError(msg)
 
 
 def _add_compare_arguments(p: argparse.ArgumentParser) -> None:
-    from galorax.compare import add_arguments
+    from galorax.app.compare import add_arguments
 
     add_arguments(p)
 
 
 def _run_compare(args: argparse.Namespace) -> int:
-    from galorax.compare import run
+    from galorax.app.compare import run
 
     return run(args)
 
@@ -267,7 +267,7 @@ def enable_compilation_cache() -> None:
     """Persists compiled XLA programs under the galorax cache: a rerun skips compiling."""
     import jax
 
-    from galorax.data import cache_dir
+    from galorax.app.data import cache_dir
 
     if not getattr(jax.config, "jax_compilation_cache_dir", None):
         jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "xla"))
@@ -275,8 +275,8 @@ def enable_compilation_cache() -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``galorax``; returns the exit status."""
-    from galorax.data import DataError
-    from galorax.train import UsageError
+    from galorax.app.data import DataError
+    from galorax.app.train import UsageError
 
     # jaxlib's CPU QR/eigh/SVD run on scipy's OpenBLAS, whose threads ignore XLA's flags;
     # on small refresh matrices they only contend (measured: 10-100x slower refreshes on

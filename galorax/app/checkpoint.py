@@ -44,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
 
-from galorax import model as model_lib
+from galorax.app import model as model_lib
 
 # orbax logs every save at INFO through absl; keep the progress bar readable.
 logging.getLogger("absl").setLevel(logging.WARNING)

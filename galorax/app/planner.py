@@ -5,7 +5,7 @@ planner behind ``galorax memory``.
 8-bit AdamW, GaLore or 8-bit GaLore from ``jax.eval_shape`` of the real model init and the real
 optimizer init (no allocation: 7B takes under a second); :func:`compiled_step_memory` adds
 XLA's memory analysis of the compiled train step for models that compile quickly. The command
-(``galorax memory`` / ``python -m galorax.memory``) prints the table beside the paper's
+(``galorax memory`` / ``python -m galorax.app.planner``) prints the table beside the paper's
 published estimates (:data:`PAPER_GB`), the assumptions that explain the differences
 (:data:`ASSUMPTIONS`), and with ``--max-memory 24GB`` which ranks and options fit.
 """
@@ -21,27 +21,9 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
-
-def tree_bytes(tree: Any) -> int:
-    """Total bytes of the array leaves of ``tree``.
-
-    Works on concrete arrays and on abstract ones (``jax.ShapeDtypeStruct``, the
-    output of ``jax.eval_shape``), so state sizes can be counted without allocating.
-
-    Example:
-        >>> import jax.numpy as jnp
-        >>> tree_bytes({'w': jnp.zeros((4, 8), jnp.float32), 'b': jnp.zeros(8, jnp.bfloat16)})
-        144
-    """
-    return sum(
-        int(np.prod(leaf.shape)) * np.dtype(leaf.dtype).itemsize
-        for leaf in jax.tree.leaves(tree)
-        if hasattr(leaf, "shape") and hasattr(leaf, "dtype")
-    )
-
+from galorax.accounting import find_galore_states, tree_bytes
 
 # --------------------------------------------------------------------------------------------
 # The planner: bytes of weights, gradients and optimizer state, from abstract evaluation
@@ -65,7 +47,7 @@ PAPER_GB: dict[str, dict[str, float]] = {
 #: What the planner counts and why its figures differ from the paper's (printed with the table).
 ASSUMPTIONS = """\
 Assumptions (ours vs the paper's estimates):
-- Bytes are counted from jax.eval_shape of galorax.model.init_params and of the optimizer's
+- Bytes are counted from jax.eval_shape of galorax.app.model.init_params and of the optimizer's
   real init (nothing allocated); GB = 1e9 bytes. LLaMA shapes with a 32000-token vocabulary
   (T5 tokenizer, as in the paper), untied embedding and head, no biases.
 - 'paper' is weights + optimizer states (the paper's estimate excludes gradients and
@@ -141,14 +123,14 @@ def make_optimizer(
 
     Args:
         option: ``adamw``, ``adamw8bit``, ``galore`` or ``galore8bit``.
-        params: The (real or abstract) parameter tree of :mod:`galorax.model`.
+        params: The (real or abstract) parameter tree of :mod:`galorax.app.model`.
         rank: GaLore rank.
         side: GaLore's projection side.
         projector_dtype: Storage dtype of GaLore's projectors.
         projector_bits: ``None``, 8 or 4: GaLore's quantized projectors.
         learning_rate: Irrelevant to memory; any value.
     """
-    from galorax.quantized import adamw_8bit, scale_by_adam_8bit
+    from galorax.adam8bit import adamw_8bit, scale_by_adam_8bit
 
     if option == "adamw":
         return optax.adamw(learning_rate)
@@ -156,7 +138,7 @@ def make_optimizer(
         return adamw_8bit(learning_rate)
     if option in ("galore", "galore8bit"):
         import galorax
-        from galorax.train import galore_dimension_numbers
+        from galorax.app.train import galore_dimension_numbers
 
         return galorax.galore(
             learning_rate,
@@ -170,23 +152,6 @@ def make_optimizer(
     raise ValueError(f"unknown optimizer {option!r}; choose one of {', '.join(OPTIONS)}")
 
 
-def _find_galore_states(state: Any) -> list[Any]:
-    from galorax.galore import GaLoreState
-
-    found: list[Any] = []
-
-    def visit(x: Any) -> None:
-        if isinstance(x, GaLoreState):
-            found.append(x)
-        elif isinstance(x, tuple | list):
-            for y in x:
-                visit(y)
-        elif isinstance(x, dict):
-            for y in x.values():
-                visit(y)
-
-    visit(state)
-    return found
 
 
 def plan_memory(
@@ -204,7 +169,7 @@ def plan_memory(
     allocating: ``jax.eval_shape`` of the model's init and of the optimizer's init.
 
     Args:
-        cfg: A :class:`galorax.model.ModelConfig`.
+        cfg: A :class:`galorax.app.model.ModelConfig`.
         option: One of :data:`OPTIONS`.
         rank: GaLore rank (ignored for full-rank options).
         dtype: Parameter (and gradient) dtype.
@@ -217,13 +182,13 @@ def plan_memory(
             layer's gradients or one unstacked leaf's (embedding, head) is held.
 
     Example:
-        >>> from galorax.model import ModelConfig
+        >>> from galorax.app.model import ModelConfig
         >>> cfg = ModelConfig(vocab_size=256, d_model=64, n_layers=2, n_heads=2, d_ff=128)
         >>> est = plan_memory(cfg, "adamw", dtype=jnp.float32)
         >>> est.state == 2 * est.weights + 4  # mu, nu and an int32 count
         True
     """
-    from galorax import model as model_lib
+    from galorax.app import model as model_lib
 
     params = model_lib.abstract_params(cfg, dtype)
     galore = option.startswith("galore")
@@ -233,7 +198,7 @@ def plan_memory(
     )
     state = jax.eval_shape(opt.init, params)
     state_bytes = tree_bytes(state)
-    proj = sum(tree_bytes(s.projector) for s in _find_galore_states(state)) if galore else 0
+    proj = sum(tree_bytes(s.projector) for s in find_galore_states(state)) if galore else 0
     if bits:
         option = f"{option}+int{bits}P"
     weights = tree_bytes(params)
@@ -273,7 +238,7 @@ def compiled_step_memory(
         ``arguments``, ``outputs``, ``temp`` (activations, gradients, SVD workspace...),
         ``alias`` and ``peak = arguments + outputs - alias + temp`` in bytes.
     """
-    from galorax import model as model_lib
+    from galorax.app import model as model_lib
 
     params = model_lib.abstract_params(cfg, dtype)
     opt = make_optimizer(option, params, rank)
@@ -325,13 +290,13 @@ def format_table(rows: Sequence[tuple[str, MemoryEstimate]], budget: int | None 
 
 
 def _paper_rank(name: str) -> int | None:
-    from galorax.model import PAPER_RANKS
+    from galorax.app.model import PAPER_RANKS
 
     return PAPER_RANKS.get(name)
 
 
 # --------------------------------------------------------------------------------------------
-# Command line: ``galorax memory`` (and ``python -m galorax.memory``)
+# Command line: ``galorax memory`` (and ``python -m galorax.app.planner``)
 # --------------------------------------------------------------------------------------------
 
 _DTYPES = {"bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16, "float32": jnp.float32}
@@ -349,7 +314,7 @@ def add_memory_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--config",
         default=None,
-        help="a model of your own: JSON object or key=value list of galorax.model.ModelConfig "
+        help="a model of your own: JSON object or key=value list of galorax.app.model.ModelConfig "
         "fields, e.g. 'd_model=2560,n_layers=32,n_heads=32,d_ff=6912'",
     )
     parser.add_argument("--vocab-size", type=int, default=32000, help="(default: 32000)")
@@ -367,7 +332,7 @@ def add_memory_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         choices=(8, 4),
         default=None,
-        help="also size GaLore with int8/int4 projectors (galorax.quantized.quantize_projector)",
+        help="also size GaLore with int8/int4 projectors (galorax.quantization.quantize_projector)",
     )
     parser.add_argument(
         "--per-layer-updates",
@@ -392,7 +357,7 @@ def add_memory_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _parse_config(text: str, vocab_size: int) -> Any:
-    from galorax.model import ModelConfig
+    from galorax.app.model import ModelConfig
 
     text = text.strip()
     if text.startswith("{"):
@@ -411,7 +376,7 @@ def _parse_config(text: str, vocab_size: int) -> Any:
 
 def run_memory(args: argparse.Namespace) -> int:
     """Runs ``galorax memory``: prints the table (and fits / XLA figures); returns 0."""
-    from galorax.model import PAPER_RANKS, get_preset
+    from galorax.app.model import PAPER_RANKS, get_preset
 
     models: list[tuple[str, Any]] = []
     if args.config:
@@ -459,7 +424,7 @@ def run_memory(args: argparse.Namespace) -> int:
         print("XLA memory analysis of the compiled train step (f32 params, donated state), GB:")
         print(f"  batch {args.batch_size} x seq {args.seq_len}")
         for name, cfg in models:
-            from galorax.model import abstract_params, count_params
+            from galorax.app.model import abstract_params, count_params
 
             if count_params(abstract_params(cfg)) > args.xla_max_params:
                 continue
@@ -477,7 +442,7 @@ def run_memory(args: argparse.Namespace) -> int:
 
 def _register() -> None:
     try:
-        from galorax import cli
+        from galorax.app import cli
     except ImportError:  # pragma: no cover - the CLI module is optional here
         return
     if hasattr(cli, "register") and hasattr(cli, "Subcommand"):
@@ -495,6 +460,6 @@ _register()
 
 
 if __name__ == "__main__":
-    _parser = argparse.ArgumentParser(prog="python -m galorax.memory")
+    _parser = argparse.ArgumentParser(prog="python -m galorax.app.planner")
     add_memory_arguments(_parser)
     sys.exit(run_memory(_parser.parse_args()))

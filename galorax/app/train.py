@@ -34,9 +34,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from galorax import data as data_lib
-from galorax import model as model_lib
-from galorax.memory import tree_bytes
+from galorax.accounting import tree_bytes
+from galorax.app import data as data_lib
+from galorax.app import model as model_lib
 
 OPTIMIZERS = ("galore", "adamw", "optax-galore", "galore8bit", "adamw8bit")
 #: Names (as in ``galorax memory``) for an optimizer with 8-bit Adam moments.
@@ -57,7 +57,7 @@ class TrainConfig:
     """Settings of one training run (``None`` means: pick the documented default).
 
     Attributes:
-        preset: Model size, a key of :data:`galorax.model.PRESETS`.
+        preset: Model size, a key of :data:`galorax.app.model.PRESETS`.
         optimizer: ``galore``, ``adamw`` or ``optax-galore``.
         rank: GaLore rank (default: the paper's rank for the preset; d_model / 4 for tiny).
         update_proj_gap: Steps between projector refreshes.
@@ -88,7 +88,7 @@ class TrainConfig:
         remat: Recompute activations in the backward pass (less memory, more compute).
         mesh: Shard the run over a device mesh, e.g. ``data=2,fsdp=4`` (all processes'
             devices): params and optimizer state FSDP over ``fsdp``, the batch's rows over
-            ``data`` and ``fsdp`` (:class:`galorax.sharding.TrainPlacement`); GaLore's
+            ``data`` and ``fsdp`` (:class:`galorax.app.distributed.TrainPlacement`); GaLore's
             refreshes split the layers over ``data`` (``refresh_axes``). None: one device.
     """
 
@@ -203,7 +203,7 @@ def galore_dimension_numbers(params: Any, folded: bool = False) -> Any:
     """Which leaves GaLore projects: the stacked layer matrices, not embeddings/norms/head.
 
     Args:
-        params: The (real or abstract) parameter tree of :mod:`galorax.model`.
+        params: The (real or abstract) parameter tree of :mod:`galorax.app.model`.
         folded: Fold the layer axis into the input axis (one projector shared by all
             layers), the only way ``optax.contrib.galore`` can take stacked weights.
 
@@ -239,7 +239,7 @@ def clip_rank(cfg: TrainConfig, params: Any) -> TrainConfig:
     """``cfg`` with ``rank`` clipped to the smallest projected matrix side (with a warning).
 
     Example:
-        >>> from galorax import model
+        >>> from galorax.app import model
         >>> import warnings
         >>> params = model.abstract_params(model.get_preset("micro"))
         >>> with warnings.catch_warnings(record=True) as w:
@@ -264,7 +264,7 @@ def make_optimizer(cfg: TrainConfig, params: Any) -> optax.GradientTransformatio
     assert cfg.rank is not None
     sched = make_schedule(cfg.lr, cfg.warmup, cfg.steps)
     if cfg.optimizer == "adamw" and cfg.state_bits == 8:
-        from galorax.quantized import adamw_8bit
+        from galorax.adam8bit import adamw_8bit
 
         opt = adamw_8bit(sched, weight_decay=cfg.weight_decay)
     elif cfg.optimizer == "adamw":
@@ -366,7 +366,7 @@ def adamw_reference(
 ) -> dict[str, Any]:
     """AdamW's optimizer-state bytes and compiled step memory, computed without running it.
 
-    With a ``placement`` (a :class:`galorax.sharding.TrainPlacement`), AdamW's step is
+    With a ``placement`` (a :class:`galorax.app.distributed.TrainPlacement`), AdamW's step is
     compiled sharded the same way (its memory is then per device).
     """
     plain: dict[str, Any] = {k: None for k in _GALORE_ONLY}  # AdamW takes none of GaLore's settings
@@ -380,7 +380,7 @@ def adamw_reference(
     batch = jax.ShapeDtypeStruct(shape, jnp.int32)
     shardings = None
     if placement is not None:
-        from galorax.checkpoint import with_shardings
+        from galorax.app.checkpoint import with_shardings
 
         state_sh = placement.state(opt, abstract)
         shardings = (placement.params, state_sh, placement.replicated)
@@ -553,8 +553,8 @@ def _placement(cfg: TrainConfig, abstract: Any, opt: optax.GradientTransformatio
     """
     if cfg.mesh is None:
         return None, None
-    from galorax.checkpoint import with_shardings
-    from galorax.sharding import TrainPlacement
+    from galorax.app.checkpoint import with_shardings
+    from galorax.app.distributed import TrainPlacement
 
     try:
         placement = TrainPlacement.create(cfg.mesh, abstract)
@@ -609,8 +609,8 @@ def train(
         data_lib.DataError: missing or empty data.
         FloatingPointError: the loss became NaN/inf (lower ``--lr``).
     """
-    from galorax import checkpoint as ckpt_lib
-    from galorax import sharding as sharding_lib
+    from galorax.app import checkpoint as ckpt_lib
+    from galorax.app import distributed as sharding_lib
 
     out = pathlib.Path(out)
     if init_from is not None and resume:

@@ -29,8 +29,8 @@ import sys
 import time
 from typing import Any
 
-from galorax import train as train_lib
-from galorax.cli import parse_bool
+from galorax.app import train as train_lib
+from galorax.app.cli import parse_bool
 
 #: The default sweep: each optimizer at a few peak learning rates around its known best.
 DEFAULT_RUNS = (
@@ -100,7 +100,7 @@ def parse_spec(text: str) -> RunSpec:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The ``compare`` flags: the shared model/schedule flags plus the run specs."""
-    from galorax.cli import add_model_arguments
+    from galorax.app.cli import add_model_arguments
 
     p.add_argument(
         "--runs",
@@ -311,7 +311,7 @@ def plot_comparison(results: list[dict[str, Any]], path: pathlib.Path, title: st
 
 def run(args: argparse.Namespace) -> int:
     """``galorax compare``: returns the exit status."""
-    from galorax.cli import config_from_args
+    from galorax.app.cli import config_from_args
 
     base = train_lib.resolve_config(config_from_args(args, optimizer="adamw"))
     specs = [parse_spec(s) for s in (args.runs or DEFAULT_RUNS)]

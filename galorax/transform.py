@@ -21,7 +21,7 @@ import optax
 from jax.sharding import PartitionSpec
 from optax._src import base, numerics
 
-from galorax import sharding as _sharding
+from galorax import placement as _sharding
 from galorax import subspace as _subspace
 from galorax.dimension_numbers import (
     GaLoreDimNumsOrFn,
@@ -29,12 +29,12 @@ from galorax.dimension_numbers import (
     _is_masked,
     resolve_dimension_numbers,
 )
-from galorax.quantized import (
+from galorax.projector import quantize_projector
+from galorax.quantization.blockwise import (
     QuantizedArray,
     dequantize_blockwise,
     is_quantized,
     quantize_like,
-    quantize_projector,
 )
 from galorax.residual import Residual, compensation
 from galorax.schedule import AdaptiveRefresh, RefreshSchedule, advance, subspace_overlap
@@ -184,7 +184,7 @@ def _quantized_spec(x: jax.Array, proj_spec: Any, n_batch: int, param: Any) -> A
         return proj_spec
     rows = entries[n_batch]
     names = rows if isinstance(rows, tuple) else () if rows is None else (rows,)
-    mesh = _sharding._explicit_mesh(param)
+    mesh = _sharding.explicit_mesh(param)
     if (
         mesh is None
         or x.ndim != n_batch + 1
@@ -593,7 +593,7 @@ def _compute_dtype(dtype: Any) -> Any:
 
 def _rotate(tree: Any, transitions: list[Any], plans: list[_Plan | None], second: bool) -> Any:
     """Carries one moment tree into the new bases (under a cond: only when one changed)."""
-    # 8-bit moments (galorax.quantized) are leaves here: dequantized, rotated, requantized.
+    # 8-bit moments (galorax.adam8bit) are leaves here: dequantized, rotated, requantized.
     leaves, treedef = _flatten(tree, lambda x: _is_masked(x) or is_quantized(x))
     if len(leaves) != len(plans):
         return tree  # not a per-parameter moment tree (e.g. a scalar count)
