@@ -1,48 +1,72 @@
 """galorax for PyTorch: GaLore optimizers that resume, shard and accumulate correctly.
 
-Needs ``torch`` (``pip install galorax[torch]``). Without it this package still imports (so
-``pytest --doctest-modules`` can collect it) but exposes nothing, and ``galorax.torch.X``
-raises an ImportError that says what to install.
+Needs ``torch`` (``pip install galorax[torch]``). Names load on first use, so ``import
+galorax.torch`` imports neither torch nor JAX nor the training application; without torch it
+still imports (so ``pytest --doctest-modules`` can collect it) and ``galorax.torch.X`` raises an
+ImportError that says what to install.
+
+The modules, bottom up:
+
+* :mod:`~galorax.torch.projector`: subspace finding (SVD, randomized), projection, rotations.
+* :mod:`~galorax.torch.dtensor`: parameters as local tensors (FSDP2 ``Shard(0)`` DTensors).
+* :mod:`~galorax.torch.groups`: the GaLore param-group keys, defaults and checks.
+* :mod:`~galorax.torch.base`: :class:`~galorax.torch.base.GaLoreOptimizer`, the refresh and
+  state machinery every optimizer shares.
+* :mod:`~galorax.torch.adamw` (:class:`GaLoreAdamW`, :class:`GaLoreAdamW8bit`, whose moments
+  :mod:`~galorax.torch.blockwise` quantizes) and :mod:`~galorax.torch.adafactor`
+  (:class:`GaLoreAdafactor`).
+* :mod:`~galorax.torch.layerwise`: :class:`LayerwiseGaLore`, updates from gradient hooks.
 
 Example:
-    >>> from galorax.torch import GaLoreAdamW, layerwise  # doctest: +SKIP
+    >>> from galorax.torch import GaLoreAdamW, LayerwiseGaLore  # loads adamw, layerwise
+    >>> GaLoreAdamW.__module__, LayerwiseGaLore.__module__
+    ('galorax.torch.adamw', 'galorax.torch.layerwise')
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-try:
-    import torch as _torch  # noqa: F401
-except ImportError:  # pragma: no cover - exercised only without torch
-    _TORCH_ERROR: ImportError | None = ImportError(
-        "galorax.torch needs PyTorch: pip install 'galorax[torch]' (or pip install torch)"
-    )
-else:
-    _TORCH_ERROR = None
+from galorax.lazy import lazy_exports
 
-if _TORCH_ERROR is None:
-    from galorax.torch.layerwise import LayerwiseGaLore
-    from galorax.torch.optim import (
-        GALORE_DEFAULTS,
-        GaLoreAdafactor,
-        GaLoreAdamW,
-        GaLoreAdamW8bit,
-    )
-    from galorax.torch.projector import find_subspace, resolve_side
+_EXPORTS = {
+    "GALORE_DEFAULTS": "galorax.torch.groups",
+    "GaLoreAdafactor": "galorax.torch.adafactor",
+    "GaLoreAdamW": "galorax.torch.adamw",
+    "GaLoreAdamW8bit": "galorax.torch.adamw",
+    "LayerwiseGaLore": "galorax.torch.layerwise",
+    "find_subspace": "galorax.torch.projector",
+    "resolve_side": "galorax.torch.projector",
+}
+_SUBMODULES = (
+    "adafactor",
+    "adamw",
+    "base",
+    "blockwise",
+    "dtensor",
+    "groups",
+    "layerwise",
+    "projector",
+)
 
-__all__ = [
-    "GALORE_DEFAULTS",
-    "GaLoreAdafactor",
-    "GaLoreAdamW",
-    "GaLoreAdamW8bit",
-    "LayerwiseGaLore",
-    "find_subspace",
-    "resolve_side",
-]
+__all__ = sorted(_EXPORTS)
+_load, __dir__ = lazy_exports(__name__, _EXPORTS, submodules=_SUBMODULES)
 
 
 def __getattr__(name: str) -> Any:
-    if _TORCH_ERROR is not None and name in __all__:
-        raise _TORCH_ERROR
-    raise AttributeError(f"module 'galorax.torch' has no attribute {name!r}")
+    try:
+        return _load(name)
+    except ModuleNotFoundError as e:
+        if e.name != "torch":
+            raise
+        raise ImportError(
+            "galorax.torch needs PyTorch: pip install 'galorax[torch]' (or pip install torch)"
+        ) from e
+
+
+if TYPE_CHECKING:
+    from galorax.torch.adafactor import GaLoreAdafactor
+    from galorax.torch.adamw import GaLoreAdamW, GaLoreAdamW8bit
+    from galorax.torch.groups import GALORE_DEFAULTS
+    from galorax.torch.layerwise import LayerwiseGaLore
+    from galorax.torch.projector import find_subspace, resolve_side

@@ -40,7 +40,7 @@ from typing import Any
 
 import torch
 
-from galorax.torch.optim import _GaLoreBase
+from galorax.torch.base import GaLoreOptimizer
 
 __all__ = ["LayerwiseGaLore"]
 
@@ -49,8 +49,9 @@ class LayerwiseGaLore:
     """Drive a GaLore optimizer from per-parameter gradient hooks.
 
     Args:
-        optimizer: a :class:`~galorax.torch.GaLoreAdamW` or ``GaLoreAdafactor`` over the
-            parameters to update layer-wise (schedulers attach to it, as usual).
+        optimizer: a :class:`~galorax.torch.base.GaLoreOptimizer` (``GaLoreAdamW``,
+            ``GaLoreAdamW8bit``, ``GaLoreAdafactor``) over the parameters to update layer-wise
+            (schedulers attach to it, as usual).
         accumulation_steps: micro-batches (backward passes) per optimizer step.
         max_grad_norm: clip the global 2-norm of the (accumulated) gradient to this; None: no
             clipping (parameters are then updated inside the backward pass).
@@ -63,11 +64,11 @@ class LayerwiseGaLore:
 
     def __init__(
         self,
-        optimizer: _GaLoreBase,
+        optimizer: GaLoreOptimizer,
         accumulation_steps: int = 1,
         max_grad_norm: float | None = None,
     ):
-        if not isinstance(optimizer, _GaLoreBase):
+        if not isinstance(optimizer, GaLoreOptimizer):
             raise TypeError("LayerwiseGaLore drives a galorax.torch GaLore optimizer")
         if accumulation_steps < 1:
             raise ValueError(f"accumulation_steps must be >= 1, got {accumulation_steps}")
@@ -122,14 +123,14 @@ class LayerwiseGaLore:
         if grad is None:
             return
         opt = self.optimizer
-        group = opt._group_of(p)
+        group = opt.group_of(p)
         if self.max_grad_norm is None:
-            g = opt._prepare(p, group, grad)
+            g = opt.prepare(p, group, grad)
             p.grad = None
-            opt._update(p, group, g)
+            opt.update_param(p, group, g)
             return
         sq = float(grad.detach().float().square().sum().item())
-        g = opt._prepare(p, group, grad)
+        g = opt.prepare(p, group, grad)
         p.grad = None  # a projected gradient is now r x n; the full one can go
         self._pending[id(p)] = (p, group, g, sq)
 
@@ -156,5 +157,5 @@ class LayerwiseGaLore:
         for p, group, g, _ in self._pending.values():
             if coef < 1.0:
                 g = g * coef
-            self.optimizer._update(p, group, g)
+            self.optimizer.update_param(p, group, g)
         self._pending.clear()

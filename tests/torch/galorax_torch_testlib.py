@@ -1,6 +1,7 @@
-"""Helpers of the galorax.torch tests and benchmark: the galore-torch 1.0 reference loader and
-synthetic gradients. (A uniquely named module, not conftest: `from conftest import` breaks as
-soon as another conftest.py exists higher up.)"""
+"""Helpers of the galorax.torch tests and benchmark: the galore-torch 1.0 reference loader,
+synthetic gradients and the small problem (two matrices and a bias) the optimizer tests share.
+(A uniquely named module, not conftest: `from conftest import` breaks as soon as another
+conftest.py exists higher up.)"""
 
 from __future__ import annotations
 
@@ -79,3 +80,46 @@ def gradient_sequence(shape, steps, seed=0, signal_rank=6):
         g = (u * s) @ v.T / (m * n) ** 0.5 + 0.01 * torch.randn(m, n, generator=gen)
         out.append(g)
     return out
+
+
+#: The optimizer tests' matrices: m >= n and m < n, both sides of every proj_type.
+SHAPES = [(24, 16), (12, 20)]
+
+
+def make_params(seed=0):
+    """Two matrices of SHAPES and a bias of 7, seeded."""
+    gen = torch.Generator().manual_seed(seed)
+    ws = [torch.nn.Parameter(torch.randn(*s, generator=gen)) for s in SHAPES]
+    b = torch.nn.Parameter(torch.randn(7, generator=gen))
+    return ws, b
+
+
+def run_trajectory(opt_factory, steps, grads_fn, seed=0):
+    """Trajectory of the params under a fixed gradient sequence (not param-dependent, so both
+    implementations see bitwise-identical gradients and refresh on the same matrices)."""
+    ws, b = make_params(seed)
+    opt = opt_factory(ws, b)
+    traj = []
+    for t in range(steps):
+        gs = grads_fn(t)
+        for p, g in zip([*ws, b], gs, strict=True):
+            p.grad = g.clone()
+        opt.step()
+        traj.append([p.detach().clone() for p in [*ws, b]])
+    return traj, opt, (ws, b)
+
+
+def fixed_grads(steps, seed=1):
+    """``t -> [g_w0, g_w1, g_b]``: a fixed gradient sequence for make_params' parameters."""
+    seqs = [gradient_sequence(s, steps, seed=seed + i) for i, s in enumerate(SHAPES)]
+    gen = torch.Generator().manual_seed(seed + 100)
+    bias = [torch.randn(7, generator=gen) * 0.1 for _ in range(steps)]
+    return lambda t: [seqs[0][t], seqs[1][t], bias[t]]
+
+
+def train_steps(opt, ws, b, grads, start, stop):
+    """Steps ``start .. stop - 1`` of ``opt`` on ``grads(t)``."""
+    for t in range(start, stop):
+        for p, g in zip([*ws, b], grads(t), strict=True):
+            p.grad = g.clone()
+        opt.step()

@@ -1,0 +1,170 @@
+"""The shared GaLore machinery (galorax.torch.base), through every optimizer: which parameters
+are projected, bit-identical resume from a weights_only state dict, guards, moments across
+refreshes, stagger and seeding."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from galorax_torch_testlib import fixed_grads, make_params, train_steps  # noqa: E402
+
+from galorax.torch import GaLoreAdafactor, GaLoreAdamW  # noqa: E402
+
+
+def test_rank_clamped_and_non_matrices_full_rank():
+    w = torch.nn.Parameter(torch.randn(6, 3))
+    conv = torch.nn.Parameter(torch.randn(4, 2, 3, 3))
+    opt = GaLoreAdamW([w, conv], rank=128)
+    w.grad, conv.grad = torch.randn(6, 3), torch.randn(4, 2, 3, 3)
+    opt.step()
+    assert opt.state[w]["projector"].shape == (6, 3)
+    assert opt.state[conv]["exp_avg"].shape == conv.shape
+
+
+@pytest.mark.parametrize("cls", [GaLoreAdamW, GaLoreAdafactor, "8bit"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_state_dict_weights_only_bit_identical_resume(cls, dtype):
+    n_steps, gap = 7, 3
+    grads = fixed_grads(2 * n_steps, seed=7)
+    kw = (
+        dict(rank=4, update_proj_gap=gap, moments="rotate", beta1=0.9)
+        if cls is GaLoreAdafactor
+        else dict(rank=4, update_proj_gap=gap, moments="rotate", weight_decay=0.1)
+    )
+    if cls is GaLoreAdafactor:
+        kw.update(lr=1e-2, relative_step=False)
+    if cls == "8bit":
+        from galorax.torch import GaLoreAdamW8bit
+
+        cls = GaLoreAdamW8bit
+        kw.update(min_8bit_size=16, block_size=32)  # quantize even these small moments
+
+    def make():
+        ws, b = make_params(0)
+        with torch.no_grad():
+            for p in [*ws, b]:
+                p.data = p.data.to(dtype)
+        return ws, b
+
+    def grads_t(t):
+        return [g.to(dtype) for g in grads(t)]
+
+    # 2N steps straight.
+    ws, b = make()
+    opt = cls([{"params": ws}, {"params": [b], "rank": None}], **kw)
+    train_steps(opt, ws, b, grads_t, 0, 2 * n_steps)
+    straight = [p.detach().clone() for p in [*ws, b]]
+
+    # N steps, save through bytes with weights_only=True, fresh objects, N more.
+    ws, b = make()
+    opt = cls([{"params": ws}, {"params": [b], "rank": None}], **kw)
+    train_steps(opt, ws, b, grads_t, 0, n_steps)
+    buf = io.BytesIO()
+    torch.save({"opt": opt.state_dict(), "params": [p.detach() for p in [*ws, b]]}, buf)
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=True)
+    ws2, b2 = make()
+    with torch.no_grad():
+        for p, saved in zip([*ws2, b2], ckpt["params"], strict=True):
+            p.copy_(saved)
+    opt2 = cls([{"params": ws2}, {"params": [b2], "rank": None}], **kw)
+    opt2.load_state_dict(ckpt["opt"])
+    key = "exp_avg" if cls is GaLoreAdafactor else "exp_avg_sq"
+    expected = torch.float32 if cls in (GaLoreAdamW, GaLoreAdafactor) else torch.uint8
+    assert opt2.state[ws2[0]][key].dtype == expected
+    train_steps(opt2, ws2, b2, grads_t, n_steps, 2 * n_steps)
+    for x, y in zip(straight, [*ws2, b2], strict=True):
+        assert torch.equal(x, y.detach())
+
+
+def test_guard_nonfinite_and_zero_gradients():
+    w = torch.nn.Parameter(torch.randn(12, 6))
+    opt = GaLoreAdamW([w], rank=3, update_proj_gap=2, stagger=False, lr=1e-2)
+    # First step with a zero gradient: still a valid orthonormal projector, retried next step.
+    w.grad = torch.zeros(12, 6)
+    opt.step()
+    p0 = opt.state[w]["projector"]
+    torch.testing.assert_close(p0.T @ p0, torch.eye(3))
+    assert opt.state[w]["retry"] == 1 and opt.state[w]["refreshes"] == 0
+    w.grad = torch.randn(12, 6)
+    opt.step()
+    assert opt.state[w]["retry"] == 0 and opt.state[w]["refreshes"] == 1
+    good = opt.state[w]["projector"].clone()
+    # A NaN gradient at a refresh step keeps the old projector (the update itself is the
+    # caller's business: here the moments get NaN, as with any optimizer).
+    w.grad = torch.randn(12, 6)
+    opt.step()  # step 2: a refresh
+    good = opt.state[w]["projector"].clone()
+    opt.step()  # step 3: no refresh
+    bad = torch.randn(12, 6)
+    bad[0, 0] = float("nan")
+    w.grad = bad
+    opt.step()  # step 4: refresh due, gradient unusable
+    assert torch.equal(opt.state[w]["projector"], good)
+    assert torch.isfinite(opt.state[w]["projector"]).all()
+    assert opt.state[w]["retry"] == 1
+
+
+@pytest.mark.parametrize("moments", ["align", "rotate"])
+def test_moments_follow_subspace(moments):
+    """A refresh on the same gradient subspace must not scramble the update: the update right
+    after a refresh stays aligned with the one before it."""
+    torch.manual_seed(0)
+    u, _ = torch.linalg.qr(torch.randn(40, 4))
+    v, _ = torch.linalg.qr(torch.randn(20, 4))
+
+    def run(mom):
+        w = torch.nn.Parameter(torch.zeros(40, 20))
+        opt = GaLoreAdamW(
+            [w], rank=4, update_proj_gap=5, moments=mom, stagger=False, lr=1.0, subspace="svd"
+        )
+        gen = torch.Generator().manual_seed(1)
+        cos = []
+        prev = None
+        for t in range(30):
+            s = torch.rand(4, generator=gen) + torch.tensor([4.0, 3.0, 2.0, 1.0])
+            w.grad = (u * s) @ v.T
+            before = w.detach().clone()
+            opt.step()
+            step = w.detach() - before
+            if prev is not None and t % 5 == 0:
+                cos.append(
+                    float(
+                        torch.nn.functional.cosine_similarity(step.flatten(), prev.flatten(), dim=0)
+                    )
+                )
+            prev = step
+        return min(cos)
+
+    assert run(moments) > 0.95
+
+
+def test_stagger_spreads_refreshes():
+    ws = [torch.nn.Parameter(torch.randn(16, 8)) for _ in range(4)]
+    opt = GaLoreAdamW(ws, rank=2, update_proj_gap=8, stagger=True)
+    counts = []
+    for _ in range(17):
+        before = [opt.state[w].get("refreshes", 0) for w in ws]
+        for w in ws:
+            w.grad = torch.randn(16, 8)
+        opt.step()
+        counts.append(sum(opt.state[w]["refreshes"] - r for w, r in zip(ws, before, strict=True)))
+    assert counts[0] == 4  # everyone at step 0
+    assert counts[1:9] == [0, 1, 0, 1, 0, 1, 0, 1]  # offsets 0, 2, 4, 6 -> steps 2, 4, 6, 8
+    assert max(counts[1:]) == 1
+
+
+def test_deterministic_seeding():
+    def run(seed):
+        w = torch.nn.Parameter(torch.zeros(32, 16))
+        opt = GaLoreAdamW([w], rank=4, seed=seed)
+        w.grad = torch.randn(32, 16, generator=torch.Generator().manual_seed(0))
+        opt.step()
+        return opt.state[w]["projector"]
+
+    assert torch.equal(run(0), run(0))
+    assert not torch.equal(run(0), run(1))

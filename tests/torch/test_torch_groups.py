@@ -1,0 +1,58 @@
+"""Param-group keys (galorax.torch.groups): defaults, validation, the JAX API's settings object."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from galorax.torch import GaLoreAdamW  # noqa: E402
+
+
+def test_defaults_and_group_keys():
+    w = torch.nn.Parameter(torch.randn(30, 10))
+    b = torch.nn.Parameter(torch.randn(10))
+    opt = GaLoreAdamW([{"params": [w], "rank": 4}, {"params": [b]}])
+    g = opt.param_groups[0]
+    assert (g["update_proj_gap"], g["scale"], g["subspace"], g["moments"]) == (
+        200,
+        1.0,
+        "randomized",
+        "rotate",
+    )
+    assert opt.param_groups[1]["rank"] is None  # no rank: full-rank AdamW
+    w.grad, b.grad = torch.randn(30, 10), torch.randn(10)
+    opt.step()
+    # side='auto': least state, m >= n -> left projector (m x r), moments r x n.
+    assert opt.state[w]["projector"].shape == (30, 4)
+    assert opt.state[w]["exp_avg"].shape == (4, 10)
+    assert "projector" not in opt.state[b]
+    with pytest.raises(ValueError):
+        GaLoreAdamW([{"params": [w], "rank": 4, "proj_type": "full"}])
+    with pytest.raises(ValueError):
+        GaLoreAdamW([{"params": [w], "rank": 4, "moments": "spin"}])
+    with pytest.raises(TypeError):
+        GaLoreAdamW([w], rnak=4)
+
+
+def test_accepts_jax_randomized_settings():
+    galorax = pytest.importorskip("galorax")
+    if not hasattr(galorax, "Randomized"):
+        pytest.skip("galorax.Randomized (the JAX API's settings object) is not available")
+    w = torch.nn.Parameter(torch.randn(30, 10))
+    settings = galorax.Randomized(power_iters=2, oversample=4, warm_start=False, seed=3)
+    opt = GaLoreAdamW([{"params": [w], "rank": 4, "subspace": settings}])
+    g = opt.param_groups[0]
+    assert (g["subspace"], g["power_iters"], g["oversample"], g["warm_start"], g["seed"]) == (
+        "randomized",
+        2,
+        4,
+        False,
+        3,
+    )
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    torch.load(buf, weights_only=True)  # plain values only
