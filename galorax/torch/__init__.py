@@ -16,6 +16,9 @@ The modules, bottom up:
   :mod:`~galorax.torch.blockwise` quantizes) and :mod:`~galorax.torch.adafactor`
   (:class:`GaLoreAdafactor`).
 * :mod:`~galorax.torch.layerwise`: :class:`LayerwiseGaLore`, updates from gradient hooks.
+* :mod:`~galorax.torch.migrate`: galore-torch 1.0 state dicts, loaded by ``load_state_dict``.
+* :mod:`~galorax.torch.targets`: :func:`param_groups` from module names (the Trainer's
+  ``optim_target_modules``).
 
 Example:
     >>> from galorax.torch import GaLoreAdamW, LayerwiseGaLore  # loads adamw, layerwise
@@ -36,6 +39,7 @@ _EXPORTS = {
     "GaLoreAdamW8bit": "galorax.torch.adamw",
     "LayerwiseGaLore": "galorax.torch.layerwise",
     "find_subspace": "galorax.torch.projector",
+    "param_groups": "galorax.torch.targets",
     "resolve_side": "galorax.torch.projector",
 }
 _SUBMODULES = (
@@ -46,7 +50,9 @@ _SUBMODULES = (
     "dtensor",
     "groups",
     "layerwise",
+    "migrate",
     "projector",
+    "targets",
 )
 
 __all__ = sorted(_EXPORTS)
@@ -70,3 +76,4 @@ if TYPE_CHECKING:
     from galorax.torch.groups import GALORE_DEFAULTS
     from galorax.torch.layerwise import LayerwiseGaLore
     from galorax.torch.projector import find_subspace, resolve_side
+    from galorax.torch.targets import param_groups

@@ -25,13 +25,16 @@ Example:
     ...     opt.zero_grad()
     ...     model(torch.randn(8, 32)).square().mean().backward()
     ...     opt.step()
-    >>> sorted(opt.state[model.weight]), tuple(opt.state[model.weight]["exp_avg"].shape)
-    (['exp_avg', 'exp_avg_sq', 'projector', 'refreshes', 'retry', 'step'], (16, 4))
+    >>> sorted(opt.state[model.weight])
+    ['exp_avg', 'exp_avg_sq', 'projector', 'refresh_offset', 'refreshes', 'retry', 'step']
+    >>> tuple(opt.state[model.weight]["exp_avg"].shape)
+    (16, 4)
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable
 from typing import Any
 
@@ -61,6 +64,8 @@ class GaLoreAdamW(GaLoreOptimizer):
         eps: added to ``sqrt(v)``.
         weight_decay: decoupled weight decay.
         correct_bias: Adam bias correction.
+        no_deprecation_warning: galore-torch's switch for its deprecation warning; accepted for
+            compatibility (galorax issues none).
         **galore: defaults for the GaLore keys of every group (e.g. ``rank=128`` makes every group
             a GaLore group).
 
@@ -82,8 +87,10 @@ class GaLoreAdamW(GaLoreOptimizer):
         eps: float = 1e-6,
         weight_decay: float = 0.0,
         correct_bias: bool = True,
+        no_deprecation_warning: bool = False,
         **galore: Any,
     ):
+        del no_deprecation_warning  # galorax's AdamW is not deprecated: nothing to silence
         if lr < 0.0:
             raise ValueError(f"Invalid learning rate: {lr}")
         if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
@@ -163,20 +170,33 @@ class GaLoreAdamW8bit(GaLoreAdamW):
     skipped or zeroed (galore-torch's 8-bit variant swaps ``p.data`` around bitsandbytes' kernel
     and stops updating on current bitsandbytes). State dict: uint8 and f32 tensors only.
 
+    The signature and defaults are galore-torch 1.0's ``GaLoreAdamW8bit`` (bitsandbytes'
+    ``AdamW8bit``): ``eps=1e-8``, ``weight_decay=1e-2``, ``min_8bit_size=4096``. Its
+    bitsandbytes-only arguments: ``block_wise=False`` is honoured (one absmax per tensor),
+    ``percentile_clipping`` below 100 raises (clip with ``torch.nn.utils.clip_grad_norm_``),
+    and ``amsgrad``, ``optim_bits`` (galore-torch ignores both and always runs 8-bit Adam),
+    ``args`` and ``is_paged`` warn once that they are ignored when not at their defaults.
+
     Args:
         params, lr, betas, eps, weight_decay, correct_bias: as :class:`GaLoreAdamW`.
-        block_size: elements per quantization block.
+        amsgrad: ignored (as galore-torch does); warns if True.
+        optim_bits: ignored (always 8-bit, as galore-torch); warns if not 32.
+        args: bitsandbytes' override object; ignored, warns if given.
         min_8bit_size: moments with fewer elements stay f32.
+        percentile_clipping: bitsandbytes' adaptive clipping; only 100 (off) is supported.
+        block_wise: quantize per block of ``block_size`` (True) or per tensor (False).
+        is_paged: bitsandbytes' paged (CUDA unified) memory; ignored, warns if True.
+        block_size: elements per quantization block (galorax's; bitsandbytes uses 256).
         **galore: defaults for the GaLore keys of every group.
 
     Example:
-        >>> w = torch.nn.Parameter(torch.zeros(512, 64))
+        >>> w = torch.nn.Parameter(torch.zeros(512, 128))
         >>> opt = GaLoreAdamW8bit([w], rank=32, lr=1e-2)
-        >>> w.grad = torch.randn(512, 64)
+        >>> w.grad = torch.randn(512, 128)
         >>> opt.step()
         >>> st = opt.state[w]
         >>> st["exp_avg"].dtype, tuple(st["exp_avg"].shape), tuple(st["exp_avg_absmax"].shape)
-        (torch.uint8, (32, 64), (8,))
+        (torch.uint8, (32, 128), (16,))
     """
 
     def __init__(
@@ -184,14 +204,28 @@ class GaLoreAdamW8bit(GaLoreAdamW):
         params: Iterable[Any],
         lr: float = 1e-3,
         betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-6,
-        weight_decay: float = 0.0,
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        amsgrad: bool = False,
+        optim_bits: int = 32,
+        args: Any = None,
+        min_8bit_size: int = 4096,
+        percentile_clipping: int = 100,
+        block_wise: bool = True,
+        is_paged: bool = False,
         correct_bias: bool = True,
         block_size: int = 256,
-        min_8bit_size: int = 2048,
         **galore: Any,
     ):
+        check_bitsandbytes_arguments(
+            amsgrad=amsgrad,
+            optim_bits=optim_bits,
+            args=args,
+            percentile_clipping=percentile_clipping,
+            is_paged=is_paged,
+        )
         self.block_size = int(block_size)
+        self.block_wise = bool(block_wise)
         self.min_8bit_size = int(min_8bit_size)
         super().__init__(params, lr, betas, eps, weight_decay, correct_bias, **galore)
 
@@ -215,10 +249,40 @@ class GaLoreAdamW8bit(GaLoreAdamW):
             state[key] = x
             state.pop(f"{key}_absmax", None)
             return
-        state[key], state[f"{key}_absmax"] = quantize_blockwise(x, self.block_size, signed)
+        block = self.block_size if self.block_wise else x.numel()
+        state[key], state[f"{key}_absmax"] = quantize_blockwise(x, block, signed)
 
     def _dequantize(self, state: dict[str, Any], key: str, signed: bool) -> torch.Tensor:
         q = state[key]
         if q.dtype != torch.uint8:
             return q
-        return dequantize_blockwise(q, state[f"{key}_absmax"], self.block_size, signed)
+        block = self.block_size if self.block_wise else q.numel()
+        return dequantize_blockwise(q, state[f"{key}_absmax"], block, signed)
+
+
+def check_bitsandbytes_arguments(
+    amsgrad: bool, optim_bits: int, args: Any, percentile_clipping: int, is_paged: bool
+) -> None:
+    """Warn about galore-torch 8-bit arguments galorax ignores; raise on ones it cannot honour.
+
+    Example:
+        >>> check_bitsandbytes_arguments(False, 32, None, 100, False)  # the defaults: silent
+        >>> check_bitsandbytes_arguments(False, 32, None, 95, False)
+        Traceback (most recent call last):
+            ...
+        ValueError: percentile_clipping=95 is not supported (only 100, off); clip with ...
+    """
+    if percentile_clipping != 100:
+        raise ValueError(
+            f"percentile_clipping={percentile_clipping} is not supported (only 100, off); "
+            "clip with torch.nn.utils.clip_grad_norm_"
+        )
+    ignored = {
+        "amsgrad": (amsgrad, False, "galore-torch ignores it too"),
+        "optim_bits": (optim_bits, 32, "always 8-bit moments, as galore-torch"),
+        "args": (args, None, "bitsandbytes' override object"),
+        "is_paged": (is_paged, False, "no paged memory; the state is plain tensors"),
+    }
+    for name, (value, default, why) in ignored.items():
+        if value != default:
+            warnings.warn(f"GaLoreAdamW8bit ignores {name}={value!r} ({why})", stacklevel=3)

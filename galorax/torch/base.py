@@ -33,6 +33,7 @@ from torch.optim import Optimizer
 
 from galorax.torch.dtensor import LocalView, local_tensor
 from galorax.torch.groups import GALORE_DEFAULTS, check_group, normalize_group
+from galorax.torch.migrate import from_galore_torch
 from galorax.torch.projector import (
     align_signs,
     fallback_basis,
@@ -89,7 +90,11 @@ class GaLoreOptimizer(Optimizer):
 
     # ---------------------------------------------------------------- param groups, metadata
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a param group as ``torch.optim.Optimizer`` does, then normalize and check it."""
+        """Add a param group as ``torch.optim.Optimizer`` does, then normalize and check it.
+
+        Parameters that have stepped keep their refresh slot (``state["refresh_offset"]``);
+        the new group's parameters get theirs at their first step.
+        """
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         normalize_group(group)
@@ -98,7 +103,11 @@ class GaLoreOptimizer(Optimizer):
         self.__dict__["_group_cache"] = None
 
     def _meta(self) -> dict[int, tuple[int, int]]:
-        """id(param) -> (global index, stagger offset): seeds and refresh schedule."""
+        """id(param) -> (global index, stagger offset): seeds and refresh schedule.
+
+        The offset is only a proposal: a parameter's first :meth:`prepare` stores it in its
+        state, so a later ``add_param_group`` (which changes the spread) moves no one.
+        """
         if self._meta_cache is None:
             # Stagger slots are spread over all projected parameters (as the JAX API spreads
             # them over all projected leaves), each within its own group's gap.
@@ -159,7 +168,13 @@ class GaLoreOptimizer(Optimizer):
 
         (``Optimizer.load_state_dict`` casts every floating state tensor to the parameter's
         dtype, which would round f32 moments of bf16 parameters and break exact resume.)
+        A galore-torch 1.0 state dict (``opt.state_dict()`` of its ``GaLoreAdamW`` or
+        ``GaLoreAdafactor``) loads too: :func:`~galorax.torch.migrate.from_galore_torch` maps
+        its projector objects to tensors and takes the keys its groups lack from this
+        optimizer's groups (so ``subspace='svd', moments='keep', stagger=False`` given here
+        continue a galore-torch run exactly).
         """
+        state_dict = from_galore_torch(state_dict, self.param_groups)
         super().load_state_dict(state_dict)
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
@@ -172,6 +187,9 @@ class GaLoreOptimizer(Optimizer):
                 if torch.is_tensor(value):
                     device = local_tensor(p).device
                     state[key] = value.detach().to(device=device, copy=True)
+        for group in self.param_groups:
+            normalize_group(group)
+            check_group(group)
         self._meta_cache = None
         self.__dict__["_group_cache"] = None
 
@@ -223,6 +241,7 @@ class GaLoreOptimizer(Optimizer):
             state["retry"] = 0
         side = self._side(loc.shape, group)
         index, offset = self._meta()[id(p)]
+        offset = int(state.setdefault("refresh_offset", offset))
         gap = int(group["update_proj_gap"])
         s = int(state["step"])
         due = s == 0 or "projector" not in state or bool(state["retry"])

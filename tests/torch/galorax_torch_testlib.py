@@ -5,7 +5,9 @@ conftest.py exists higher up.)"""
 
 from __future__ import annotations
 
+import ast
 import importlib.util
+import inspect
 import os
 import sys
 import types
@@ -64,6 +66,23 @@ def load_galore_torch() -> types.ModuleType | None:
     pkg.GaLoreAdamW = pkg.adamw.AdamW
     pkg.GaLoreAdafactor = pkg.adafactor.Adafactor
     return pkg
+
+
+def galore_torch_defaults(galore_torch, module: str, cls: str) -> dict[str, object]:
+    """Keyword defaults of galore-torch's class, read from its source (its adamw8bit module
+    imports bitsandbytes, which the tests do not install)."""
+    root = os.path.dirname(inspect.getfile(galore_torch.galore_projector))
+    with open(os.path.join(root, f"{module}.py")) as f:
+        tree = ast.parse(f.read())
+    init = next(
+        node
+        for c in tree.body
+        if isinstance(c, ast.ClassDef) and c.name == cls
+        for node in c.body
+        if isinstance(node, ast.FunctionDef) and node.name == "__init__"
+    )
+    names = [a.arg for a in init.args.args][-len(init.args.defaults) :]
+    return {n: ast.literal_eval(d) for n, d in zip(names, init.args.defaults, strict=True)}
 
 
 def gradient_sequence(shape, steps, seed=0, signal_rank=6):

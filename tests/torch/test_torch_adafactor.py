@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 
 torch = pytest.importorskip("torch")
 
-from galorax_torch_testlib import fixed_grads, run_trajectory  # noqa: E402
+from galorax_torch_testlib import fixed_grads, galore_torch_defaults, run_trajectory  # noqa: E402
 
 from galorax.torch import GaLoreAdafactor  # noqa: E402
 
@@ -29,3 +31,10 @@ def test_adafactor_matches_galore_torch(galore_torch):
     for t, (a, r) in enumerate(zip(ours_traj, ref_traj, strict=True)):
         for x, y in zip(a, r, strict=True):
             torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6, msg=f"step {t}")
+
+
+def test_adafactor_signature_is_galore_torch(galore_torch):
+    ref = galore_torch_defaults(galore_torch, "adafactor", "Adafactor")
+    ours = inspect.signature(GaLoreAdafactor).parameters
+    assert list(ours)[1 : 1 + len(ref)] == list(ref)
+    assert {n: ours[n].default for n in ref} == ref

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 import io
 import warnings
 
@@ -11,7 +12,13 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from galorax_torch_testlib import SHAPES, fixed_grads, make_params, run_trajectory  # noqa: E402
+from galorax_torch_testlib import (  # noqa: E402
+    SHAPES,
+    fixed_grads,
+    galore_torch_defaults,
+    make_params,
+    run_trajectory,
+)
 
 from galorax.torch import GaLoreAdamW  # noqa: E402
 
@@ -162,7 +169,13 @@ def test_adamw8bit_tracks_f32_and_saves_memory():
         )
         mats = [p for p in model.parameters() if p.dim() == 2]
         rest = [p for p in model.parameters() if p.dim() != 2]
-        opt = cls([{"params": mats, "rank": 32, "update_proj_gap": 10}, {"params": rest}], lr=1e-2)
+        # The f32 optimizer's eps and weight decay, and moments of 2048 (rank 32 x 64) in 8 bits:
+        # GaLoreAdamW8bit's defaults before they became galore-torch's (1e-8, 1e-2, 4096).
+        kw = dict(eps=1e-6, weight_decay=0.0)
+        if cls is GaLoreAdamW8bit:
+            kw.update(min_8bit_size=2048)
+        groups = [{"params": mats, "rank": 32, "update_proj_gap": 10}, {"params": rest}]
+        opt = cls(groups, lr=1e-2, **kw)
         gen = torch.Generator().manual_seed(1)
         target = torch.nn.Linear(64, 64)
         losses = []
@@ -196,3 +209,58 @@ def test_adamw8bit_tracks_f32_and_saves_memory():
     opt.load_state_dict(sd)
     codes = [st["exp_avg"] for st in opt.state.values() if st["exp_avg"].numel() >= 2048]
     assert codes and all(c.dtype == torch.uint8 for c in codes)
+
+
+def test_adamw8bit_signature_and_defaults_are_galore_torch(galore_torch):
+    from galorax.torch import GaLoreAdamW8bit
+
+    ref = galore_torch_defaults(galore_torch, "adamw8bit", "AdamW8bit")
+    assert {"amsgrad", "block_wise", "is_paged", "optim_bits", "percentile_clipping"} <= set(ref)
+    ours = inspect.signature(GaLoreAdamW8bit).parameters
+    for name, default in ref.items():
+        assert ours[name].default == default, name  # eps 1e-8, weight_decay 1e-2, 4096, ...
+    # galore-torch's positional order too (params, lr, betas, eps, weight_decay, amsgrad, ...).
+    assert list(ours)[1 : 1 + len(ref)] == list(ref)
+    ref_adamw = galore_torch_defaults(galore_torch, "adamw", "AdamW")
+    ours_adamw = inspect.signature(GaLoreAdamW).parameters
+    assert {n: ours_adamw[n].default for n in ref_adamw} == ref_adamw
+
+
+def test_galore_torch_keywords_accepted_warned_or_refused():
+    from galorax.torch import GaLoreAdamW8bit
+
+    w = torch.nn.Parameter(torch.randn(64, 64))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        GaLoreAdamW([w], rank=4, no_deprecation_warning=True)
+        GaLoreAdamW([w], rank=4, no_deprecation_warning=False)  # no deprecation to warn about
+        GaLoreAdamW8bit(  # galore-torch's defaults spelled out: silent
+            [w],
+            rank=4,
+            amsgrad=False,
+            optim_bits=32,
+            args=None,
+            percentile_clipping=100,
+            block_wise=True,
+            is_paged=False,
+        )
+    for kw in ({"amsgrad": True}, {"optim_bits": 8}, {"is_paged": True}, {"args": object()}):
+        with pytest.warns(UserWarning) as rec:
+            GaLoreAdamW8bit([w], rank=4, **kw)
+        (name,) = kw
+        assert len(rec) == 1 and f"{name}=" in str(rec[0].message)
+    with pytest.raises(ValueError, match="percentile_clipping=95"):
+        GaLoreAdamW8bit([w], rank=4, percentile_clipping=95)
+
+
+def test_adamw8bit_block_wise_false_is_one_block_per_tensor():
+    from galorax.torch import GaLoreAdamW8bit
+
+    w = torch.nn.Parameter(torch.zeros(512, 128))
+    opt = GaLoreAdamW8bit([w], rank=32, block_wise=False)
+    for _ in range(2):
+        w.grad = torch.randn(512, 128)
+        opt.step()
+    st = opt.state[w]
+    assert st["exp_avg"].dtype == torch.uint8
+    assert st["exp_avg_absmax"].numel() == st["exp_avg_sq_absmax"].numel() == 1

@@ -168,3 +168,51 @@ def test_deterministic_seeding():
 
     assert torch.equal(run(0), run(0))
     assert not torch.equal(run(0), run(1))
+
+
+def _refresh_steps(opt, ws, steps, start=0):
+    """``{param index: [steps at which it refreshed]}`` over ``steps`` steps of random gradients."""
+    seen: dict[int, list[int]] = {i: [] for i in range(len(ws))}
+    gen = torch.Generator().manual_seed(3)
+    for t in range(start, start + steps):
+        before = [opt.state[w].get("refreshes", 0) for w in ws]
+        for group in opt.param_groups:
+            for p in group["params"]:
+                p.grad = torch.randn(p.shape, generator=gen)
+        opt.step()
+        for i, w in enumerate(ws):
+            if opt.state[w]["refreshes"] > before[i]:
+                seen[i].append(t)
+    return seen
+
+
+def test_add_param_group_keeps_existing_refresh_slots():
+    """Adding a group mid-training leaves the old parameters' staggered refreshes where they
+    were, also across a save/load; the new ones refresh at their first step."""
+    torch.manual_seed(0)
+    init = [torch.randn(16, 8) for _ in range(8)]
+
+    def params(which):
+        return [torch.nn.Parameter(init[i].clone()) for i in which]
+
+    def make(ws):
+        return GaLoreAdamW(ws, rank=2, update_proj_gap=8, stagger=True)
+
+    ws = params(range(4))
+    expected = _refresh_steps(make(ws), ws, 20)
+    assert expected[1] == [0, 2, 10, 18]  # offsets 0, 2, 4, 6 over the gap of 8
+
+    ws, new = params(range(4)), params(range(4, 8))
+    opt = make(ws)
+    first = _refresh_steps(opt, ws, 3)
+    opt.add_param_group({"params": new})
+    ws2, new2 = params(range(4)), params(range(4, 8))
+    fresh = make(ws2)
+    fresh.add_param_group({"params": new2})
+    fresh.load_state_dict(opt.state_dict())
+
+    later = _refresh_steps(opt, ws, 17, start=3)
+    assert {i: first[i] + later[i] for i in first} == expected
+    resumed = _refresh_steps(fresh, ws2, 17, start=3)
+    assert resumed == {i: [t for t in expected[i] if t >= 3] for i in expected}
+    assert all(opt.state[p]["refreshes"] >= 1 for p in new)  # refreshed at their first step
