@@ -21,22 +21,24 @@ import argparse
 import os
 import time
 
-# As `galorax train` does: one OpenBLAS thread for jaxlib's QR/eigh (see galorax/cli.py).
+# As `galorax train` does: one OpenBLAS thread for jaxlib's QR/eigh (see galorax/app/cli.py).
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import jax
 import numpy as np
 
 from galorax.app import model as model_lib
-from galorax.app import train as train_lib
+from galorax.app.config import TrainConfig, resolve_config
+from galorax.app.optimizers import clip_rank, run_optimizer
+from galorax.app.step import compile_step
 from galorax.schedule import count_refreshes
 
 
 def build(name: str, args: argparse.Namespace, mcfg: model_lib.ModelConfig, params, batch):
     opt_name, _, variant = name.partition("+")
     extra = {"residual": "channel"} if variant == "residual" else {}
-    cfg = train_lib.resolve_config(
-        train_lib.TrainConfig(
+    run = resolve_config(
+        TrainConfig(
             preset=args.preset,
             optimizer=opt_name,
             steps=args.rounds + 1,
@@ -46,10 +48,10 @@ def build(name: str, args: argparse.Namespace, mcfg: model_lib.ModelConfig, para
             **extra,
         )
     )
-    opt = train_lib.make_optimizer(train_lib.clip_rank(cfg, params), params)
+    opt = run_optimizer(clip_rank(run, params), params)
     p = jax.tree.map(np.array, params)  # each optimizer its own copy (the step donates)
     state = opt.init(p)
-    step = train_lib.make_train_step(mcfg, opt).lower(p, state, batch).compile()
+    step = compile_step(mcfg, opt, p, state, batch)
     p, state, loss = step(p, state, batch)  # first call: caches warm, initial projectors
     loss.block_until_ready()
     return {"step": step, "params": p, "state": state, "wall": 0.0, "cpu": 0.0}

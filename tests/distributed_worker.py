@@ -23,6 +23,8 @@ if int(nproc) > 1:  # before anything else touches a device
 
 import jax  # noqa: E402
 
+from galorax.app import build as B  # noqa: E402
+from galorax.app import config as C  # noqa: E402
 from galorax.app import train as T  # noqa: E402
 
 
@@ -30,7 +32,7 @@ def log(msg: str) -> None:
     print(f"[{time.perf_counter() - t0:.1f}s] {msg}", flush=True)
 
 
-cfg = T.TrainConfig(
+cfg = C.TrainConfig(
     preset="micro",
     steps=4,
     batch_size=8,
@@ -54,18 +56,17 @@ if int(nproc) > 1:
     from galorax.app import checkpoint, model
     from galorax.app import data as data_lib
 
-    run = T.resolve_config(cfg)
-    corpus = data_lib.load_corpus(data)
-    mcfg = model.get_preset("micro", corpus.vocab_size)
-    abstract = model.abstract_params(mcfg)
-    placement, targets = T._placement(run, abstract, T.make_optimizer(run, abstract))
+    setup = B.build(C.resolve_config(cfg))
+    run, mcfg, targets = setup.run, setup.model, setup.targets
+    assert setup.placement is not None and targets is not None
     ckpt = checkpoint.Checkpointer(pathlib.Path(out) / "checkpoints")
-    params, _ = ckpt.restore(4, *targets[:2])
+    params, _ = ckpt.restore(4, targets.params, targets.state)
     ckpt.close()
-    for a, t in zip(jax.tree.leaves(params), jax.tree.leaves(targets[0]), strict=True):
+    for a, t in zip(jax.tree.leaves(params), jax.tree.leaves(targets.params), strict=True):
         assert a.sharding == t.sharding, (a.sharding, t.sharding)
-    batch = data_lib.eval_batches(corpus.val, run.batch_size, run.seq_len, 1)[0]
-    loss = jax.jit(lambda p, b: model.loss_fn(p, b, mcfg))(params, placement.put_batch(batch))
+    batch = data_lib.eval_batches(setup.corpus.val, run.batch_size, run.seq_len, 1)[0]
+    batch = setup.placement.put_batch(batch)
+    loss = jax.jit(lambda p, b: model.loss_fn(p, b, mcfg))(params, batch)
     lines = (pathlib.Path(out) / "metrics.jsonl").read_text().splitlines()
     log(f"restored val_loss {float(loss)!r} run {json.loads(lines[-1])['val_loss']!r}")
 log("done")

@@ -12,6 +12,7 @@ import optax
 import pytest
 from test_train import make_text_dir, micro_config
 
+from galorax.app import config as C
 from galorax.app import train as T
 from galorax.app.checkpoint import Checkpointer, load_params
 
@@ -107,11 +108,11 @@ def test_resume_is_bit_identical(optimizer, extra, tmp_path):
     assert part["steps_done"] == 3
     before = (tmp_path / "split" / "config.json").read_text()
     # A flag that would change the trajectory is refused, and nothing is touched.
-    with pytest.raises(T.UsageError, match=r"--lr 0.5 \(saved: 0.01\)"):
-        T.train(T.TrainConfig(), tmp_path / "split", resume=True, flags={"lr": 0.5})
+    with pytest.raises(C.UsageError, match=r"--lr 0.5 \(saved: 0.01\)"):
+        T.train(C.TrainConfig(), tmp_path / "split", resume=True, flags={"lr": 0.5})
     assert (tmp_path / "split" / "config.json").read_text() == before
     resumed = T.train(
-        T.TrainConfig(),
+        C.TrainConfig(),
         tmp_path / "split",
         resume=True,
         progress=False,

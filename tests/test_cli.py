@@ -1,4 +1,4 @@
-"""The ``galorax`` command line: train, compare, errors, subcommand registry."""
+"""The ``galorax`` command line: train, compare, errors, its list of subcommands."""
 
 import argparse
 
@@ -66,16 +66,15 @@ def test_argparse_rejects_nonsense(capsys):
     assert "--adaptive: expected true or false, got 'maybe'" in capsys.readouterr().err
 
 
-def test_register_subcommand(capsys):
+def test_subcommands_are_listed_and_can_be_extended(capsys):
+    assert [c.name for c in cli.SUBCOMMANDS] == ["train", "compare", "memory"]
+
     def add(p: argparse.ArgumentParser) -> None:
         p.add_argument("--x", type=int, default=1)
 
-    cli.register(cli.Subcommand("hello", "say hello", add, lambda a: print("hi", a.x) or 0))
-    try:
-        assert cli.main(["hello", "--x", "5"]) == 0
-        assert "hi 5" in capsys.readouterr().out
-    finally:
-        cli.SUBCOMMANDS[:] = [c for c in cli.SUBCOMMANDS if c.name != "hello"]
+    hello = cli.Subcommand("hello", "say hello", add, lambda a: print("hi", a.x) or 0)
+    assert cli.main(["hello", "--x", "5"], subcommands=[*cli.SUBCOMMANDS, hello]) == 0
+    assert "hi 5" in capsys.readouterr().out
 
 
 def test_compare_writes_report_and_png(data, tmp_path, capsys):
@@ -108,3 +107,55 @@ def test_compare_bad_spec(capsys):
     assert "unknown optimizer" in capsys.readouterr().err
     assert cli.main(["compare", "--runs", "galore:stagger=maybe"]) == 2
     assert "'stagger=maybe': expected true or false" in capsys.readouterr().err
+
+
+def _app_imports() -> dict[str, set[str]]:
+    """Each galorax.app module's imports of other galorax.app modules (function-local too)."""
+    import ast
+    import pathlib
+
+    app = pathlib.Path(cli.__file__).parent
+    names = {p.stem for p in app.glob("*.py") if p.stem != "__init__"}
+    graph: dict[str, set[str]] = {}
+    for name in names:
+        found: set[str] = set()
+        for node in ast.walk(ast.parse((app / f"{name}.py").read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                mods = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                mods = [a.name for a in node.names]
+            else:
+                continue
+            found |= {m.split(".")[2] for m in mods if m.startswith("galorax.app.")} & names
+        graph[name] = found - {name}
+    return graph
+
+
+def test_no_import_cycle_in_the_application():
+    graph, done, path = _app_imports(), set(), []
+
+    def visit(mod: str) -> None:
+        assert mod not in path, f"import cycle: {' -> '.join(path[path.index(mod) :] + [mod])}"
+        if mod in done:
+            return
+        path.append(mod)
+        for dep in sorted(graph[mod]):
+            visit(dep)
+        path.pop()
+        done.add(mod)
+
+    for mod in sorted(graph):
+        visit(mod)
+    assert "cli" not in set().union(*graph.values())  # nothing imports the command line
+
+
+def test_planner_and_library_leave_the_cli_unimported():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, galorax; galorax.plan_memory; import galorax.app.planner; "
+        "print('galorax.app.cli' in sys.modules, 'galorax.app.train' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "False"]

@@ -9,6 +9,10 @@ import warnings
 import jax
 import pytest
 
+from galorax.app import config as C
+from galorax.app import model as M
+from galorax.app import optimizers as O
+from galorax.app import report as R
 from galorax.app import train as T
 
 # Identical programs compiled by several tests (and test runs) are compiled once: the tests
@@ -33,8 +37,6 @@ def make_text_dir(path: pathlib.Path, n_files: int = 6, seed: int = 0) -> pathli
 
 
 def micro_config(data: pathlib.Path, **kw):
-    from galorax.app.train import TrainConfig
-
     base = dict(
         preset="micro",
         steps=6,
@@ -48,7 +50,7 @@ def micro_config(data: pathlib.Path, **kw):
         lr=1e-2,
     )
     base.update(kw)
-    return TrainConfig(**base)
+    return C.TrainConfig(**base)
 
 
 @pytest.fixture(scope="module")
@@ -84,16 +86,12 @@ def test_summary_compares_with_adamw(galore_run):
     assert s["opt_state_bytes"] < 0.8 * ref["opt_state_bytes"]
     assert s["step_memory"]["peak"] > 0 and ref["step_memory"]["peak"] > 0
     assert s["tokens_per_s"] > 0
-    table = T.format_summary(s)
+    table = R.format_summary(s)
     assert "optimizer state" in table and "% of AdamW" in table and "->" in table
 
 
 def test_projects_stacked_matrices_only(galore_run):
-    import jax
-
-    from galorax.app import model as M
-
-    dn = T.galore_dimension_numbers(M.abstract_params(M.get_preset("micro")))
+    dn = O.galore_dimension_numbers(M.abstract_params(M.get_preset("micro")))
     flat = {
         jax.tree_util.keystr(p): v
         for p, v in jax.tree_util.tree_flatten_with_path(
@@ -141,11 +139,9 @@ def test_extensions_train(extra, data, tmp_path):
     # The AdamW column is plain f32 AdamW's, whatever this run's options.
     assert 0 <= s["adamw"]["opt_state_bytes"] - 2 * s["param_bytes"] <= 64  # mu, nu, counts
     assert s["opt_state_bytes"] < s["adamw"]["opt_state_bytes"]
-    opt = T.make_optimizer(
-        T.resolve_config(cfg), T.model_lib.abstract_params(T.model_lib.get_preset("micro"))
-    )
+    opt = O.run_optimizer(C.resolve_config(cfg), M.abstract_params(M.get_preset("micro")))
     leaves = jax.tree.leaves(
-        jax.eval_shape(opt.init, T.model_lib.abstract_params(T.model_lib.get_preset("micro"))),
+        jax.eval_shape(opt.init, M.abstract_params(M.get_preset("micro"))),
         is_leaf=galorax.quantization.is_quantized,
     )
     assert any(galorax.quantization.is_quantized(x) for x in leaves) == ("8" in str(extra))
@@ -160,28 +156,26 @@ def test_bfloat16(data, tmp_path):
 
 
 def test_rank_larger_than_matrices_is_clipped(data):
-    from galorax.app import model as M
-
     params = M.abstract_params(M.get_preset("micro"))
     with pytest.warns(UserWarning, match="--rank 1000 exceeds .* clipped to 32"):
-        cfg = T.clip_rank(T.resolve_config(micro_config(data, rank=1000)), params)
+        cfg = O.clip_rank(C.resolve_config(micro_config(data, rank=1000)), params)
     assert cfg.rank == 32
     for opt in ("galore", "optax-galore"):
-        T.make_optimizer(dataclasses.replace(cfg, optimizer=opt), params)  # builds fine
+        O.run_optimizer(dataclasses.replace(cfg, optimizer=opt), params)  # builds fine
 
 
 def test_out_holding_a_run_is_refused_and_kept(data, tmp_path):
     (tmp_path / "config.json").write_text("precious")
-    with pytest.raises(T.UsageError, match="--resume .* --overwrite"):
+    with pytest.raises(C.UsageError, match="--resume .* --overwrite"):
         T.train(micro_config(data), tmp_path, progress=False)
     assert (tmp_path / "config.json").read_text() == "precious"
-    with pytest.raises(T.UsageError, match="contradict"):
+    with pytest.raises(C.UsageError, match="contradict"):
         T.train(micro_config(data), tmp_path, resume=True, overwrite=True)
     assert (tmp_path / "config.json").read_text() == "precious"
 
 
 def test_resume_without_a_run(data, tmp_path):
-    with pytest.raises(T.UsageError, match="--resume: .* no run to resume"):
+    with pytest.raises(C.UsageError, match="--resume: .* no run to resume"):
         T.train(micro_config(data), tmp_path / "empty", resume=True)
     assert not (tmp_path / "empty").exists()
 
@@ -202,7 +196,7 @@ def test_resume_without_a_run(data, tmp_path):
     ],
 )
 def test_bad_config(data, tmp_path, kw, match):
-    with pytest.raises(T.UsageError, match=match):
+    with pytest.raises(C.UsageError, match=match):
         T.train(micro_config(data, **kw), tmp_path / "x")
 
 
@@ -216,4 +210,4 @@ def test_missing_data(tmp_path):
 def test_no_warnings_on_default_rank(data, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
-        T.resolve_config(micro_config(data))
+        C.resolve_config(micro_config(data))

@@ -1,9 +1,22 @@
 """The training application: ``galorax train``, ``galorax compare`` and ``galorax memory``.
 
-Built on the library (:mod:`galorax`), never the other way round. Modules, in the order a
-run meets them: :mod:`~galorax.app.cli` (the command line), :mod:`~galorax.app.config` (the
-run config), :mod:`~galorax.app.model` and :mod:`~galorax.app.data`, the optimizer factory
-and the train-step builder, :mod:`~galorax.app.checkpoint`, :mod:`~galorax.app.distributed`
-(processes and placement), the loop (:mod:`~galorax.app.train`), and the tools built on it:
-:mod:`~galorax.app.compare` and :mod:`~galorax.app.planner`.
+Built on the library (:mod:`galorax`), never the other way round; no module here imports one
+that imports it back. Modules, in the order a run meets them:
+
+* :mod:`~galorax.app.cli` (the command line: it lists its subcommands itself) and
+  :mod:`~galorax.app.flags` (the flags ``train`` and ``compare`` share);
+* :mod:`~galorax.app.config`: :class:`~galorax.app.config.TrainConfig` (as given),
+  :class:`~galorax.app.config.RunConfig` (resolved, every field concrete), the optimizer
+  and dtype vocabularies, ``UsageError``;
+* :mod:`~galorax.app.model` and :mod:`~galorax.app.data`;
+* :mod:`~galorax.app.optimizers` (the one optimizer factory, GaLore's dimension numbers,
+  rank clipping, the lr schedule) and :mod:`~galorax.app.step` (the one train step, its
+  compile and XLA memory record);
+* :mod:`~galorax.app.distributed` (processes and where arrays live on a mesh),
+  :mod:`~galorax.app.checkpoint` and :mod:`~galorax.app.rundir` (the output directory,
+  atomic writes, the metrics log);
+* :mod:`~galorax.app.build` (a run's first phases: open the run, build, restore or init),
+  :mod:`~galorax.app.train` (compile, the loop, the summary; :func:`~galorax.app.train.train`
+  runs every phase) and :mod:`~galorax.app.report` (the summary table, loss curves);
+* the tools built on it: :mod:`~galorax.app.compare` and :mod:`~galorax.app.planner`.
 """

@@ -29,8 +29,12 @@ import sys
 import time
 from typing import Any
 
-from galorax.app import train as train_lib
-from galorax.app.cli import parse_bool
+import jax
+
+from galorax.app.config import OPTIMIZERS, RunConfig, TrainConfig, UsageError, resolve_config
+from galorax.app.flags import add_model_arguments, config_from_args, parse_bool
+from galorax.app.rundir import MetricsLog, atomic_write_text
+from galorax.app.train import train
 
 #: The default sweep: each optimizer at a few peak learning rates around its known best.
 DEFAULT_RUNS = (
@@ -70,13 +74,11 @@ def parse_spec(text: str) -> RunSpec:
     """Parses ``OPTIMIZER[:key=value]...`` (see the module docstring).
 
     Raises:
-        train_lib.UsageError: unknown optimizer or key, or a bad value.
+        UsageError: unknown optimizer or key, or a bad value.
     """
     head, *items = text.split(":")
-    if head not in train_lib.OPTIMIZERS:
-        raise train_lib.UsageError(
-            f"--runs {text!r}: unknown optimizer {head!r}; use one of {train_lib.OPTIMIZERS}"
-        )
+    if head not in OPTIMIZERS:
+        raise UsageError(f"--runs {text!r}: unknown optimizer {head!r}; use one of {OPTIMIZERS}")
     label: str = head
     lrs: list[float | None] = [None]
     over: dict[str, Any] = {}
@@ -94,14 +96,12 @@ def parse_spec(text: str) -> RunSpec:
             else:
                 raise ValueError(f"unknown key {key!r}; keys: lr, label, {', '.join(_KEYS)}")
         except ValueError as e:
-            raise train_lib.UsageError(f"--runs {text!r}: {item!r}: {e}") from e
+            raise UsageError(f"--runs {text!r}: {item!r}: {e}") from e
     return RunSpec(label, head, lrs, over)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The ``compare`` flags: the shared model/schedule flags plus the run specs."""
-    from galorax.app.cli import add_model_arguments
-
     p.add_argument(
         "--runs",
         nargs="+",
@@ -121,7 +121,7 @@ def _lr_dir(lr: float | None) -> str:
 
 
 def run_comparison(
-    base: train_lib.TrainConfig,
+    base: TrainConfig,
     specs: list[RunSpec],
     out: pathlib.Path,
     *,
@@ -129,7 +129,8 @@ def run_comparison(
     progress: bool = True,
     log: Any = print,
 ) -> list[dict[str, Any]]:
-    """Runs every spec at every lr; returns one result dict per (spec, lr)."""
+    """Runs every spec at every lr (``base`` with the spec's settings); returns one result
+    dict per (spec, lr)."""
     results = []
     for spec in specs:
         for lr in spec.lrs:
@@ -145,7 +146,7 @@ def run_comparison(
             if summary is None:
                 log(f"== {spec.label} lr={lr if lr is not None else 'default'}")
                 try:
-                    summary = train_lib.train(
+                    summary = train(
                         cfg,
                         run_dir,
                         overwrite=True,
@@ -156,7 +157,7 @@ def run_comparison(
                 except FloatingPointError as e:
                     log(f"   diverged: {e}")
                     summary = {"optimizer": spec.optimizer, "val_loss": math.inf, "diverged": True}
-            recs = train_lib._read_metrics(run_dir / "metrics.jsonl")
+            recs = MetricsLog(run_dir / "metrics.jsonl").read()
             results.append(
                 {
                     "label": spec.label,
@@ -182,7 +183,7 @@ def _mib(n: float | None) -> str:
 
 
 def format_report(
-    results: list[dict[str, Any]], base: train_lib.TrainConfig, command: str, elapsed_s: float
+    results: list[dict[str, Any]], base: RunConfig, command: str, elapsed_s: float
 ) -> str:
     """The markdown report: best run per spec vs AdamW, then the whole sweep."""
     best = _best(results)
@@ -193,13 +194,12 @@ def format_report(
         return format(a / b, fmt) if a is not None and b and math.isfinite(a) else "-"
 
     any_s: dict[str, Any] = next((r["summary"] for r in results if "n_params" in r["summary"]), {})
-    assert base.batch_size is not None and base.seq_len is not None and base.steps is not None
     lines = [
         f"Model `{base.preset}` ({any_s.get('n_params', 0):,} parameters, {base.dtype}), "
         f"{base.steps} steps x {base.batch_size} x {base.seq_len} tokens, seed {base.seed}, "
         f"data: {any_s.get('data_source', '?')}.",
         f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, {platform.system()}; "
-        f"jax {__import__('jax').__version__}; whole comparison {elapsed_s / 60:.1f} min.",
+        f"jax {jax.__version__}; whole comparison {elapsed_s / 60:.1f} min.",
         "",
         "| run | best lr | final val loss | vs AdamW | opt state MiB | vs AdamW "
         "| step memory MiB (XLA) | tokens/s | vs AdamW | tokens/CPU-s | vs AdamW | refreshes |",
@@ -311,19 +311,18 @@ def plot_comparison(results: list[dict[str, Any]], path: pathlib.Path, title: st
 
 def run(args: argparse.Namespace) -> int:
     """``galorax compare``: returns the exit status."""
-    from galorax.app.cli import config_from_args
-
-    base = train_lib.resolve_config(config_from_args(args, optimizer="adamw"))
+    cfg = config_from_args(args, optimizer="adamw")
+    base = resolve_config(cfg)  # checks the shared flags before any run
     specs = [parse_spec(s) for s in (args.runs or DEFAULT_RUNS)]
     labels = [s.label for s in specs]
     if len(set(labels)) != len(labels):
-        raise train_lib.UsageError(f"--runs: labels must differ ({labels}); add :label=NAME")
+        raise UsageError(f"--runs: labels must differ ({labels}); add :label=NAME")
     out = pathlib.Path(args.out or f"runs/compare-{base.preset}")
     if args.resume and args.overwrite:
-        raise train_lib.UsageError("--resume and --overwrite contradict each other")
+        raise UsageError("--resume and --overwrite contradict each other")
     if (out / "compare.md").exists() or (out / "runs").exists():
         if not (args.resume or args.overwrite):
-            raise train_lib.UsageError(
+            raise UsageError(
                 f"--out {out} already holds a comparison; pass --resume to reuse its finished "
                 "runs, --overwrite to replace it, or choose another --out"
             )
@@ -333,12 +332,12 @@ def run(args: argparse.Namespace) -> int:
                 (out / f).unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    results = run_comparison(base, specs, out, resume=args.resume, progress=not args.no_progress)
+    results = run_comparison(cfg, specs, out, resume=args.resume, progress=not args.no_progress)
     command = "galorax " + " ".join(shlex.quote(a) for a in getattr(args, "argv", sys.argv[1:]))
     report = format_report(results, base, command, time.perf_counter() - t0)
     # Atomic: an interrupted write never leaves a half report over a finished one.
-    train_lib._atomic_write_text(out / "compare.md", report)
-    train_lib._atomic_write_text(
+    atomic_write_text(out / "compare.md", report)
+    atomic_write_text(
         out / "compare.json",
         json.dumps([{k: v for k, v in r.items() if k != "metrics"} for r in results], indent=2),
     )

@@ -215,6 +215,37 @@ def _hf_missing_path(spec: str) -> bool:
     return not pathlib.Path(spec).expanduser().exists()
 
 
+def _hf_splits(
+    splits: Any, label: str, text_field: str, max_bytes: int, max_docs: int | None
+) -> tuple[list[bytes], list[bytes], str]:
+    """The train and validation documents of streamed ``splits`` and how val was chosen."""
+    if "train" not in splits:
+        raise DataError(
+            f"--data {label}: the dataset has no 'train' split (it has "
+            f"{', '.join(map(str, splits)) or 'none'})"
+        )
+    train = _hf_take(splits["train"], label, "train", text_field, max_bytes, max_docs)
+    if "validation" in splits:
+        val = _hf_take(
+            splits["validation"],
+            label,
+            "validation",
+            text_field,
+            max(max_bytes // VAL_EVERY, 1),
+            None if max_docs is None else max(max_docs // VAL_EVERY, 1),
+        )
+        how = "validation split"
+    else:
+        if len(train) < 2:
+            raise DataError(
+                f"--data {label}: {len(train)} document(s), need at least two to split "
+                "train/validation; add documents"
+            )
+        how = f"1 doc in {min(VAL_EVERY, len(train))} for val"
+        train, val = _split_by_file(train)
+    return train, val, how
+
+
 def load_hf_corpus(
     name: str,
     config: str | None = None,
@@ -271,30 +302,7 @@ def load_hf_corpus(
     path = str(pathlib.Path(name).expanduser()) if name.startswith("~") else name
     try:
         splits = datasets.load_dataset(path, config, streaming=True, **kwargs)
-        if "train" not in splits:
-            raise DataError(
-                f"--data {label}: the dataset has no 'train' split (it has "
-                f"{', '.join(map(str, splits)) or 'none'})"
-            )
-        train = _hf_take(splits["train"], label, "train", text_field, max_bytes, max_docs)
-        if "validation" in splits:
-            val = _hf_take(
-                splits["validation"],
-                label,
-                "validation",
-                text_field,
-                max(max_bytes // VAL_EVERY, 1),
-                None if max_docs is None else max(max_docs // VAL_EVERY, 1),
-            )
-            how = "validation split"
-        else:
-            if len(train) < 2:
-                raise DataError(
-                    f"--data {label}: {len(train)} document(s), need at least two to split "
-                    "train/validation; add documents"
-                )
-            how = f"1 doc in {min(VAL_EVERY, len(train))} for val"
-            train, val = _split_by_file(train)
+        train, val, how = _hf_splits(splits, label, text_field, max_bytes, max_docs)
     except DataError:
         raise
     except Exception as e:  # datasets raises many types (network, offline, missing config, ...)

@@ -1,5 +1,6 @@
 """The training application's process plumbing: ``jax.distributed``, per-process batches,
-the primary process, barriers and where a run's arrays live (:class:`TrainPlacement`).
+the primary process, barriers and where a run's arrays live on a mesh
+(:class:`TrainPlacement`, with the abstract restore/compile targets :class:`Targets`).
 """
 
 from __future__ import annotations
@@ -8,7 +9,7 @@ import dataclasses
 import math
 import os
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -16,6 +17,7 @@ import optax
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from galorax.app.checkpoint import with_shardings
 from galorax.sharding import batch_partition_spec, fsdp_partition_specs, make_mesh, state_shardings
 
 
@@ -100,6 +102,21 @@ def sync_processes(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
+class Targets(NamedTuple):
+    """A run's arrays as placed ``jax.ShapeDtypeStruct``s: what a checkpoint restores onto
+    and what the step's outputs are pinned to.
+
+    Attributes:
+        params: The parameters, on their FSDP shardings.
+        state: The optimizer state, on ``state_shardings``.
+        state_shardings: ``NamedSharding`` per optimizer-state leaf.
+    """
+
+    params: Any
+    state: Any
+    state_shardings: Any
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainPlacement:
     """Where a training run's arrays live on a mesh (used by ``galorax train --mesh``).
@@ -127,9 +144,10 @@ class TrainPlacement:
     replicated: NamedSharding
 
     @classmethod
-    def create(cls, spec: str | dict[str, int], params: Any, *, min_size: int = 1024):
-        """A placement for ``params`` (arrays or ``ShapeDtypeStruct``) on mesh ``spec``."""
-        mesh = make_mesh(spec, explicit=False)
+    def create(cls, spec: Mesh | str | dict[str, int], params: Any, *, min_size: int = 1024):
+        """A placement for ``params`` (arrays or ``ShapeDtypeStruct``) on a mesh (or the
+        automatic-axes mesh of a spec such as ``data=2,fsdp=4``)."""
+        mesh = spec if isinstance(spec, Mesh) else make_mesh(spec, explicit=False)
         specs = fsdp_partition_specs(params, mesh, min_size=min_size)
         return cls(
             mesh=mesh,
@@ -147,6 +165,12 @@ class TrainPlacement:
     def state(self, tx: optax.GradientTransformation, params: Any) -> Any:
         """``NamedSharding``s of ``tx.init(params)`` (see :func:`state_shardings`)."""
         return state_shardings(tx, params, self.mesh, self.params)
+
+    def targets(self, tx: optax.GradientTransformation, params: Any) -> Targets:
+        """Abstract ``params`` and ``tx.init(params)`` on this placement (see :class:`Targets`)."""
+        state_sh = self.state(tx, params)
+        state = with_shardings(jax.eval_shape(tx.init, params), state_sh)
+        return Targets(with_shardings(params, self.params), state, state_sh)
 
     def put_batch(self, rows: Any) -> jax.Array:
         """The global batch (the same ``rows`` on every process) placed on the mesh."""

@@ -1,13 +1,14 @@
-"""Memory accounting: bytes of pytrees (real or abstract) and of compiled programs, and the
-planner behind ``galorax memory``.
+"""The planner behind ``galorax memory``: bytes of weights, gradients and optimizer state.
 
 :func:`plan_memory` sizes weights, gradients and optimizer state of a model under AdamW,
-8-bit AdamW, GaLore or 8-bit GaLore from ``jax.eval_shape`` of the real model init and the real
-optimizer init (no allocation: 7B takes under a second); :func:`compiled_step_memory` adds
-XLA's memory analysis of the compiled train step for models that compile quickly. The command
-(``galorax memory`` / ``python -m galorax.app.planner``) prints the table beside the paper's
-published estimates (:data:`PAPER_GB`), the assumptions that explain the differences
-(:data:`ASSUMPTIONS`), and with ``--max-memory 24GB`` which ranks and options fit.
+8-bit AdamW, GaLore or 8-bit GaLore from ``jax.eval_shape`` of the real model init and the
+optimizer's init as training builds it (:func:`galorax.app.optimizers.make_optimizer`; no
+allocation: 7B takes under a second); :func:`compiled_step_memory` adds XLA's memory analysis
+of the train step that training compiles (:mod:`galorax.app.step`) for models that compile
+quickly. The command (``galorax memory`` / ``python -m galorax.app.planner``) prints the
+table beside the paper's published estimates (:data:`PAPER_GB`), the assumptions that
+explain the differences (:data:`ASSUMPTIONS`), and with ``--max-memory 24GB`` which ranks
+and options fit.
 """
 
 from __future__ import annotations
@@ -21,18 +22,19 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from galorax.accounting import find_galore_states, tree_bytes
+from galorax.app import model as model_lib
+from galorax.app.config import DTYPES, PLANNED_OPTIMIZERS
+from galorax.app.optimizers import make_optimizer
+from galorax.app.step import compile_step, step_memory
 
 # --------------------------------------------------------------------------------------------
 # The planner: bytes of weights, gradients and optimizer state, from abstract evaluation
 # --------------------------------------------------------------------------------------------
 
-#: Optimizers the planner sizes. ``galore8bit``: GaLore with 8-bit Adam as base optimizer (the
-#: embeddings, norms and head, which GaLore leaves full-rank, get 8-bit moments too, as in the
-#: paper's ``GaLoreAdamW8bit``).
-OPTIONS = ("adamw", "adamw8bit", "galore", "galore8bit")
+#: Optimizers the planner sizes (:data:`galorax.app.config.PLANNED_OPTIMIZERS`).
+OPTIONS = PLANNED_OPTIMIZERS
 
 #: Zhao et al. 2024 (arXiv 2403.03507), Table 2: memory estimate of BF16 weights + optimizer
 #: states, full-rank AdamW vs GaLore, in GB; and the 7B runs with 8-bit states.
@@ -109,51 +111,6 @@ def parse_bytes(text: str) -> int:
     return int(float(m.group(1)) * units[m.group(2)])
 
 
-def make_optimizer(
-    option: str,
-    params: Any,
-    rank: int = 128,
-    *,
-    side: Any = "auto",
-    projector_dtype: Any = jnp.float32,
-    projector_bits: int | None = None,
-    learning_rate: float = 1e-3,
-) -> optax.GradientTransformation:
-    """The optimizer ``option`` (one of :data:`OPTIONS`) as the training command builds it.
-
-    Args:
-        option: ``adamw``, ``adamw8bit``, ``galore`` or ``galore8bit``.
-        params: The (real or abstract) parameter tree of :mod:`galorax.app.model`.
-        rank: GaLore rank.
-        side: GaLore's projection side.
-        projector_dtype: Storage dtype of GaLore's projectors.
-        projector_bits: ``None``, 8 or 4: GaLore's quantized projectors.
-        learning_rate: Irrelevant to memory; any value.
-    """
-    from galorax.adam8bit import adamw_8bit, scale_by_adam_8bit
-
-    if option == "adamw":
-        return optax.adamw(learning_rate)
-    if option == "adamw8bit":
-        return adamw_8bit(learning_rate)
-    if option in ("galore", "galore8bit"):
-        import galorax
-        from galorax.app.train import galore_dimension_numbers
-
-        return galorax.galore(
-            learning_rate,
-            rank=rank,
-            base_optimizer=scale_by_adam_8bit() if option == "galore8bit" else None,
-            weight_dimension_numbers=galore_dimension_numbers(params),
-            side=side,
-            projector_dtype=projector_dtype,
-            projector_bits=projector_bits,
-        )
-    raise ValueError(f"unknown optimizer {option!r}; choose one of {', '.join(OPTIONS)}")
-
-
-
-
 def plan_memory(
     cfg: Any,
     option: str,
@@ -188,13 +145,16 @@ def plan_memory(
         >>> est.state == 2 * est.weights + 4  # mu, nu and an int32 count
         True
     """
-    from galorax.app import model as model_lib
-
     params = model_lib.abstract_params(cfg, dtype)
     galore = option.startswith("galore")
     bits = projector_bits if galore else None
     opt = make_optimizer(
-        option, params, rank, side=side, projector_dtype=projector_dtype, projector_bits=bits
+        option,
+        params,
+        rank=rank,
+        side=side,
+        projector_dtype=projector_dtype,
+        projector_bits=bits or 32,
     )
     state = jax.eval_shape(opt.init, params)
     state_bytes = tree_bytes(state)
@@ -235,33 +195,21 @@ def compiled_step_memory(
     input buffers are reused for the outputs (``alias``).
 
     Returns:
-        ``arguments``, ``outputs``, ``temp`` (activations, gradients, SVD workspace...),
-        ``alias`` and ``peak = arguments + outputs - alias + temp`` in bytes.
-    """
-    from galorax.app import model as model_lib
+        :meth:`galorax.app.step.StepMemory.as_dict`: ``argument``, ``output``, ``alias``,
+        ``temp`` (activations, gradients, SVD workspace...) and
+        ``peak = argument + output - alias + temp`` in bytes.
 
+    Raises:
+        RuntimeError: the backend reports no memory analysis.
+    """
     params = model_lib.abstract_params(cfg, dtype)
-    opt = make_optimizer(option, params, rank)
+    opt = make_optimizer(option, params, rank=rank)
     state = jax.eval_shape(opt.init, params)
     tokens = jax.ShapeDtypeStruct((batch_size, seq_len + 1), jnp.int32)
-
-    def step(params: Any, opt_state: Any, batch: jax.Array) -> tuple[Any, Any, jax.Array]:
-        loss, grads = jax.value_and_grad(model_lib.loss_fn)(params, batch, cfg, remat)
-        updates, opt_state = opt.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
-
-    compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, state, tokens).compile()
-    ma: Any = compiled.memory_analysis()
-    if ma is None:  # some backends do not report
+    memory = step_memory(compile_step(cfg, opt, params, state, tokens, remat))
+    if memory is None:  # some backends do not report
         raise RuntimeError("this backend reports no memory analysis")
-    out = {
-        "arguments": int(ma.argument_size_in_bytes),
-        "outputs": int(ma.output_size_in_bytes),
-        "temp": int(ma.temp_size_in_bytes),
-        "alias": int(ma.alias_size_in_bytes),
-    }
-    out["peak"] = out["arguments"] + out["outputs"] - out["alias"] + out["temp"]
-    return out
+    return memory.as_dict()
 
 
 def _gb(n: float) -> str:
@@ -277,7 +225,7 @@ def format_table(rows: Sequence[tuple[str, MemoryEstimate]], budget: int | None 
     lines = [head, "-" * len(head)]
     for name, e in rows:
         paper = PAPER_GB.get(name, {}).get(e.option)
-        if paper is not None and e.rank and e.rank != _paper_rank(name):
+        if paper is not None and e.rank and e.rank != model_lib.PAPER_RANKS.get(name):
             paper = None  # the paper's figure is for its own rank
         fit = "" if budget is None else ("  fits" if e.total <= budget else "  over")
         lines.append(
@@ -289,31 +237,18 @@ def format_table(rows: Sequence[tuple[str, MemoryEstimate]], budget: int | None 
     return "\n".join(lines)
 
 
-def _paper_rank(name: str) -> int | None:
-    from galorax.app.model import PAPER_RANKS
-
-    return PAPER_RANKS.get(name)
-
-
 # --------------------------------------------------------------------------------------------
 # Command line: ``galorax memory`` (and ``python -m galorax.app.planner``)
 # --------------------------------------------------------------------------------------------
-
-_DTYPES = {"bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16, "float32": jnp.float32}
-_DTYPES |= {"f32": jnp.float32, "float16": jnp.float16}
 
 
 def add_memory_arguments(parser: argparse.ArgumentParser) -> None:
     """Adds the ``galorax memory`` flags to ``parser``."""
     parser.add_argument(
-        "--preset",
-        nargs="+",
-        default=None,
-        help="model presets (tiny 60m 130m 350m 1b 7b; default: 60m..7b)",
+        "--preset", nargs="+", help="model presets (tiny 60m 130m 350m 1b 7b; default: 60m..7b)"
     )
     parser.add_argument(
         "--config",
-        default=None,
         help="a model of your own: JSON object or key=value list of galorax.app.model.ModelConfig "
         "fields, e.g. 'd_model=2560,n_layers=32,n_heads=32,d_ff=6912'",
     )
@@ -324,14 +259,13 @@ def add_memory_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--rank", nargs="+", type=int, default=None, help="GaLore ranks (default: the paper's)"
     )
-    parser.add_argument("--dtype", default="bfloat16", choices=sorted(_DTYPES))
+    parser.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
     parser.add_argument("--side", default="auto", help="GaLore projection side (default: auto)")
-    parser.add_argument("--projector-dtype", default="float32", choices=sorted(_DTYPES))
+    parser.add_argument("--projector-dtype", default="float32", choices=sorted(DTYPES))
     parser.add_argument(
         "--projector-bits",
         type=int,
         choices=(8, 4),
-        default=None,
         help="also size GaLore with int8/int4 projectors (galorax.quantization.quantize_projector)",
     )
     parser.add_argument(
@@ -342,7 +276,6 @@ def add_memory_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--max-memory",
-        default=None,
         help="a budget such as 24GB: sweep ranks and options and say which totals fit",
     )
     parser.add_argument(
@@ -356,9 +289,7 @@ def add_memory_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seq-len", type=int, default=256, help="for --xla (default: 256)")
 
 
-def _parse_config(text: str, vocab_size: int) -> Any:
-    from galorax.app.model import ModelConfig
-
+def _parse_config(text: str, vocab_size: int) -> model_lib.ModelConfig:
     text = text.strip()
     if text.startswith("{"):
         fields = json.loads(text)
@@ -369,94 +300,96 @@ def _parse_config(text: str, vocab_size: int) -> Any:
             fields[key.strip()] = float(value) if "." in value else int(value)
     fields.setdefault("vocab_size", vocab_size)
     try:
-        return ModelConfig(**fields)
+        return model_lib.ModelConfig(**fields)
     except TypeError as e:
         raise ValueError(f"--config: {e}") from None
 
 
-def run_memory(args: argparse.Namespace) -> int:
-    """Runs ``galorax memory``: prints the table (and fits / XLA figures); returns 0."""
-    from galorax.app.model import PAPER_RANKS, get_preset
-
-    models: list[tuple[str, Any]] = []
+def _models(args: argparse.Namespace) -> list[tuple[str, model_lib.ModelConfig]]:
+    models: list[tuple[str, model_lib.ModelConfig]] = []
     if args.config:
         models.append(("custom", _parse_config(args.config, args.vocab_size)))
     presets = args.preset or ([] if args.config else ["60m", "130m", "350m", "1b", "7b"])
-    models += [(p, get_preset(p, vocab_size=args.vocab_size)) for p in presets]
-    dtype, pdtype = _DTYPES[args.dtype], _DTYPES[args.projector_dtype]
-    budget = parse_bytes(args.max_memory) if args.max_memory else None
+    models += [(p, model_lib.get_preset(p, vocab_size=args.vocab_size)) for p in presets]
+    return models
 
+
+def _default_rank(name: str, cfg: model_lib.ModelConfig) -> int:
+    return model_lib.PAPER_RANKS.get(name, max(cfg.d_model // 4, 1))
+
+
+def _plan_rows(
+    args: argparse.Namespace, models: list[tuple[str, model_lib.ModelConfig]], sweep: bool
+) -> list[tuple[str, MemoryEstimate]]:
+    """One estimate per model, option and rank (``sweep``: every sensible rank)."""
+    kw: dict[str, Any] = dict(
+        dtype=DTYPES[args.dtype],
+        side=args.side,
+        projector_dtype=DTYPES[args.projector_dtype],
+        per_layer_updates=args.per_layer_updates,
+    )
     rows: list[tuple[str, MemoryEstimate]] = []
     for name, cfg in models:
-        default_rank = PAPER_RANKS.get(name, max(cfg.d_model // 4, 1))
+        default_rank = _default_rank(name, cfg)
         ranks = args.rank or [default_rank]
-        if budget is not None and not args.rank:  # sweep: smallest to largest sensible rank
+        if sweep and not args.rank:  # smallest to largest sensible rank
             ranks = sorted({r for r in (64, 128, 256, 512, 1024, default_rank) if r <= cfg.d_model})
         for option in args.optimizer:
             for rank in ranks if option.startswith("galore") else [0]:
-                kw = dict(
-                    dtype=dtype,
-                    side=args.side,
-                    projector_dtype=pdtype,
-                    per_layer_updates=args.per_layer_updates,
-                )
                 rows.append((name, plan_memory(cfg, option, rank or default_rank, **kw)))
                 if option.startswith("galore") and args.projector_bits:
                     bits = args.projector_bits
                     rows.append((name, plan_memory(cfg, option, rank, projector_bits=bits, **kw)))
+    return rows
+
+
+def _print_fits(
+    rows: list[tuple[str, MemoryEstimate]], names: list[str], budget: int, text: str
+) -> None:
+    print(f"Fits in {text} (weights + gradients + optimizer state; activations")
+    print("not counted: add them from --xla or your own batch):")
+    for name in names:
+        fit = [e for n, e in rows if n == name and e.total <= budget]
+        if not fit:
+            print(f"  {name}: nothing fits")
+            continue
+        listed = ", ".join(f"{e.option}" + (f" r{e.rank}" if e.rank else "") for e in fit)
+        best = max(fit, key=lambda e: (e.option.startswith("galore"), e.rank, -e.total))
+        print(f"  {name}: {listed}")
+        if best.rank:
+            print(f"    -> largest GaLore rank that fits: {best.rank} ({best.option})")
+
+
+def _print_xla(args: argparse.Namespace, models: list[tuple[str, model_lib.ModelConfig]]) -> None:
+    print("XLA memory analysis of the compiled train step (f32 params, donated state), GB:")
+    print(f"  batch {args.batch_size} x seq {args.seq_len}")
+    for name, cfg in models:
+        if model_lib.count_params(model_lib.abstract_params(cfg)) > args.xla_max_params:
+            continue
+        for option in args.optimizer:
+            rank = (args.rank or [_default_rank(name, cfg)])[0]
+            m = compiled_step_memory(
+                cfg, option, rank, batch_size=args.batch_size, seq_len=args.seq_len
+            )
+            print(
+                f"  {name:<8} {option:<11} args {_gb(m['argument'])}  temp {_gb(m['temp'])}"
+                f"  alias {_gb(m['alias'])}  peak {_gb(m['peak'])}"
+            )
+
+
+def run_memory(args: argparse.Namespace) -> int:
+    """Runs ``galorax memory``: prints the table (and fits / XLA figures); returns 0."""
+    models = _models(args)
+    budget = parse_bytes(args.max_memory) if args.max_memory else None
+    rows = _plan_rows(args, models, sweep=budget is not None)
     print(format_table(rows, budget))
     print()
     print(ASSUMPTIONS)
     if budget is not None:
-        print(f"Fits in {args.max_memory} (weights + gradients + optimizer state; activations")
-        print("not counted: add them from --xla or your own batch):")
-        for name, _ in models:
-            fit = [e for n, e in rows if n == name and e.total <= budget]
-            if not fit:
-                print(f"  {name}: nothing fits")
-                continue
-            text = ", ".join(f"{e.option}" + (f" r{e.rank}" if e.rank else "") for e in fit)
-            best = max(fit, key=lambda e: (e.option.startswith("galore"), e.rank, -e.total))
-            print(f"  {name}: {text}")
-            if best.rank:
-                print(f"    -> largest GaLore rank that fits: {best.rank} ({best.option})")
+        _print_fits(rows, [name for name, _ in models], budget, args.max_memory)
     if args.xla:
-        print("XLA memory analysis of the compiled train step (f32 params, donated state), GB:")
-        print(f"  batch {args.batch_size} x seq {args.seq_len}")
-        for name, cfg in models:
-            from galorax.app.model import abstract_params, count_params
-
-            if count_params(abstract_params(cfg)) > args.xla_max_params:
-                continue
-            for option in args.optimizer:
-                rank = (args.rank or [PAPER_RANKS.get(name, max(cfg.d_model // 4, 1))])[0]
-                m = compiled_step_memory(
-                    cfg, option, rank, batch_size=args.batch_size, seq_len=args.seq_len
-                )
-                print(
-                    f"  {name:<8} {option:<11} args {_gb(m['arguments'])}  temp {_gb(m['temp'])}"
-                    f"  alias {_gb(m['alias'])}  peak {_gb(m['peak'])}"
-                )
+        _print_xla(args, models)
     return 0
-
-
-def _register() -> None:
-    try:
-        from galorax.app import cli
-    except ImportError:  # pragma: no cover - the CLI module is optional here
-        return
-    if hasattr(cli, "register") and hasattr(cli, "Subcommand"):
-        cli.register(
-            cli.Subcommand(
-                "memory",
-                "bytes of weights, gradients and optimizer state; which ranks fit a budget",
-                add_memory_arguments,
-                run_memory,
-            )
-        )
-
-
-_register()
 
 
 if __name__ == "__main__":

@@ -9,16 +9,16 @@ import jax.numpy as jnp
 import optax
 import pytest
 
+from galorax.accounting import tree_bytes
 from galorax.app import model as model_lib
+from galorax.app.optimizers import make_optimizer
 from galorax.app.planner import (
     OPTIONS,
     PAPER_GB,
     add_memory_arguments,
-    make_optimizer,
     parse_bytes,
     plan_memory,
     run_memory,
-    tree_bytes,
 )
 
 SMALL = model_lib.ModelConfig(vocab_size=256, d_model=64, n_layers=2, n_heads=2, d_ff=128)

@@ -1,0 +1,288 @@
+"""A run's settings: :class:`TrainConfig` (what the command line fills, ``None`` = default)
+resolved into a frozen :class:`RunConfig` whose fields are all concrete; the vocabularies
+(:data:`OPTIMIZERS`, :data:`DTYPES`) and defaults every command shares; :class:`UsageError`.
+
+Example:
+    >>> run = resolve_config(TrainConfig(optimizer="adamw", steps=10))
+    >>> run.warmup, run.lr, run.name  # 10% of the steps by default, as in the paper
+    (1, 0.001, 'adamw')
+    >>> resolve_config(TrainConfig(optimizer="galore8bit")).name  # = galore --state-bits 8
+    'galore8bit'
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax.numpy as jnp
+
+from galorax.app import model as model_lib
+
+
+class UsageError(ValueError):
+    """A bad flag or output directory; the message names the flag and the fix."""
+
+
+#: Every optimizer the application builds (``galorax train --optimizer``).
+OPTIMIZERS = ("galore", "adamw", "optax-galore", "galore8bit", "adamw8bit")
+#: Names for an optimizer with 8-bit Adam moments: the optimizer with ``--state-bits 8``.
+EIGHT_BIT = {"galore8bit": "galore", "adamw8bit": "adamw"}
+#: The optimizers ``galorax memory`` sizes (``optax-galore`` cannot take stacked weights
+#: per layer). ``galore8bit``: GaLore with 8-bit Adam as base optimizer (the embeddings,
+#: norms and head, which GaLore leaves full-rank, get 8-bit moments too, as in the paper's
+#: ``GaLoreAdamW8bit``).
+PLANNED_OPTIMIZERS = tuple(sorted(o for o in OPTIMIZERS if o != "optax-galore"))
+#: Dtypes by name (``galorax memory`` takes every name; ``galorax train`` :data:`TRAIN_DTYPES`).
+DTYPES: dict[str, Any] = {
+    "float32": jnp.float32,
+    "bfloat16": jnp.bfloat16,
+    "f32": jnp.float32,
+    "bf16": jnp.bfloat16,
+    "float16": jnp.float16,
+}
+#: Parameter dtypes of ``galorax train --dtype``.
+TRAIN_DTYPES = ("float32", "bfloat16")
+#: Per-optimizer default peak learning rates (the paper tuned GaLore higher, scale 0.25).
+DEFAULT_LR = {"adamw": 1e-3, "galore": 1e-2, "optax-galore": 1e-2}
+#: GaLore-only settings (flags only ``--optimizer galore`` takes) and their resolved defaults
+#: (:func:`galorax.galore`'s: ``residual`` ``off``, ``projector_bits`` 32 = float projectors).
+GALORE_DEFAULTS: dict[str, Any] = {
+    "subspace": "randomized",
+    "moments": "rotate",
+    "stagger": True,
+    "side": "auto",
+    "residual": "off",
+    "adaptive": False,
+    "projector_bits": 32,
+}
+#: Settings a resumed run may change: they decide what is logged and saved, not the weights.
+#: ``mesh`` decides where arrays live, not the maths (the sums' rounding may differ): a
+#: resumed run may move to another mesh or number of processes.
+RESUME_FREE = ("eval_every", "eval_batches", "checkpoint_every", "mesh")
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Settings of one training run as given (``None`` means: pick the documented default).
+
+    Attributes:
+        preset: Model size, a key of :data:`galorax.app.model.PRESETS`.
+        optimizer: One of :data:`OPTIMIZERS`.
+        rank: GaLore rank (default: the paper's rank for the preset; d_model / 4 for tiny).
+        update_proj_gap: Steps between projector refreshes.
+        scale: GaLore update scale (the paper's 0.25).
+        lr: Peak learning rate (default per optimizer: :data:`DEFAULT_LR`).
+        warmup: Linear warmup steps (default 10% of ``steps``), then cosine decay to 10%.
+        steps: Total optimizer steps.
+        batch_size: Sequences per step.
+        seq_len: Tokens per sequence.
+        dtype: Parameter dtype, ``float32`` or ``bfloat16``.
+        seed: Seed of the initialization and the data order.
+        weight_decay: Decoupled weight decay (all optimizers; the paper used 0).
+        grad_clip: Global-norm gradient clipping (0 disables).
+        data: ``None`` (embedded stdlib corpus), a path, ``c4`` or ``hf:NAME[:CONFIG]``.
+        checkpoint_every: Save a checkpoint every this many steps (0: only at the end).
+        eval_every: Validation every this many steps (default: 10 times per run).
+        eval_batches: Number of validation batches.
+        subspace: galore only: ``randomized`` or ``svd`` refresh.
+        moments: galore only: ``keep``, ``align`` or ``rotate`` at a refresh.
+        stagger: galore only: spread the refreshes of the layers over the gap.
+        side: galore only: ``auto``, ``std``, ``reverse_std``, ``left`` or ``right``.
+        residual: galore only: residual compensation, ``channel`` or ``matrix``
+            (:class:`galorax.Residual`); None: off.
+        adaptive: galore only: adaptive refresh gaps (:class:`galorax.AdaptiveRefresh`).
+        state_bits: 32, or 8 for 8-bit Adam moments (adamw: :func:`galorax.adamw_8bit`;
+            galore: :func:`galorax.scale_by_adam_8bit` as the base optimizer).
+        projector_bits: galore only: store projectors in 8 or 4 bits (None: f32).
+        remat: Recompute activations in the backward pass (less memory, more compute).
+        mesh: Shard the run over a device mesh, e.g. ``data=2,fsdp=4`` (all processes'
+            devices): params and optimizer state FSDP over ``fsdp``, the batch's rows over
+            ``data`` and ``fsdp`` (:class:`galorax.app.distributed.TrainPlacement`); GaLore's
+            refreshes split the layers over ``data`` (``refresh_axes``). None: one device.
+    """
+
+    preset: str = "tiny"
+    optimizer: str = "galore"
+    rank: int | None = None
+    update_proj_gap: int = 200
+    scale: float = 0.25
+    lr: float | None = None
+    warmup: int | None = None
+    steps: int | None = None
+    batch_size: int | None = None
+    seq_len: int | None = None
+    dtype: str = "float32"
+    seed: int = 0
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    data: str | None = None
+    checkpoint_every: int | None = None
+    eval_every: int | None = None
+    eval_batches: int = 8
+    subspace: str | None = None
+    moments: str | None = None
+    stagger: bool | None = None
+    side: str | None = None
+    residual: str | None = None
+    adaptive: bool | None = None
+    state_bits: int = 32
+    projector_bits: int | None = None
+    remat: bool = False
+    mesh: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """A resolved, validated :class:`TrainConfig`: every field concrete.
+
+    ``optimizer`` is ``galore``, ``adamw`` or ``optax-galore`` (8-bit names become
+    ``state_bits=8``); the GaLore-only fields hold :data:`GALORE_DEFAULTS` unless given
+    (and are unused by the other optimizers); ``data`` ``""`` is the embedded stdlib corpus,
+    ``mesh`` ``""`` one device.
+    """
+
+    preset: str
+    optimizer: str
+    rank: int
+    update_proj_gap: int
+    scale: float
+    lr: float
+    warmup: int
+    steps: int
+    batch_size: int
+    seq_len: int
+    dtype: str
+    seed: int
+    weight_decay: float
+    grad_clip: float
+    data: str
+    checkpoint_every: int
+    eval_every: int
+    eval_batches: int
+    subspace: str
+    moments: str
+    stagger: bool
+    side: str
+    residual: str
+    adaptive: bool
+    state_bits: int
+    projector_bits: int
+    remat: bool
+    mesh: str
+
+    @property
+    def name(self) -> str:
+        """The optimizer's name in :data:`OPTIMIZERS` (``galore8bit`` for 8-bit GaLore)."""
+        return self.optimizer + ("8bit" if self.state_bits == 8 else "")
+
+    @property
+    def tokens_per_step(self) -> int:
+        """Tokens one optimizer step trains on."""
+        return self.batch_size * self.seq_len
+
+    def as_train_config(self) -> TrainConfig:
+        """The explicit :class:`TrainConfig` of this run (saved in ``config.json``): GaLore
+        options at their defaults, and unused ones, are ``None`` again."""
+        fields = dataclasses.asdict(self)
+        for k, default in GALORE_DEFAULTS.items():
+            if self.optimizer != "galore" or fields[k] == default:
+                fields[k] = None
+        fields["data"] = self.data or None
+        fields["mesh"] = self.mesh or None
+        return TrainConfig(**fields)
+
+
+def _check_choices(cfg: TrainConfig) -> None:
+    if cfg.preset not in model_lib.PRESETS:
+        raise UsageError(
+            f"--preset {cfg.preset!r} is unknown; choose one of: {', '.join(model_lib.PRESETS)}"
+        )
+    if cfg.optimizer not in OPTIMIZERS:
+        raise UsageError(f"--optimizer {cfg.optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
+    if cfg.dtype not in TRAIN_DTYPES:
+        raise UsageError(f"--dtype {cfg.dtype!r}: choose one of {', '.join(TRAIN_DTYPES)}")
+    if cfg.residual not in (None, "channel", "matrix"):
+        raise UsageError(f"--residual {cfg.residual!r}: choose channel or matrix")
+    if cfg.state_bits not in (32, 8):
+        raise UsageError(f"--state-bits {cfg.state_bits}: choose 32 or 8")
+    if cfg.projector_bits not in (None, 8, 4):
+        raise UsageError(f"--projector-bits {cfg.projector_bits}: choose 8 or 4 (or leave out)")
+    if cfg.optimizer == "galore":
+        return
+    given = [k for k in GALORE_DEFAULTS if getattr(cfg, k) not in (None, False)]
+    if given:
+        flags = ", ".join("--" + k.replace("_", "-") for k in given)
+        raise UsageError(f"{flags}: only --optimizer galore takes these (got {cfg.optimizer})")
+    if cfg.optimizer == "optax-galore" and cfg.state_bits != 32:
+        raise UsageError("--state-bits 8: use --optimizer galore or adamw (not optax-galore)")
+
+
+def _check_sizes(run: RunConfig) -> None:
+    for name in ("steps", "batch_size", "seq_len", "rank", "update_proj_gap", "eval_batches"):
+        if getattr(run, name) <= 0:
+            raise UsageError(
+                f"--{name.replace('_', '-')} must be positive, got {getattr(run, name)}"
+            )
+    if run.warmup < 0 or run.warmup > run.steps:
+        raise UsageError(f"--warmup {run.warmup} must be between 0 and --steps {run.steps}")
+    if run.lr <= 0 or not math.isfinite(run.lr):
+        raise UsageError(f"--lr must be a positive number, got {run.lr}")
+
+
+def _given(value: Any, default: Any) -> Any:
+    return default if value is None else value
+
+
+def resolve_config(cfg: TrainConfig) -> RunConfig:
+    """Fills the ``None`` defaults that depend on the preset and optimizer; validates.
+
+    Raises:
+        UsageError: an unknown preset, optimizer or dtype, or a non-positive size.
+    """
+    if cfg.optimizer in EIGHT_BIT:  # galore8bit = galore with --state-bits 8
+        cfg = dataclasses.replace(cfg, optimizer=EIGHT_BIT[cfg.optimizer], state_bits=8)
+    _check_choices(cfg)
+    tiny = cfg.preset == "tiny"
+    steps = _given(cfg.steps, 300 if tiny else 1000)
+    fields = dataclasses.asdict(cfg) | {
+        k: _given(getattr(cfg, k), v) for k, v in GALORE_DEFAULTS.items()
+    }
+    fields |= {
+        "steps": steps,
+        "batch_size": cfg.batch_size or 16,
+        "seq_len": cfg.seq_len or (128 if tiny else 256),
+        "lr": _given(cfg.lr, DEFAULT_LR[cfg.optimizer]),
+        "rank": cfg.rank or model_lib.PAPER_RANKS[cfg.preset],
+        "warmup": _given(cfg.warmup, max(1, steps // 10)),
+        "eval_every": cfg.eval_every or max(1, steps // 10),
+        "checkpoint_every": _given(cfg.checkpoint_every, 100),
+        "data": cfg.data or "",
+        "mesh": cfg.mesh or "",
+    }
+    run = RunConfig(**fields)
+    _check_sizes(run)
+    return run
+
+
+def resume_config(saved: dict[str, Any], flags: dict[str, Any]) -> TrainConfig:
+    """The saved run's settings, checked against (and updated by) the user's flags.
+
+    Raises:
+        UsageError: a flag that would change the trajectory differs from the saved value.
+    """
+    if flags.get("optimizer") in EIGHT_BIT:
+        flags = {**flags, "optimizer": EIGHT_BIT[flags["optimizer"]], "state_bits": 8}
+    clash = {
+        k: v for k, v in flags.items() if k not in RESUME_FREE and k in saved and saved[k] != v
+    }
+    if clash:
+        said = ", ".join(
+            f"--{k.replace('_', '-')} {v} (saved: {saved[k]})" for k, v in clash.items()
+        )
+        raise UsageError(
+            f"--resume continues the saved run as it was configured, but {said} differ; drop "
+            "those flags, or start a new run (--init-from to start from its weights)"
+        )
+    return TrainConfig(**{**saved, **{k: v for k, v in flags.items() if k in RESUME_FREE}})

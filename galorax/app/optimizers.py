@@ -1,0 +1,208 @@
+"""The one optimizer factory (:func:`make_optimizer`) that ``galorax train``, ``compare``,
+``memory`` and the benchmarks build with; which leaves GaLore projects
+(:func:`galore_dimension_numbers`), rank clipping (:func:`clip_rank`) and the paper's
+learning-rate schedule (:func:`make_schedule`).
+
+Example:
+    >>> sched = make_schedule(1e-2, warmup=10, steps=100)
+    >>> round(float(sched(10)), 6), round(float(sched(100)), 6)  # peak, then 10% at the end
+    (0.01, 0.001)
+    >>> from galorax.app import model
+    >>> params = model.abstract_params(model.get_preset("micro"))
+    >>> opt = make_optimizer("galore8bit", params, rank=8)  # planner-style: constant lr
+    >>> import jax; _ = jax.eval_shape(opt.init, params)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from typing import Any
+
+import jax
+import optax
+from optax.contrib import GaLoreDimensionNumbers as OptaxDimensionNumbers
+from optax.contrib import galore as optax_galore
+
+import galorax
+from galorax.app import model as model_lib
+from galorax.app.config import EIGHT_BIT, GALORE_DEFAULTS, OPTIMIZERS, RunConfig
+
+
+def make_schedule(lr: float, warmup: int, steps: int, min_ratio: float = 0.1) -> optax.Schedule:
+    """The paper's schedule: linear warmup from 0, cosine decay to ``min_ratio * lr``."""
+    return optax.warmup_cosine_decay_schedule(
+        0.0, lr, warmup_steps=warmup, decay_steps=max(steps, warmup + 1), end_value=lr * min_ratio
+    )
+
+
+def run_schedule(run: RunConfig) -> optax.Schedule:
+    """A run's schedule: :func:`make_schedule` of its ``lr``, ``warmup`` and ``steps``."""
+    return make_schedule(run.lr, run.warmup, run.steps)
+
+
+def _is_matrix(path: tuple[Any, ...]) -> bool:
+    names = [getattr(k, "key", None) for k in path]
+    return len(names) == 2 and names[0] == "layers" and names[1] in model_lib.MATRIX_NAMES
+
+
+def galore_dimension_numbers(params: Any, folded: bool = False) -> Any:
+    """Which leaves GaLore projects: the stacked layer matrices, not embeddings/norms/head.
+
+    Args:
+        params: The (real or abstract) parameter tree of :mod:`galorax.app.model`.
+        folded: Fold the layer axis into the input axis (one projector shared by all
+            layers), the only way ``optax.contrib.galore`` can take stacked weights.
+
+    Returns:
+        A tree of dimension numbers (``None`` for unprojected leaves).
+    """
+    if folded:
+        dn: Any = OptaxDimensionNumbers(reduction_axis=(0, 1), output_axis=2)
+    else:
+        dn = galorax.GaLoreDimensionNumbers(reduction_axis=1, output_axis=2)  # axis 0: batch
+    return jax.tree_util.tree_map_with_path(lambda p, _: dn if _is_matrix(p) else None, params)
+
+
+def max_rank(params: Any) -> int:
+    """The largest rank every projected matrix can take (its smaller side)."""
+    sides = [
+        min(x.shape[-2:])
+        for p, x in jax.tree_util.tree_flatten_with_path(params)[0]
+        if _is_matrix(p)
+    ]
+    return min(sides)
+
+
+def clip_rank(run: RunConfig, params: Any) -> RunConfig:
+    """``run`` with ``rank`` clipped to the smallest projected matrix side (with a warning).
+
+    Example:
+        >>> from galorax.app import model
+        >>> from galorax.app.config import TrainConfig, resolve_config
+        >>> import warnings
+        >>> params = model.abstract_params(model.get_preset("micro"))
+        >>> with warnings.catch_warnings(record=True) as w:
+        ...     warnings.simplefilter("always")
+        ...     run = clip_rank(resolve_config(TrainConfig(rank=1000)), params)
+        >>> run.rank, str(w[0].message)[:24]
+        (32, '--rank 1000 exceeds the ')
+    """
+    limit = max_rank(params)
+    if run.optimizer == "adamw" or run.rank <= limit:
+        return run
+    warnings.warn(
+        f"--rank {run.rank} exceeds the smallest projected matrix side ({limit}); "
+        f"clipped to {limit}",
+        stacklevel=3,
+    )
+    return dataclasses.replace(run, rank=limit)
+
+
+#: The run settings that reach GaLore (``rank``, ``update_proj_gap`` and ``scale`` reach
+#: ``optax-galore`` too); see :func:`make_optimizer`.
+GALORE_SETTINGS = ("rank", "update_proj_gap", "scale", *GALORE_DEFAULTS)
+
+
+def _galore_keywords(options: dict[str, Any], seed: int | None, eight_bit: bool) -> dict[str, Any]:
+    """:func:`galorax.galore`'s keywords for the application's spelling of its options."""
+    kw = dict(options)
+    if kw.get("subspace", "randomized") == "randomized" and seed is not None:
+        kw["subspace"] = galorax.Randomized(seed=seed)  # the range finder's sketches
+    residual = kw.pop("residual", "off")
+    if residual != "off":
+        kw["residual"] = galorax.Residual(granularity=residual)
+    if kw.pop("adaptive", False):
+        kw["adaptive"] = galorax.AdaptiveRefresh()
+    bits = kw.pop("projector_bits", 32)
+    if bits != 32:
+        kw["projector_bits"] = bits
+    if eight_bit:
+        kw["base_optimizer"] = galorax.scale_by_adam_8bit()
+    return kw
+
+
+def make_optimizer(
+    name: str,
+    params: Any,
+    *,
+    learning_rate: optax.ScalarOrSchedule = 1e-3,
+    weight_decay: float = 0.0,
+    grad_clip: float = 0.0,
+    seed: int | None = None,
+    **galore: Any,
+) -> optax.GradientTransformation:
+    """The optimizer ``name`` (one of :data:`~galorax.app.config.OPTIMIZERS`), as every
+    command builds it: global-norm clipping (if ``grad_clip > 0``), then the optimizer.
+
+    Args:
+        name: ``galore``, ``adamw``, ``optax-galore``, ``galore8bit`` or ``adamw8bit``
+            (8-bit Adam moments: :func:`galorax.adamw_8bit`, or
+            :func:`galorax.scale_by_adam_8bit` as GaLore's base optimizer).
+        params: The (real or abstract) parameter tree of :mod:`galorax.app.model`.
+        learning_rate: A constant (sizing memory: any value) or a schedule.
+        weight_decay: Decoupled weight decay.
+        grad_clip: Global-norm clipping; 0: none.
+        seed: Seed of the randomized refresh's sketches (None: the library's).
+        **galore: :func:`galorax.galore`'s keywords (``rank``, ``update_proj_gap``, ``scale``,
+            ``subspace``, ``moments``, ``stagger``, ``side``, ``projector_dtype``,
+            ``refresh_axes``...; the library's defaults where left out), except
+            ``residual`` (``off``, ``channel`` or ``matrix``), ``adaptive`` (a bool) and
+            ``projector_bits`` (32: float projectors). ``optax-galore`` takes ``rank``,
+            ``update_proj_gap`` and ``scale``; AdamW none of them.
+
+    Raises:
+        ValueError: an unknown ``name``.
+    """
+    if name not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
+    base, eight_bit = EIGHT_BIT.get(name, name), name in EIGHT_BIT
+    opt: optax.GradientTransformation
+    if base == "adamw":
+        adamw = galorax.adamw_8bit if eight_bit else optax.adamw
+        opt = adamw(learning_rate, weight_decay=weight_decay)
+    elif base == "optax-galore":
+        opt = optax_galore(
+            learning_rate,
+            weight_decay=weight_decay,
+            weight_dimension_numbers=galore_dimension_numbers(params, folded=True),
+            **{k: v for k, v in galore.items() if k in ("rank", "update_proj_gap", "scale")},
+        )
+    else:
+        opt = galorax.galore(
+            learning_rate,
+            weight_decay=weight_decay,
+            weight_dimension_numbers=galore_dimension_numbers(params),
+            **_galore_keywords(galore, seed, eight_bit),
+        )
+    if grad_clip > 0:
+        opt = optax.chain(optax.clip_by_global_norm(grad_clip), opt)
+    return opt
+
+
+def run_optimizer(
+    run: RunConfig,
+    params: Any,
+    schedule: optax.Schedule | None = None,
+    refresh_axes: str | None = None,
+) -> optax.GradientTransformation:
+    """A run's optimizer: :func:`make_optimizer` with the run's settings.
+
+    Args:
+        run: The resolved run.
+        params: The (real or abstract) parameters.
+        schedule: The run's learning-rate schedule (default: :func:`run_schedule`).
+        refresh_axes: Mesh axes GaLore's refreshes split the layers over.
+    """
+    galore = {k: getattr(run, k) for k in GALORE_SETTINGS}
+    if refresh_axes is not None:
+        galore["refresh_axes"] = refresh_axes
+    return make_optimizer(
+        run.name,
+        params,
+        learning_rate=run_schedule(run) if schedule is None else schedule,
+        weight_decay=run.weight_decay,
+        grad_clip=run.grad_clip,
+        seed=run.seed,
+        **galore,
+    )

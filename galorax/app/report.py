@@ -1,0 +1,87 @@
+"""What a run reports: the end-of-run table (:func:`format_summary`, each figure beside
+AdamW's) and the loss curves (:func:`plot_curves`, ``loss_curve.png``).
+
+Example:
+    >>> fmt_bytes(512), fmt_bytes(3 * 2**20)
+    ('512 B', '3.00 MiB')
+"""
+
+from __future__ import annotations
+
+import math
+import pathlib
+from typing import Any
+
+import numpy as np
+
+
+def fmt_bytes(n: float | None) -> str:
+    """``n`` bytes in B, KiB, MiB or GiB (``-`` for None)."""
+    if n is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _ratio(a: float | None, b: float | None) -> str:
+    return f" ({a / b:.0%} of AdamW)" if a is not None and b else ""
+
+
+def format_summary(s: dict[str, Any]) -> str:
+    """The end-of-run table: each figure next to AdamW's where one exists."""
+    ref = s.get("adamw") or {}
+    mem = (s.get("step_memory") or {}).get("peak")
+    ref_mem = (ref.get("step_memory") or {}).get("peak")
+    rows = [
+        ("val loss (start -> end)", f"{s['val_loss_start']:.4f} -> {s['val_loss']:.4f}", ""),
+        ("val perplexity (per byte)", f"{s['val_ppl']:.3f}", ""),
+        ("tokens/s (refreshes incl.)", f"{s['tokens_per_s']:.0f}", ""),
+        ("parameters", f"{s['n_params']:,} ({fmt_bytes(s['param_bytes'])})", ""),
+        (
+            "optimizer state",
+            fmt_bytes(s["opt_state_bytes"])
+            + _ratio(s["opt_state_bytes"], ref.get("opt_state_bytes")),
+            fmt_bytes(ref.get("opt_state_bytes")),
+        ),
+        ("train step memory (XLA)", fmt_bytes(mem) + _ratio(mem, ref_mem), fmt_bytes(ref_mem)),
+    ]
+    w0 = max(len(r[0]) for r in rows)
+    w1 = max(len(r[1]) for r in rows + [("", s["optimizer"], "")])
+    lines = [f"{'':<{w0}}  {s['optimizer']:<{w1}}  adamw", f"{'-' * w0}  {'-' * w1}  {'-' * 10}"]
+    lines += [f"{a:<{w0}}  {b:<{w1}}  {c}" for a, b, c in rows]
+    return "\n".join(lines)
+
+
+def plot_curves(runs: dict[str, list[dict[str, Any]]], path: pathlib.Path, title: str = "") -> None:
+    """Train loss (smoothed) and validation loss per step for each run, to one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for i, (label, recs) in enumerate(runs.items()):
+        color = f"C{i}"
+        tr = [(r["step"], r["loss"]) for r in recs if "loss" in r and math.isfinite(r["loss"])]
+        if tr:
+            s, loss = np.array(tr).T
+            ema, out = loss[0], []
+            for v in loss:  # exponential smoothing: per-step losses are noisy
+                ema = 0.9 * ema + 0.1 * v
+                out.append(ema)
+            ax.plot(s, out, color=color, alpha=0.6, lw=1, label=f"{label} train (EMA)")
+        va = [(r["step"], r["val_loss"]) for r in recs if "val_loss" in r]
+        if va:
+            s, v = np.array(va).T
+            ax.plot(s, v, "o-", color=color, lw=2, ms=4, label=f"{label} val")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/byte)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

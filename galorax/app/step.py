@@ -1,0 +1,139 @@
+"""The one train step: :func:`make_train_step` (what ``galorax train`` runs and
+``galorax memory --xla`` compiles), :func:`compile_step`, and the one memory record of a
+compiled step from XLA's memory analysis (:class:`StepMemory`).
+
+Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from galorax.app import model
+    >>> from galorax.app.optimizers import make_optimizer
+    >>> mcfg = model.ModelConfig(vocab_size=256, d_model=32, n_layers=1, n_heads=2, d_ff=64)
+    >>> params = model.abstract_params(mcfg)
+    >>> opt = make_optimizer("adamw", params)
+    >>> state = jax.eval_shape(opt.init, params)
+    >>> batch = jax.ShapeDtypeStruct((2, 17), jnp.int32)
+    >>> mem = step_memory(compile_step(mcfg, opt, params, state, batch))
+    >>> mem is None or mem.peak == mem.argument + mem.output - mem.alias + mem.temp
+    True
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from galorax.accounting import tree_bytes
+from galorax.app import model as model_lib
+from galorax.app.checkpoint import with_shardings
+from galorax.app.config import RunConfig
+from galorax.app.distributed import TrainPlacement
+from galorax.app.optimizers import run_optimizer
+
+
+def make_train_step(
+    mcfg: model_lib.ModelConfig,
+    opt: optax.GradientTransformation,
+    remat: bool = False,
+    out_shardings: Any = None,
+) -> Any:
+    """A jitted ``(params, opt_state, batch) -> (params, opt_state, loss)``; donates the state.
+
+    On a mesh, ``out_shardings`` (params', state's, loss's) pins the outputs to the inputs'
+    shardings, so every step runs the same compiled program.
+    """
+
+    def step(params: Any, opt_state: Any, batch: jax.Array) -> tuple[Any, Any, jax.Array]:
+        loss, grads = jax.value_and_grad(model_lib.loss_fn)(params, batch, mcfg, remat)
+        updates, opt_state = opt.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    if out_shardings is not None:
+        return jax.jit(step, donate_argnums=(0, 1), out_shardings=out_shardings)
+    return jax.jit(step, donate_argnums=(0, 1))
+
+
+def compile_step(
+    mcfg: model_lib.ModelConfig,
+    opt: optax.GradientTransformation,
+    params: Any,
+    opt_state: Any,
+    batch: Any,
+    remat: bool = False,
+    out_shardings: Any = None,
+) -> Any:
+    """:func:`make_train_step` lowered on (real or abstract) inputs and compiled."""
+    step = make_train_step(mcfg, opt, remat, out_shardings)
+    return step.lower(params, opt_state, batch).compile()
+
+
+class StepMemory(NamedTuple):
+    """XLA's memory analysis of a compiled step, in bytes.
+
+    Attributes:
+        argument: Input buffers (params, state, batch).
+        output: Output buffers.
+        alias: Outputs written into donated inputs (counted once).
+        temp: Temporaries (activations, gradients, SVD workspace...).
+    """
+
+    argument: int
+    output: int
+    alias: int
+    temp: int
+
+    @property
+    def peak(self) -> int:
+        """The bytes the step needs live at once: arguments + outputs - aliased + temps."""
+        return self.argument + self.output - self.alias + self.temp
+
+    def as_dict(self) -> dict[str, int]:
+        """``argument``, ``output``, ``alias``, ``temp`` and ``peak`` (``summary.json``'s)."""
+        return {**self._asdict(), "peak": self.peak}
+
+
+def step_memory(compiled: Any) -> StepMemory | None:
+    """The memory record of a compiled program; None if the backend does not report it."""
+    try:
+        m = compiled.memory_analysis()
+    except Exception:  # not every backend implements it
+        return None
+    if m is None:
+        return None
+    return StepMemory(
+        argument=int(m.argument_size_in_bytes),
+        output=int(m.output_size_in_bytes),
+        alias=int(m.alias_size_in_bytes),
+        temp=int(m.temp_size_in_bytes),
+    )
+
+
+def adamw_reference(
+    run: RunConfig,
+    mcfg: model_lib.ModelConfig,
+    abstract: Any,
+    placement: TrainPlacement | None = None,
+) -> dict[str, Any]:
+    """AdamW's optimizer-state bytes and compiled step memory, computed without running it.
+
+    AdamW with ``run``'s learning rate, clipping and weight decay, 32-bit state. With a
+    ``placement``, AdamW's step is compiled sharded the same way (its memory is then per
+    device).
+    """
+    opt = run_optimizer(dataclasses.replace(run, optimizer="adamw", state_bits=32), abstract)
+    state = jax.eval_shape(opt.init, abstract)
+    shape = (run.batch_size, run.seq_len + 1)
+    batch: Any = jax.ShapeDtypeStruct(shape, jnp.int32)
+    shardings = None
+    if placement is not None:
+        shardings = (placement.params, placement.state(opt, abstract), placement.replicated)
+        abstract, state = with_shardings((abstract, state), shardings[:2])
+        batch = placement.abstract_batch(shape, jnp.int32)
+    compiled = compile_step(mcfg, opt, abstract, state, batch, run.remat, shardings)
+    memory = step_memory(compiled)
+    return {
+        "opt_state_bytes": tree_bytes(state),
+        "step_memory": None if memory is None else memory.as_dict(),
+    }

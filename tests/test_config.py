@@ -1,0 +1,44 @@
+"""The run config: TrainConfig (as given) resolved into a RunConfig (every field concrete)."""
+
+import dataclasses
+
+import pytest
+
+from galorax.app.config import (
+    GALORE_DEFAULTS,
+    RunConfig,
+    TrainConfig,
+    UsageError,
+    resolve_config,
+    resume_config,
+)
+
+
+@pytest.mark.parametrize(
+    "given",
+    [
+        {},
+        {"optimizer": "adamw", "lr": 3e-3},
+        {"optimizer": "galore8bit", "moments": "keep", "residual": "channel"},
+        {"optimizer": "optax-galore", "mesh": "data=1", "data": "somewhere"},
+    ],
+)
+def test_resolved_fields_are_concrete_and_round_trip(given):
+    run = resolve_config(TrainConfig(**given))
+    assert all(getattr(run, f.name) is not None for f in dataclasses.fields(RunConfig))
+    saved = run.as_train_config()  # what config.json keeps
+    assert resolve_config(saved) == run
+    if run.optimizer != "galore":
+        assert all(getattr(saved, k) is None for k in GALORE_DEFAULTS)
+
+
+def test_defaults_are_saved_as_none():
+    saved = resolve_config(TrainConfig(moments="rotate", stagger=False)).as_train_config()
+    assert saved.moments is None and saved.stagger is False and saved.data is None
+
+
+def test_resume_config_refuses_a_changed_trajectory():
+    saved = dataclasses.asdict(resolve_config(TrainConfig()).as_train_config())
+    assert resume_config(saved, {"eval_every": 7}).eval_every == 7
+    with pytest.raises(UsageError, match="--lr 0.5"):
+        resume_config(saved, {"lr": 0.5})
