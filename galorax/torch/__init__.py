@@ -15,7 +15,9 @@ The modules, bottom up:
 * :mod:`~galorax.torch.adamw` (:class:`GaLoreAdamW`, :class:`GaLoreAdamW8bit`, whose moments
   :mod:`~galorax.torch.blockwise` quantizes) and :mod:`~galorax.torch.adafactor`
   (:class:`GaLoreAdafactor`).
-* :mod:`~galorax.torch.layerwise`: :class:`LayerwiseGaLore`, updates from gradient hooks.
+* :mod:`~galorax.torch.layerwise`: :class:`LayerwiseGaLore`, updates from gradient hooks, and
+  :mod:`~galorax.torch.trainer`: :class:`LayerwiseOptimizer`, the same as a
+  ``torch.optim.Optimizer`` (for the Hugging Face Trainer).
 * :mod:`~galorax.torch.migrate`: galore-torch 1.0 state dicts, loaded by ``load_state_dict``.
 * :mod:`~galorax.torch.targets`: :func:`param_groups` from module names (the Trainer's
   ``optim_target_modules``).
@@ -38,6 +40,7 @@ _EXPORTS = {
     "GaLoreAdamW": "galorax.torch.adamw",
     "GaLoreAdamW8bit": "galorax.torch.adamw",
     "LayerwiseGaLore": "galorax.torch.layerwise",
+    "LayerwiseOptimizer": "galorax.torch.trainer",
     "find_subspace": "galorax.torch.projector",
     "param_groups": "galorax.torch.targets",
     "resolve_side": "galorax.torch.projector",
@@ -53,6 +56,7 @@ _SUBMODULES = (
     "migrate",
     "projector",
     "targets",
+    "trainer",
 )
 
 __all__ = sorted(_EXPORTS)
@@ -77,3 +81,4 @@ if TYPE_CHECKING:
     from galorax.torch.layerwise import LayerwiseGaLore
     from galorax.torch.projector import find_subspace, resolve_side
     from galorax.torch.targets import param_groups
+    from galorax.torch.trainer import LayerwiseOptimizer

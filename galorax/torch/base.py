@@ -112,7 +112,7 @@ class GaLoreOptimizer(Optimizer):
             # Stagger slots are spread over all projected parameters (as the JAX API spreads
             # them over all projected leaves), each within its own group's gap.
             projected = [
-                id(p) for g in self.param_groups for p in g["params"] if self._is_projected(p, g)
+                id(p) for g in self.param_groups for p in g["params"] if self.is_projected(p, g)
             ]
             pos = {key: j for j, key in enumerate(projected)}
             meta: dict[int, tuple[int, int]] = {}
@@ -130,7 +130,8 @@ class GaLoreOptimizer(Optimizer):
         return self._meta_cache
 
     @staticmethod
-    def _is_projected(p: torch.Tensor, group: dict[str, Any]) -> bool:
+    def is_projected(p: torch.Tensor, group: dict[str, Any]) -> bool:
+        """Whether ``p`` gets a projected gradient: a matrix in a GaLore group."""
         # Only matrices: galore-torch would crash on 1-D tensors; higher ranks (convs, stacked
         # layers) are left full-rank here.
         return group.get("rank") is not None and p.dim() == 2
@@ -232,7 +233,7 @@ class GaLoreOptimizer(Optimizer):
             raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
         loc = LocalView(p, grad)
         assert loc.grad is not None
-        if not self._is_projected(p, group):
+        if not self.is_projected(p, group):
             return loc.grad
         state = self.state[p]
         if "step" not in state:
@@ -241,14 +242,58 @@ class GaLoreOptimizer(Optimizer):
             state["retry"] = 0
         side = self._side(loc.shape, group)
         index, offset = self._meta()[id(p)]
-        offset = int(state.setdefault("refresh_offset", offset))
-        gap = int(group["update_proj_gap"])
-        s = int(state["step"])
-        due = s == 0 or "projector" not in state or bool(state["retry"])
-        due = due or (s % gap == offset % gap)
-        if due:
+        state.setdefault("refresh_offset", offset)
+        if self.refresh_due(p, group):
             self._refresh(group, state, loc, side, index)
         return project(loc.grad, state["projector"], side, loc.reduce)
+
+    def refresh_due(self, p: torch.Tensor, group: dict[str, Any]) -> bool:
+        """Whether the next :meth:`prepare` of ``p`` refreshes its projector (and so needs
+        ``p``'s full gradient): at its first step, on its slot of every gap, after a refused
+        refresh. False for a parameter that is not projected.
+
+        Example:
+            >>> from galorax.torch import GaLoreAdamW
+            >>> w = torch.nn.Parameter(torch.zeros(8, 4))
+            >>> opt = GaLoreAdamW([w], rank=2, update_proj_gap=3, stagger=False)
+            >>> due = []
+            >>> for _ in range(4):
+            ...     due.append(opt.refresh_due(w, opt.param_groups[0]))
+            ...     w.grad = torch.randn(8, 4)
+            ...     opt.step()
+            >>> due
+            [True, False, False, True]
+            >>> tuple(opt.project_gradient(w, opt.param_groups[0], torch.ones(8, 4)).shape)
+            (2, 4)
+        """
+        if not self.is_projected(p, group):
+            return False
+        state = self.state.get(p, {})
+        s = int(state.get("step", 0))
+        if s == 0 or "projector" not in state or bool(state.get("retry", 0)):
+            return True
+        offset = int(state.get("refresh_offset", self._meta()[id(p)][1]))
+        gap = int(group["update_proj_gap"])
+        return s % gap == offset % gap
+
+    @torch.no_grad()
+    def project_gradient(
+        self, p: torch.Tensor, group: dict[str, Any], grad: torch.Tensor
+    ) -> torch.Tensor:
+        """``grad`` projected with ``p``'s current projector (no refresh), in f32.
+
+        What :meth:`prepare` returns when :meth:`refresh_due` is False; being linear, the
+        projections of micro-batch gradients sum to the projection of their sum.
+
+        Raises:
+            ValueError: ``p`` is not projected or has no projector yet.
+        """
+        state = self.state.get(p, {})
+        if not self.is_projected(p, group) or "projector" not in state:
+            raise ValueError("project_gradient needs a projected parameter with a projector")
+        loc = LocalView(p, grad)
+        assert loc.grad is not None
+        return project(loc.grad, state["projector"], self._side(loc.shape, group), loc.reduce)
 
     def _refresh(
         self, group: dict[str, Any], state: dict[str, Any], loc: LocalView, side: str, index: int
@@ -300,7 +345,7 @@ class GaLoreOptimizer(Optimizer):
     ) -> torch.Tensor:
         """Low-rank update -> the parameter's (local) shape, times ``scale``; identity if the
         parameter is not projected."""
-        if not self._is_projected(p, group):
+        if not self.is_projected(p, group):
             return update
         side = self._side(tuple(p.shape), group)
         return project_back(update, self.state[p]["projector"], side) * float(group["scale"])

@@ -1,4 +1,4 @@
-"""What ``import galorax.torch`` costs: no JAX, no CLI, and a clear error without torch.
+"""What ``import galorax.torch`` costs: no JAX, CLI or transformers; a clear error without torch.
 
 Each case runs a fresh interpreter: this process has imported JAX already (other tests)."""
 
@@ -18,6 +18,7 @@ import galorax.torch
 loaded = {"torch_after_import": "torch" in sys.modules}
 import torch
 from galorax.torch import GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit, LayerwiseGaLore
+from galorax.torch import LayerwiseOptimizer, param_groups
 w = torch.nn.Parameter(torch.zeros(64, 32))
 for opt in (GaLoreAdamW([w], rank=4), GaLoreAdamW8bit([w], rank=4, min_8bit_size=16),
             GaLoreAdafactor([w], rank=4)):
@@ -26,8 +27,12 @@ for opt in (GaLoreAdamW([w], rank=4), GaLoreAdamW8bit([w], rank=4, min_8bit_size
 lw = LayerwiseGaLore(GaLoreAdamW([w], rank=4))
 (w * torch.randn(64, 32)).sum().backward()
 lw.step()
-loaded["modules"] = sorted(m for m in sys.modules if m.split(".")[0] == "jax"
-                           or m == "galorax.app" or m.startswith("galorax.app."))
+lw.remove()
+opt = LayerwiseOptimizer(GaLoreAdamW([w], rank=4))
+(w * torch.randn(64, 32)).sum().backward()
+opt.step()
+loaded["modules"] = sorted(m for m in sys.modules if m.split(".")[0] in ("jax", "transformers",
+                           "accelerate") or m == "galorax.app" or m.startswith("galorax.app."))
 print(json.dumps(loaded))
 """
 
@@ -50,7 +55,7 @@ def _run(code: str) -> str:
     return done.stdout.strip().splitlines()[-1]
 
 
-def test_torch_optimizers_import_neither_jax_nor_the_cli():
+def test_torch_optimizers_import_neither_jax_nor_the_cli_nor_transformers():
     loaded = json.loads(_run(_USE_OPTIMIZERS))
     assert loaded == {"torch_after_import": False, "modules": []}
 
