@@ -69,7 +69,16 @@ def _as_ours(x: Any) -> GaLoreDimensionNumbers | None:
     return None if x is None else GaLoreDimensionNumbers(x.reduction_axis, x.output_axis)
 
 
-def _is_masked(x: Any) -> bool:
+def is_masked(x: Any) -> bool:
+    """Whether ``x`` is ``optax.MaskedNode()``: a leaf left out (by ``optax.masked``/
+    ``partition``, or unprojected in GaLore's state). A leafless pytree node, so tree
+    functions that must keep it in place take ``is_leaf=is_masked``.
+
+    Example:
+        >>> import optax
+        >>> is_masked(optax.MaskedNode()), is_masked(None)
+        (True, False)
+    """
     return isinstance(x, optax.MaskedNode)
 
 
@@ -167,12 +176,12 @@ def resolve_dimension_numbers(params: Any, weight_dimension_numbers: GaLoreDimNu
     projects 2-D leaves only; one spec applies to every leaf with 2 or more axes; a tree
     must match ``params``; a callable is called on ``params``.
     """
-    leaves, treedef = jax.tree.flatten(params, is_leaf=_is_masked)
+    leaves, treedef = jax.tree.flatten(params, is_leaf=is_masked)
     spec = weight_dimension_numbers
     if spec is None or _is_dims(spec):
         default = GaLoreDimensionNumbers() if spec is None else _as_ours(spec)
         want = (lambda p: p.ndim == 2) if spec is None else (lambda p: p.ndim >= 2)
-        return [None if _is_masked(p) or not want(p) else default for p in leaves]
+        return [None if is_masked(p) or not want(p) else default for p in leaves]
     if callable(spec):
         spec = spec(params)
     dims, dims_def = jax.tree.flatten(spec, is_leaf=_is_dim_nums_leaf)
@@ -182,7 +191,7 @@ def resolve_dimension_numbers(params: Any, weight_dimension_numbers: GaLoreDimNu
             "params' structure holding a GaLoreDimensionNumbers or None at every leaf "
             f"(or one GaLoreDimensionNumbers for all).\n  params: {treedef}\n  dims:   {dims_def}"
         )
-    return [None if _is_masked(p) else _as_ours(d) for p, d in zip(leaves, dims, strict=True)]
+    return [None if is_masked(p) else _as_ours(d) for p, d in zip(leaves, dims, strict=True)]
 
 
 def _path_str(path: Any) -> str:

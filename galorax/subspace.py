@@ -122,7 +122,6 @@ def _svqb(y: jax.Array, fill: jax.Array, tol: float, precision: Precision) -> ja
     return jnp.where(keep[..., None, :], q, fill)
 
 
-
 def exact_basis(a: jax.Array, rank: int, *, left: bool = True) -> jax.Array:
     """Top-``rank`` left (or right) singular vectors of ``a`` by thin SVD (the seed's method).
 

@@ -5,54 +5,34 @@ semantics) with keyword-only extensions that fix what the seed implementation ge
 wrong: per-slice projectors for stacked weights (batch axes), a matmul-only randomized
 refresh, moments carried across refreshes, staggered refreshes, a f32 projector for
 low-precision weights and refreshes that survive zero or non-finite gradients.
+
+The pieces live in their own modules: the options and their checks in
+:mod:`galorax.options`, the per-leaf math in :mod:`galorax.projector`, the moments'
+rotation in :mod:`galorax.moments`. Here they are mapped over the parameter tree.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import math
-from collections.abc import Callable, Sequence
-from typing import Any, Literal, NamedTuple
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
-from jax.sharding import PartitionSpec
-from optax._src import base, numerics
 
-from galorax import placement as _sharding
-from galorax import subspace as _subspace
-from galorax.dimension_numbers import (
-    GaLoreDimNumsOrFn,
-    MatrixView,
-    _is_masked,
-    resolve_dimension_numbers,
-)
-from galorax.projector import quantize_projector
-from galorax.quantization.blockwise import (
-    QuantizedArray,
-    dequantize_blockwise,
-    is_quantized,
-    quantize_like,
-)
-from galorax.residual import Residual, compensation
-from galorax.schedule import AdaptiveRefresh, RefreshSchedule, advance, subspace_overlap
+from galorax import placement
+from galorax.dimension_numbers import GaLoreDimNumsOrFn, is_masked
+from galorax.moments import Transition, check_moments, moment_kinds, rotate_moments
+from galorax.options import GaLoreOptions, MomentKind, Moments, Side, Subspace, galore_options
+from galorax.projector import LeafProjector, is_projector_leaf, make_projectors
+from galorax.residual import Residual
+from galorax.schedule import AdaptiveRefresh
 
-Subspace = Literal["svd", "randomized"] | _subspace.Randomized
-Moments = Literal["keep", "align", "rotate"]
-Side = Literal["auto", "std", "reverse_std", "left", "right"]
+__all__ = ["GaLoreState", "galore", "scale_by_galore"]
 
-_SUBSPACES = ("svd", "randomized")
-_MOMENTS = ("keep", "align", "rotate")
-_SIDES = ("auto", "std", "reverse_std", "left", "right")
-_PROJECTOR_BITS = (8, 4)
-# Values per float32 scale of a quantized projector (``projector_bits``).
-_PROJECTOR_GROUP = 256
-# Base-optimizer state fields that hold moments of the (projected) gradient: first
-# moments rotate with C = P_new^T P_old, second moments with C * C (see `moments`).
-_FIRST_MOMENTS = ("mu", "trace", "momentum")
-_SECOND_MOMENTS = ("nu",)
+# The start of optax's message for a transform called without the params it needs
+# (``optax._src.base.NO_PARAMS_MSG``, not public).
+_NO_PARAMS = "requires the current value of parameters"
 
 
 class GaLoreState(NamedTuple):
@@ -75,157 +55,51 @@ class GaLoreState(NamedTuple):
     """
 
     count: jax.typing.ArrayLike  # type: ignore[assignment]  # shape=(), dtype=jnp.int32
-    base_optimizer_state: base.OptState
-    projector: base.Updates
-    schedule: base.Updates = None
-    residual_norm: base.Updates = None
+    base_optimizer_state: optax.OptState
+    projector: optax.Updates
+    schedule: optax.Updates = None
+    residual_norm: optax.Updates = None
 
 
-@dataclasses.dataclass(frozen=True)
-class _Plan:
-    """Static facts of one projected leaf."""
-
-    view: MatrixView
-    left: bool  # P spans the rows side: low-rank gradient = P^T G, shape (r, n)
-    rank: int
-    offset: int  # first step of its stagger slot
-    index: int  # position among projected leaves (seeds its sketches)
-
-    @property
-    def proj_shape(self) -> tuple[int, ...]:
-        rows = self.view.m if self.left else self.view.n
-        return (*self.view.batch_shape, rows, self.rank)
-
-    @property
-    def low_shape(self) -> tuple[int, ...]:
-        v = self.view
-        return (*v.batch_shape, self.rank, v.n) if self.left else (*v.batch_shape, v.m, self.rank)
+def _unzip(treedef: Any, tree: Any, n: int) -> tuple[Any, ...]:
+    """A tree of per-leaf ``n``-tuples (at ``treedef``'s leaves) as ``n`` trees."""
+    cols = list(zip(*treedef.flatten_up_to(tree), strict=True)) or [()] * n
+    return tuple(treedef.unflatten(col) for col in cols)
 
 
-def _uses_left(side: str, m: int, n: int) -> bool:
-    if side in ("auto", "reverse_std"):  # least state: project the long side
-        return m >= n
-    if side == "std":  # galore-torch's default: project the short side
-        return m < n
-    return side == "left"
+def _init_leaf(proj: LeafProjector | None, param: Any) -> tuple[Any, ...]:
+    """``(projector, low-rank proxy, schedule, residual norm, low)`` of one leaf; ``low``:
+    the proxy where projected, else masked (what rotation would touch)."""
+    masked = optax.MaskedNode()
+    if proj is not None:
+        p, proxy, schedule, norm = proj.init(param)
+        return p, proxy, schedule, norm, proxy
+    proxy = (
+        param if is_masked(param) else placement.like(jnp.zeros(param.shape, param.dtype), param)
+    )
+    return masked, proxy, masked, masked, masked
 
 
-def _check_positive_int(value: Any, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        hint = ""
-        if isinstance(value, jax.Array | float):
-            hint = " Under optax.inject_hyperparams, pass static_args=('rank', 'update_proj_gap')."
-        raise TypeError(f"`{name}` must be a positive int, got {value!r}.{hint}")
+def _project_leaf(proj: LeafProjector | None, g: Any, old: Any, sched: Any, count: Any):
+    """``(low-rank gradient, projector, schedule, transition, carry)`` of one leaf."""
+    if proj is None:
+        return g, old, sched, None, None
+    low, new, sched, changed, carry = proj.step(g, old, sched, count)
+    rotate = proj.options.moments == "rotate"
+    transition = Transition(changed, new, old, proj.left, proj.low_shape) if rotate else None
+    return low, new, sched, transition, carry
 
 
-def _check_choice(value: Any, name: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"`{name}` must be one of {choices}, got {value!r}.")
-
-
-def _check_projector_bits(value: Any) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, int | np.integer) and not isinstance(value, bool):
-        if int(value) in _PROJECTOR_BITS:
-            return int(value)
-    hint = ""
-    if isinstance(value, jax.Array):
-        hint = " Under optax.inject_hyperparams, add 'projector_bits' to static_args."
-    raise ValueError(f"`projector_bits` must be None, 8 or 4, got {value!r}.{hint}")
-
-
-def _check_axes(value: Any) -> tuple[str, ...]:
-    """``refresh_axes`` as a tuple of mesh axis names."""
-    if value is None:
-        return ()
-    axes = (value,) if isinstance(value, str) else value
-    if (
-        not isinstance(axes, tuple | list)
-        or not all(isinstance(a, str) and a for a in axes)
-        or len(set(axes)) != len(axes)
-    ):
-        raise TypeError(
-            f"`refresh_axes` must be a mesh axis name or a tuple of distinct names, e.g. "
-            f"'data' or ('data', 'replica'), got {value!r}."
-        )
-    return tuple(axes)
-
-
-def _quantize_projector(p: jax.Array, bits: int) -> QuantizedArray:
-    """``p`` (``(*batch, rows, r)``) in ``bits`` with one scale per group of at most
-    ``_PROJECTOR_GROUP`` values; a group never spans two slices, so the slices of a
-    stacked leaf can be replaced one by one (see :func:`_select_slices`)."""
-    rows, r = p.shape[-2:]
-    return quantize_projector(p, bits=bits, group_size=max(1, min(_PROJECTOR_GROUP, rows * r)))
-
-
-def _select_slices(accept: jax.Array, new: QuantizedArray, old: QuantizedArray) -> Any:
-    """``new``'s slices where ``accept`` (batch-shaped), else ``old``'s, codes and scales."""
-
-    def pick(a: jax.Array, b: jax.Array) -> jax.Array:
-        return jnp.where(accept.reshape(accept.shape + (1,) * (a.ndim - accept.ndim)), a, b)
-
-    return jax.tree.map(pick, new, old)
-
-
-def _quantized_spec(x: jax.Array, proj_spec: Any, n_batch: int, param: Any) -> Any:
-    """Spec of a quantized projector's codes or scales under explicit sharding.
-
-    Arrays shaped ``(*batch, rows, k)`` (8-bit codes) take the projector's spec; arrays
-    shaped ``(*batch, k)``, whose last axis runs over ``(rows, r)`` row-major (4-bit codes,
-    group scales), are split over it like the rows when it divides evenly: what sharding
-    propagation gives the refresh's output, so the update's outputs match its inputs.
-    """
-    if proj_spec is None:
-        return None
-    entries = tuple(proj_spec) + (None,) * (n_batch + 2 - len(proj_spec))
-    if x.ndim == n_batch + 2:
-        return proj_spec
-    rows = entries[n_batch]
-    names = rows if isinstance(rows, tuple) else () if rows is None else (rows,)
-    mesh = _sharding.explicit_mesh(param)
-    if (
-        mesh is None
-        or x.ndim != n_batch + 1
-        or x.shape[-1] % math.prod(mesh.shape[a] for a in names)
-    ):
-        rows = None
-    return PartitionSpec(*entries[:n_batch], rows)
-
-
-def _dense(p: Any, dtype: Any) -> jax.Array:
-    """A stored projector as a ``dtype`` array (dequantized with ``projector_bits``)."""
-    return dequantize_blockwise(p, dtype) if is_quantized(p) else p.astype(dtype)
-
-
-def _is_leaf(x: Any) -> bool:
-    """Masked placeholders and quantized projectors are leaves of a projector tree."""
-    return _is_masked(x) or is_quantized(x)
-
-
-def _apply_moment_maps(state: Any, maps: Callable[[Any, bool], Any]) -> Any:
-    """Rebuilds ``state`` with ``maps(tree, second)`` applied to every moment field."""
-    if isinstance(state, tuple) and hasattr(state, "_fields"):
-        fields = {}
-        for name, value in zip(state._fields, state, strict=True):
-            if name in _FIRST_MOMENTS or name in _SECOND_MOMENTS:
-                fields[name] = maps(value, name in _SECOND_MOMENTS)
-            else:
-                fields[name] = _apply_moment_maps(value, maps)
-        return type(state)(**fields)
-    if isinstance(state, tuple | list):
-        return type(state)(_apply_moment_maps(s, maps) for s in state)
-    if isinstance(state, dict):
-        return {k: _apply_moment_maps(v, maps) for k, v in state.items()}
-    return state
+def _back_leaf(proj: LeafProjector | None, g: Any, carry: Any, u: Any, norm: Any):
+    """One leaf's update in parameter space and its new residual norm."""
+    return (u, norm) if proj is None else proj.finish(g, carry, u, norm)
 
 
 def scale_by_galore(
     rank: int = 128,
     update_proj_gap: int = 200,
     scale: float = 1.0,
-    base_optimizer: base.GradientTransformation | None = None,
+    base_optimizer: optax.GradientTransformation | None = None,
     weight_dimension_numbers: GaLoreDimNumsOrFn | None = None,
     *,
     subspace: Subspace = "randomized",
@@ -238,7 +112,8 @@ def scale_by_galore(
     adaptive: AdaptiveRefresh | bool | None = None,
     projector_bits: int | None = None,
     refresh_axes: str | Sequence[str] | None = None,
-) -> base.GradientTransformationExtraArgs:
+    moment_fields: Mapping[str, MomentKind] | None = None,
+) -> optax.GradientTransformationExtraArgs:
     """Scale updates using GaLore (Gradient Low-Rank Projection).
 
     Same signature, defaults and state fields as ``optax.contrib.scale_by_galore``; the
@@ -267,11 +142,8 @@ def scale_by_galore(
             ``"keep"``: nothing (the seed). ``"align"``: flip the signs of the new
             projector's columns to match the old ones (an SVD picks signs at random,
             which scrambles the moments). ``"rotate"``: align, then carry the moments
-            into the new basis with ``C = P_new^T P_old``: the first moment becomes
-            ``C m`` (exact for the part of the old subspace that the new one keeps); the
-            second moment, a per-coordinate variance that no rotation maps exactly,
-            becomes ``(C * C) v``, the diagonal of ``C diag(v) C^T``, which keeps it
-            non-negative and keeps its total where the subspaces agree.
+            into the new basis: first moments ``m`` become ``C m`` with ``C = P_new^T
+            P_old``, second moments ``v`` become ``(C * C) v`` (:mod:`galorax.moments`).
         stagger: Spread the leaves' refreshes evenly over the gap, so no single step
             pays them all; every leaf still gets its projector at the first step.
         side: ``"auto"``: least state, the seed's (projector ``(m, r)`` when ``m >= n``,
@@ -290,13 +162,8 @@ def scale_by_galore(
             store each projector quantized (:func:`galorax.quantize_projector`: symmetric
             linear code, one ``float32`` scale per group of 256 values, never across two
             slices of a stacked leaf), a :class:`galorax.QuantizedArray` in
-            ``state.projector``. A refresh quantizes the new basis; every use (projection,
-            back-projection, warm start, sign alignment, moment rotation, residual,
-            subspace overlap) dequantizes it to the compute dtype first. Projector bytes:
-            1.016 (8) or 0.516 (4) per value instead of 4 (3.9x / 7.8x smaller). Measured
-            on the ``tiny`` model (``BENCHMARKS.md``): ``||Q - P|| / ||P||`` 0.85% (8) /
-            15% (4), error of the back-projected gradient 1.0% / 18%; validation loss after
-            400 steps (2 refreshes) within 0.003 of float32 (8) and 0.01 below it (4).
+            ``state.projector``; every use dequantizes it to the compute dtype first.
+            3.9x / 7.8x fewer projector bytes; what it costs: :mod:`galorax.projector`.
         refresh_axes: Mesh axes (a name or a tuple) over which the weights are
             replicated, typically the data-parallel ones, e.g. ``"data"``. A refresh of
             a stacked weight then splits its slices (layers) over these axes: each device
@@ -306,6 +173,11 @@ def scale_by_galore(
             divides, are refreshed whole on each device; without a mesh it does nothing.
             Naming an axis the gradients are sharded over moves them (an error when the
             mesh has no such axis).
+        moment_fields: With ``moments="rotate"``, how the base optimizer's state fields
+            that ``galorax.moments.DEFAULT_MOMENT_FIELDS`` does not know move at a
+            refresh: ``{name: "first" | "second" | "none"}`` (``"none"``: left as they
+            are), e.g. ``{"ema": "first"}``. Without it, ``init`` raises on a per-parameter
+            field it does not know, naming it (rather than leave moments in a stale basis).
 
     Returns:
         A ``GradientTransformationExtraArgs``; extra arguments reach the base optimizer.
@@ -319,320 +191,130 @@ def scale_by_galore(
         >>> state.projector['b']
         MaskedNode()
     """
-    _check_positive_int(rank, "rank")
-    _check_positive_int(update_proj_gap, "update_proj_gap")
-    if not isinstance(subspace, _subspace.Randomized):
-        _check_choice(subspace, "subspace", _SUBSPACES)
-    randomized = _subspace.Randomized() if subspace == "randomized" else subspace
-    _check_choice(moments, "moments", _MOMENTS)
-    _check_choice(side, "side", _SIDES)
-    projector_bits = _check_projector_bits(projector_bits)
-    refresh_axes = _check_axes(refresh_axes)
-    try:
-        projector_dtype = jnp.dtype(projector_dtype)
-    except TypeError:
-        projector_dtype = None
-    if projector_dtype is None or not jnp.issubdtype(projector_dtype, jnp.floating):
-        raise TypeError("`projector_dtype` must name a floating dtype such as 'float32'.")
-    residual = Residual() if residual is True else (residual or None)
-    adaptive = AdaptiveRefresh() if adaptive is True else (adaptive or None)
-    if residual is not None and not isinstance(residual, Residual):
-        raise TypeError(f"`residual` must be a galorax.Residual or a bool, got {residual!r}.")
-    if adaptive is not None and not isinstance(adaptive, AdaptiveRefresh):
-        raise TypeError(
-            f"`adaptive` must be a galorax.AdaptiveRefresh or a bool, got {adaptive!r}."
-        )
+    opts = galore_options(
+        rank,
+        update_proj_gap,
+        scale,
+        subspace=subspace,
+        moments=moments,
+        stagger=stagger,
+        side=side,
+        projector_dtype=projector_dtype,
+        precision=precision,
+        residual=residual,
+        adaptive=adaptive,
+        projector_bits=projector_bits,
+        refresh_axes=refresh_axes,
+        moment_fields=moment_fields,
+    )
     if base_optimizer is None:
         base_optimizer = optax.scale_by_adam()
     base_tx = optax.with_extra_args_support(base_optimizer)
+    kinds = moment_kinds(opts.moment_fields)
 
-    def make_plans(tree: Any) -> tuple[list[Any], Any, list[_Plan | None]]:
-        leaves, treedef = _flatten(tree)
-        dims = resolve_dimension_numbers(tree, weight_dimension_numbers)
-        paths = [
-            jax.tree_util.keystr(p)
-            for p, _ in jax.tree.flatten_with_path(tree, is_leaf=_is_masked)[0]
-        ]
-        plans: list[_Plan | None] = []
-        for path, leaf, dim in zip(paths, leaves, dims, strict=True):
-            if _is_masked(leaf):
-                plans.append(None)
-                continue
-            if not jnp.issubdtype(leaf.dtype, jnp.floating):
-                raise TypeError(
-                    f"GaLore trains floating-point weights, but params{path} has dtype "
-                    f"{leaf.dtype}; leave it out with optax.masked or optax.partition."
-                )
-            if dim is None:
-                plans.append(None)
-                continue
-            try:
-                view = MatrixView.of(leaf.shape, dim)
-            except (TypeError, ValueError) as err:
-                raise type(err)(f"weight_dimension_numbers for params{path}: {err}") from None
-            plans.append(
-                _Plan(view, _uses_left(side, view.m, view.n), min(rank, view.m, view.n), 0, 0)
-            )
-        projected = [i for i, p in enumerate(plans) if p is not None]
-        for j, i in enumerate(projected):
-            offset = (j * update_proj_gap) // len(projected) if stagger else 0
-            plans[i] = dataclasses.replace(plans[i], offset=offset, index=j)  # type: ignore[type-var]
-        return leaves, treedef, plans
-
-    def init_fn(params: base.Params) -> GaLoreState:
-        leaves, treedef, plans = make_plans(params)
-        masked = optax.MaskedNode()
-        projectors, proxies, schedules, norms = [], [], [], []
-        for leaf, plan in zip(leaves, plans, strict=True):
-            if plan is None:
-                projectors.append(masked)
-                schedules.append(masked)
-                norms.append(masked)
-                proxies.append(
-                    leaf
-                    if _is_masked(leaf)
-                    else _sharding.like(jnp.zeros(leaf.shape, leaf.dtype), leaf)
-                )
-                continue
-            rows, r = plan.proj_shape[-2:]
-            # Under explicit sharding, state is born sharded like its param (so the
-            # update's output shardings equal its input's: no recompilation).
-            specs = _sharding.galore_leaf_specs(leaf, plan.view, plan.left) or {}
-            put = lambda x, kind, leaf=leaf, specs=specs: _sharding.place(x, leaf, specs.get(kind))
-            # An orthonormal placeholder, kept if the first gradient is unusable.
-            eye = jnp.eye(rows, r, dtype=projector_dtype)
-            if projector_bits is None:
-                projectors.append(put(jnp.broadcast_to(eye, plan.proj_shape), "projector"))
-            else:  # quantized eye: exact (levels 0 and 1), so still orthonormal
-                q = _quantize_projector(jnp.broadcast_to(eye, plan.proj_shape), projector_bits)
-                nb, spec = len(plan.view.batch_shape), specs.get("projector")
-                place = lambda x, leaf=leaf, nb=nb, spec=spec: _sharding.place(
-                    x, leaf, _quantized_spec(x, spec, nb, leaf)
-                )
-                projectors.append(jax.tree.map(place, q))
-            proxies.append(put(jnp.zeros(plan.low_shape, _compute_dtype(leaf.dtype)), "low"))
-            batch = plan.view.batch_shape
-            norms.append(put(jnp.zeros(batch, jnp.float32), "batch"))
-            schedules.append(
-                RefreshSchedule(
-                    next_step=put(jnp.zeros(batch, jnp.int32), "batch"),
-                    gap=put(jnp.full(batch, update_proj_gap, jnp.int32), "batch"),
-                    refreshes=put(jnp.zeros(batch, jnp.int32), "batch"),
-                )
-            )
-        return GaLoreState(
-            count=jnp.zeros([], jnp.int32),
-            base_optimizer_state=base_tx.init(treedef.unflatten(proxies)),
-            projector=treedef.unflatten(projectors),
-            schedule=treedef.unflatten(schedules),
-            residual_norm=treedef.unflatten(norms) if residual is not None else None,
-        )
-
-    def refresh(plan: _Plan, g2: jax.Array, old: Any, sched: RefreshSchedule, count: Any):
-        """New projectors for the due slices of one leaf; ``g2`` is ``(*batch, m, n)``."""
-        due = count >= sched.next_step
-        valid = jnp.all(jnp.isfinite(g2), axis=(-2, -1)) & jnp.any(g2 != 0, axis=(-2, -1))
-        # A bad slice must not poison the batched factorization of the good ones.
-        g2 = jnp.where(valid[..., None, None], g2, 0)
-        old_c = _dense(old, g2.dtype)
-        nb = len(plan.view.batch_shape)
-        factorize: Callable[..., jax.Array]
-        if not isinstance(randomized, _subspace.Randomized):
-            # On a mesh the SVD needs each matrix whole: gathered (with a warning).
-            factorize = lambda a: _subspace.exact_basis(a, plan.rank, left=plan.left)  # noqa: E731
-            inputs: tuple[Any, ...] = (_sharding.whole_for_svd(g2),)
-        else:
-            a = g2 if plan.left else jnp.swapaxes(g2, -1, -2)
-            key = jax.random.key(randomized.seed)
-            key = jax.random.fold_in(jax.random.fold_in(key, plan.index), count)
-            rf = randomized
-
-            def factorize(a, omega, old_c, fresh):
-                warm = old_c if rf.warm_start else None
-                return _subspace.range_finder(
-                    a, omega, plan.rank, warm, fresh, precision, rf.qr, rf.power_iters
-                )
-
-            omega = _subspace.sketch(key, a, plan.rank, rf.oversample)
-            inputs = (a, omega, old_c, sched.refreshes > 0)
-        # Replicated stacked weights: each device factorizes its share of the slices.
-        cand, split = _sharding.spread_map(factorize, refresh_axes, nb, *inputs)
-        if moments != "keep":
-            signs = jnp.sign(jnp.sum(cand * old_c, axis=-2, keepdims=True))
-            cand = cand * jnp.where(signs == 0, 1, signs)
-        overlap = subspace_overlap(cand, old_c) if adaptive is not None else None
-        accept = due & valid
-        if is_quantized(old):
-            new = _select_slices(
-                accept, _quantize_projector(cand.astype(projector_dtype), old.bits), old
-            )
-        else:
-            new = jnp.where(accept[..., None, None], cand.astype(old.dtype), old)
-        sched = advance(sched, accept, count, plan.offset, update_proj_gap, overlap, adaptive)
-        if split:  # the new state whole again, placed like the old (no recompilation)
-            new, sched = jax.tree.map(lambda x: _sharding.whole_slices(x, nb), (new, sched))
-        return new, sched, jnp.any(accept)
+    def init_fn(params: optax.Params) -> GaLoreState:
+        projectors = make_projectors(params, weight_dimension_numbers, opts)
+        return _init(params, projectors, opts, base_tx, kinds)
 
     def update_fn(
-        updates: base.Updates,
+        updates: optax.Updates,
         state: GaLoreState,
-        params: base.Params | None = None,
+        params: optax.Params | None = None,
         **extra_args: Any,
-    ) -> tuple[base.Updates, GaLoreState]:
+    ) -> tuple[optax.Updates, GaLoreState]:
         del params
-        count = state.count
-        leaves, treedef, plans = make_plans(updates)
-        old_projectors = _flatten(state.projector, _is_leaf)[0]
-        schedules = jax.tree.flatten(
-            state.schedule, is_leaf=lambda x: _is_masked(x) or isinstance(x, RefreshSchedule)
-        )[0]
+        projectors = make_projectors(updates, weight_dimension_numbers, opts)
+        return _update(updates, state, projectors, opts, base_tx, kinds, extra_args)
 
-        lows: list[Any] = []
-        projectors: list[Any] = []
-        new_schedules: list[Any] = []
-        transitions: list[Any] = []
-        matrices: list[Any] = []  # the gradients' matrix views, reused by the residual
-        dense: list[Any] = []  # dequantized projectors (projector_bits), reused below
-        for g, plan, old, sched in zip(leaves, plans, old_projectors, schedules, strict=True):
-            if plan is None:
-                lows.append(g)
-                matrices.append(None)
-                dense.append(None)
-                projectors.append(old)
-                new_schedules.append(sched)
-                transitions.append(None)
-                continue
-            g2 = plan.view.to_matrix(g).astype(_compute_dtype(g.dtype))
-            matrices.append(g2)
-            new, sched, changed = jax.lax.cond(
-                jnp.any(count >= sched.next_step),
-                lambda g2=g2, old=old, sched=sched, plan=plan: refresh(plan, g2, old, sched, count),
-                lambda old=old, sched=sched: (old, sched, jnp.zeros((), bool)),
-            )
-            p = _dense(new, g2.dtype)
-            dense.append(p)
-            lows.append(
-                jnp.matmul(jnp.swapaxes(p, -1, -2), g2, precision=precision)
-                if plan.left
-                else jnp.matmul(g2, p, precision=precision)
-            )
-            projectors.append(new)
-            new_schedules.append(sched)
-            transitions.append((changed, new, old) if moments == "rotate" else None)
-
-        base_state = state.base_optimizer_state
-        if any(t is not None for t in transitions):
-            base_state = _apply_moment_maps(
-                base_state, lambda tree, second: _rotate(tree, transitions, plans, second)
-            )
-        try:
-            low_updates, base_state = base_tx.update(
-                treedef.unflatten(lows), base_state, None, **extra_args
-            )
-        except ValueError as err:
-            if base.NO_PARAMS_MSG not in str(err):
-                raise
-            raise ValueError(
-                "GaLore's base_optimizer runs on low-rank gradients without params, but this "
-                "one needs params (adamw, lamb, lars, add_decayed_weights...). Use a gradient-"
-                "only transform such as optax.scale_by_adam() and pass weight decay through "
-                "galorax.galore(..., weight_decay=...)."
-            ) from err
-
-        out = []
-        norms = _flatten(state.residual_norm)[0] if residual is not None else [None] * len(plans)
-        new_norms: list[Any] = []
-        for g, g2, low, u, plan, p, pd, norm in zip(
-            leaves,
-            matrices,
-            lows,
-            _flatten(low_updates)[0],
-            plans,
-            projectors,
-            dense,
-            norms,
-            strict=True,
-        ):
-            if plan is None:
-                out.append(u)
-                new_norms.append(norm)
-                continue
-            p = (pd if is_quantized(p) else p).astype(u.dtype)
-            full = (
-                jnp.matmul(p, u, precision=precision)
-                if plan.left
-                else jnp.matmul(u, jnp.swapaxes(p, -1, -2), precision=precision)
-            )
-            if residual is not None:
-                term, norm = compensation(g2, low, u, p, plan.left, norm, residual, precision)
-                full = full + term
-            new_norms.append(norm)
-            out.append((scale * plan.view.from_matrix(full)).astype(g.dtype))
-
-        return treedef.unflatten(out), GaLoreState(
-            count=numerics.safe_int32_increment(count),
-            base_optimizer_state=base_state,
-            projector=treedef.unflatten(projectors),
-            schedule=treedef.unflatten(new_schedules),
-            residual_norm=treedef.unflatten(new_norms) if residual is not None else None,
-        )
-
-    # Explicit-axes meshes: the update body runs with automatic axes (see sharding.py).
-    return base.GradientTransformationExtraArgs(init_fn, _sharding.auto_axes_update(update_fn))
+    # Explicit-axes meshes: the update body runs with automatic axes (see placement.py).
+    return optax.GradientTransformationExtraArgs(init_fn, placement.auto_axes_update(update_fn))
 
 
-def _flatten(tree: Any, is_leaf: Callable[[Any], bool] = _is_masked) -> tuple[list[Any], Any]:
-    """Leaves and treedef, ``optax.MaskedNode`` counted as a leaf (keeps lists aligned)."""
-    return jax.tree.flatten(tree, is_leaf=is_leaf)
-
-
-def _compute_dtype(dtype: Any) -> Any:
-    """Projections and low-rank moments run in at least f32 (bf16 moments stall)."""
-    return jnp.promote_types(dtype, jnp.float32)
-
-
-def _rotate(tree: Any, transitions: list[Any], plans: list[_Plan | None], second: bool) -> Any:
-    """Carries one moment tree into the new bases (under a cond: only when one changed)."""
-    # 8-bit moments (galorax.adam8bit) are leaves here: dequantized, rotated, requantized.
-    leaves, treedef = _flatten(tree, lambda x: _is_masked(x) or is_quantized(x))
-    if len(leaves) != len(plans):
-        return tree  # not a per-parameter moment tree (e.g. a scalar count)
-
-    def one(m: Any, plan: _Plan | None, transition: Any) -> Any:
-        if plan is None or transition is None or getattr(m, "shape", None) != plan.low_shape:
-            return m  # unprojected, or a container this rule does not know (left as is)
-        changed, new, old = transition
-
-        def rotated() -> Any:
-            x = dequantize_blockwise(m, jnp.float32) if is_quantized(m) else m
-            c = jnp.matmul(
-                jnp.swapaxes(_dense(new, x.dtype), -1, -2),
-                _dense(old, x.dtype),
-                precision=jax.lax.Precision.HIGHEST,
-            )
-            if second:
-                c = c * c
-            if plan.left:  # moments r x n: rows follow the basis
-                out = jnp.matmul(c, x, precision=jax.lax.Precision.HIGHEST)
-            else:
-                out = jnp.matmul(x, jnp.swapaxes(c, -1, -2), precision=jax.lax.Precision.HIGHEST)
-            return quantize_like(out, m) if is_quantized(m) else out
-
-        return jax.lax.cond(changed, rotated, lambda: m)
-
-    return treedef.unflatten(
-        [one(m, p, t) for m, p, t in zip(leaves, plans, transitions, strict=True)]
+def _init(
+    params: Any, projectors: Any, opts: GaLoreOptions, base_tx: Any, kinds: Mapping[str, str]
+) -> GaLoreState:
+    """``init`` of :func:`scale_by_galore` for the tree of projectors of ``params``."""
+    treedef: Any = jax.tree.structure(projectors, is_leaf=is_projector_leaf)
+    per_leaf = jax.tree.map(_init_leaf, projectors, params, is_leaf=is_projector_leaf)
+    projector, proxies, schedule, norms, low = _unzip(treedef, per_leaf, 5)
+    base_state = base_tx.init(proxies)
+    if opts.moments == "rotate":
+        check_moments(base_state, low, kinds)
+    return GaLoreState(
+        count=jnp.zeros([], jnp.int32),
+        base_optimizer_state=base_state,
+        projector=projector,
+        schedule=schedule,
+        residual_norm=norms if opts.residual is not None else None,
     )
 
 
+def _update(
+    updates: Any,
+    state: GaLoreState,
+    projectors: Any,
+    opts: GaLoreOptions,
+    base_tx: Any,
+    kinds: Mapping[str, str],
+    extra_args: dict[str, Any],
+) -> tuple[Any, GaLoreState]:
+    """``update`` of :func:`scale_by_galore`: refresh and project each leaf, rotate the
+    moments, run the base optimizer, project back."""
+    count = state.count
+    treedef: Any = jax.tree.structure(projectors, is_leaf=is_projector_leaf)
+    per_leaf = jax.tree.map(
+        lambda proj, g, old, sched: _project_leaf(proj, g, old, sched, count),
+        projectors,
+        updates,
+        state.projector,
+        state.schedule,
+        is_leaf=is_projector_leaf,
+    )
+    lows, projector, schedule, transitions, carry = _unzip(treedef, per_leaf, 5)
+    base_state = state.base_optimizer_state
+    flat_transitions = treedef.flatten_up_to(transitions)
+    if any(t is not None for t in flat_transitions):
+        base_state = rotate_moments(base_state, flat_transitions, kinds)
+    low_updates, base_state = _base_update(base_tx, lows, base_state, extra_args)
+    with_residual = opts.residual is not None
+    none = treedef.unflatten([None] * treedef.num_leaves)
+    norms = state.residual_norm if with_residual else none
+    per_leaf = jax.tree.map(
+        _back_leaf, projectors, updates, carry, low_updates, norms, is_leaf=is_projector_leaf
+    )
+    out, new_norms = _unzip(treedef, per_leaf, 2)
+    return out, GaLoreState(
+        count=optax.safe_int32_increment(count),
+        base_optimizer_state=base_state,
+        projector=projector,
+        schedule=schedule,
+        residual_norm=new_norms if with_residual else None,
+    )
+
+
+def _base_update(base_tx: Any, lows: Any, base_state: Any, extra_args: dict[str, Any]):
+    """The base optimizer's step on the low-rank gradients (it gets no params)."""
+    try:
+        return base_tx.update(lows, base_state, None, **extra_args)
+    except ValueError as err:
+        if _NO_PARAMS not in str(err):
+            raise
+        raise ValueError(
+            "GaLore's base_optimizer runs on low-rank gradients without params, but this "
+            "one needs params (adamw, lamb, lars, add_decayed_weights...). Use a gradient-"
+            "only transform such as optax.scale_by_adam() and pass weight decay through "
+            "galorax.galore(..., weight_decay=...)."
+        ) from err
+
+
 def galore(
-    learning_rate: base.ScalarOrSchedule,
+    learning_rate: optax.ScalarOrSchedule,
     rank: int = 128,
     update_proj_gap: int = 200,
     scale: float = 1.0,
-    base_optimizer: base.GradientTransformation | None = None,
+    base_optimizer: optax.GradientTransformation | None = None,
     weight_decay: jax.typing.ArrayLike = 0.0,
-    mask: Any | Callable[[base.Params], Any] | None = None,
+    mask: Any | Callable[[optax.Params], Any] | None = None,
     weight_dimension_numbers: GaLoreDimNumsOrFn | None = None,
     *,
     subspace: Subspace = "randomized",
@@ -645,7 +327,8 @@ def galore(
     adaptive: AdaptiveRefresh | bool | None = None,
     projector_bits: int | None = None,
     refresh_axes: str | Sequence[str] | None = None,
-) -> base.GradientTransformationExtraArgs:
+    moment_fields: Mapping[str, MomentKind] | None = None,
+) -> optax.GradientTransformationExtraArgs:
     """GaLore: Memory-efficient training via gradient low-rank projection.
 
     ``chain(scale_by_galore, add_decayed_weights(weight_decay, mask),
@@ -725,6 +408,8 @@ def galore(
         projector_bits: ``None``, ``8`` or ``4``: projectors stored quantized
             (int8 / int4 with per-group scales; 3.9x / 7.8x fewer projector bytes).
         refresh_axes: Data-parallel mesh axes to split stacked weights' refreshes over.
+        moment_fields: How unknown base-state fields move at a refresh (``"first"``,
+            ``"second"``, ``"none"``).
 
     Returns:
         A ``GradientTransformationExtraArgs`` implementing GaLore.
@@ -746,6 +431,7 @@ def galore(
             adaptive=adaptive,
             projector_bits=projector_bits,
             refresh_axes=refresh_axes,
+            moment_fields=moment_fields,
         ),
         optax.add_decayed_weights(weight_decay, mask),
         optax.scale_by_learning_rate(learning_rate),

@@ -6,14 +6,27 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+import optax
 import pytest
 
 from galorax.accounting import tree_bytes
-from galorax.projector import projector_error, quantize_projector
+from galorax.dimension_numbers import GaLoreDimensionNumbers as Dims
+from galorax.dimension_numbers import MatrixView
+from galorax.options import galore_options
+from galorax.projector import (
+    LeafProjector,
+    dense,
+    is_projector_leaf,
+    make_projectors,
+    projector_error,
+    quantize_projector,
+    quantize_slices,
+    select_slices,
+    uses_left,
+)
 
 CODES = [(c, b, s) for c in ("dynamic", "linear") for b in (8, 4) for s in (True, False)]
-
-
 
 
 @functools.cache
@@ -52,3 +65,66 @@ def test_projector_quantization_error(bits, group, max_rel, max_energy_drop):
     assert float(err.relative) < max_rel
     assert float(err.energy - err.energy_quantized) < max_energy_drop
     assert tree_bytes(q) < tree_bytes(p) * (bits / 32 + 4 / group + 1e-6)
+
+
+# ---------------------------------------------------------------- per-leaf projectors
+
+
+def test_make_projectors_tree_offsets_and_sides():
+    params = {
+        "tall": jnp.zeros((16, 4)),
+        "wide": jnp.zeros((4, 16)),
+        "stack": jnp.zeros((3, 8, 6)),
+        "bias": jnp.zeros(4),
+        "out": optax.MaskedNode(),
+    }
+    dims = {"tall": Dims(), "wide": Dims(), "stack": Dims(1, 2), "bias": None, "out": None}
+    tree = make_projectors(params, dims, galore_options(rank=3, update_proj_gap=9))
+    assert tree["bias"] is None and tree["out"] is None
+    leaves = jax.tree.leaves(tree, is_leaf=is_projector_leaf)
+    assert len(leaves) == 5
+    projected = [p for p in leaves if p is not None]
+    assert [p.index for p in projected] == [0, 1, 2]
+    assert [p.offset for p in projected] == [0, 3, 6]  # stagger: evenly over the gap
+    assert tree["tall"].left and not tree["wide"].left  # "auto": the long side
+    assert tree["stack"].proj_shape == (3, 8, 3) and tree["stack"].low_shape == (3, 3, 6)
+    flat = make_projectors(params, dims, galore_options(rank=3, stagger=False))
+    assert {p.offset for p in jax.tree.leaves(flat, is_leaf=is_projector_leaf) if p} == {0}
+
+
+def test_uses_left_follows_galore_torch():
+    assert [uses_left(s, 4, 8) for s in ("auto", "reverse_std", "std", "left", "right")] == [
+        False,
+        False,
+        True,
+        True,
+        False,
+    ]
+
+
+@pytest.mark.parametrize("left", [True, False])
+def test_leaf_projector_round_trip_and_refresh(left):
+    view = MatrixView.of((2, 12, 10), Dims(1, 2))
+    leaf = LeafProjector(view, left, 3, 0, 0, galore_options(rank=3, subspace="svd"))
+    p, proxy, schedule, norm = leaf.init(jnp.zeros(view.shape))
+    assert p.shape == leaf.proj_shape and proxy.shape == leaf.low_shape
+    assert schedule.next_step.shape == norm.shape == (2,)
+    g2 = view.to_matrix(jax.random.normal(jax.random.key(0), view.shape))
+    new, schedule, changed = leaf.refresh(g2, p, schedule, jnp.asarray(0))
+    assert bool(changed)
+    np.testing.assert_array_equal(schedule.refreshes, [1, 1])
+    eye = jnp.swapaxes(new, -1, -2) @ new
+    np.testing.assert_allclose(eye, jnp.broadcast_to(jnp.eye(3), eye.shape), atol=1e-5)
+    low = leaf.project(g2, new)
+    assert low.shape == leaf.low_shape
+    back = leaf.project_back(low, new)  # P P^T G (left) or G P P^T (right)
+    np.testing.assert_allclose(leaf.project(back, new), low, atol=1e-4)
+
+
+def test_quantized_slices_are_replaced_one_by_one():
+    p = jnp.broadcast_to(jnp.eye(8, 2), (3, 8, 2))
+    old, new = quantize_slices(p, 8), quantize_slices(-p, 8)
+    picked = select_slices(jnp.array([True, False, True]), new, old)
+    out = dense(picked, jnp.float32)
+    np.testing.assert_array_equal(out[0], -p[0])
+    np.testing.assert_array_equal(out[1], p[1])
