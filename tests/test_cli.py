@@ -1,6 +1,9 @@
 """The ``galorax`` command line: train, compare, errors, its list of subcommands."""
 
 import argparse
+import errno
+import os
+import pathlib
 
 import pytest
 from test_train import make_text_dir
@@ -159,3 +162,127 @@ def test_planner_and_library_leave_the_cli_unimported():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False"]
+
+
+MEMORY_BAD = [
+    (["--max-memory", "24XB"], "--max-memory"),
+    (["--config", "d_model=abc"], "--config"),
+    (["--config", "foo=1"], "--config"),
+    (["--config", "{bad json"], "--config"),
+    (["--config", "[1, 2]"], "--config"),
+    (["--config", "d_model"], "--config"),
+    (["--preset", "huge"], "--preset"),
+    (["--rank", "-5"], "--rank"),
+    (["--rank", "0"], "--rank"),
+    (["--side", "foo"], "--side"),
+    (["--config", "d_model=65,n_layers=2,n_heads=2,d_ff=128"], "--config"),
+    (["--config", "d_model=0,n_layers=2,n_heads=2,d_ff=128"], "--config"),
+    (["--vocab-size", "0"], "--vocab-size"),
+    (["--max-memory", "-3GB"], "--max-memory"),
+]
+COMPARE_BAD = [
+    (["--runs", "galore:subspace=foo"], "subspace"),
+    (["--runs", "galore:moments=bar"], "moments"),
+    (["--runs", "galore:side=up"], "side"),
+    (["--runs", "galore:rank=0"], "rank"),
+    (["--runs", "galore:gap=0"], "gap"),
+    (["--runs", "adamw:rank=4"], "rank"),
+    (["--runs", "adamw:subspace=svd"], "subspace"),
+    (["--runs", "optax-galore:moments=keep"], "moments"),
+    (["--runs", "galore:label=/x"], "label"),
+    (["--runs", "galore:label=../x"], "label"),
+    (["--runs", "galore:label=a/b"], "label"),
+    (["--runs", "galore:label=."], "label"),
+    (["--runs", "galore:lr=nan"], "--lr"),
+    (["--runs", "galore:scale=-1"], "--scale"),
+    (["--subspace", "svd"], "--subspace"),
+    (["--runs", "galore", "galore"], "labels must differ"),
+]
+TRAIN_BAD = [
+    (["--seed", "-1"], "--seed"),
+    (["--steps", "99999999999"], "--steps"),
+    (["--steps", "abc"], "--steps"),
+    (["--scale", "nan"], "--scale"),
+    (["--scale", "-1"], "--scale"),
+    (["--weight-decay", "nan"], "--weight-decay"),
+    (["--weight-decay", "-1"], "--weight-decay"),
+    (["--grad-clip", "-1"], "--grad-clip"),
+    (["--lr", "nan"], "--lr"),
+    (["--lr", "0"], "--lr"),
+    (["--mesh", "data=3"], "--mesh"),
+    (["--data", "/nonexistent/path"], "--data"),
+    (["--subspace", "foo"], "--subspace"),
+    (["--optimizer", "adamw", "--subspace", "svd"], "--subspace"),
+    (["--warmup", "1000"], "--warmup"),
+    (["--resume"], "--resume"),
+    (["--init-from", "/nonexistent", "--resume", "--out", "x"], "--init-from"),
+]
+
+
+def _status(argv):
+    try:
+        return cli.main(argv)
+    except SystemExit as e:  # argparse's own errors
+        return e.code
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [(["memory", *a], n) for a, n in MEMORY_BAD]
+    + [(["compare", *MICRO, *a], n) for a, n in COMPARE_BAD]
+    + [(["train", *MICRO, *a], n) for a, n in TRAIN_BAD],
+    ids=lambda x: " ".join(x) if isinstance(x, list) else None,
+)
+def test_every_bad_input_is_one_line_exit_2(argv, needle, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert _status(argv) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1, captured.err
+    assert needle in lines[0] and lines[0].startswith(f"galorax {argv[0]}: error: ")
+    assert "Traceback" not in captured.err + captured.out
+    assert "--optimizer" not in lines[0] or argv[0] == "train"  # compare has no --optimizer
+    assert os.listdir(tmp_path) == []  # nothing written
+
+
+def _write_fails(monkeypatch, err):
+    """Every directory creation under the run fails with ``err`` (root ignores chmod)."""
+    real = pathlib.Path.mkdir
+
+    def mkdir(self, *a, **k):
+        if "ro" in self.parts:
+            raise OSError(err, os.strerror(err), str(self))
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(pathlib.Path, "mkdir", mkdir)
+
+
+@pytest.mark.parametrize(
+    "err, needle",
+    [(errno.EACCES, "choose a writable --out"), (errno.EROFS, "choose a writable --out")],
+)
+def test_read_only_out_is_one_line_exit_1(err, needle, data, tmp_path, monkeypatch, capsys):
+    _write_fails(monkeypatch, err)
+    out = tmp_path / "ro" / "run"
+    assert cli.main(["train", *MICRO, "--data", data, "--out", str(out)]) == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0] and str(out) in lines[0]
+
+
+def test_full_disk_is_one_line_exit_1_and_keeps_no_half_files(data, tmp_path, monkeypatch, capsys):
+    from galorax.app import rundir
+
+    def full(self, rec):
+        raise OSError(errno.ENOSPC, "No space left on device", str(self.path))
+
+    monkeypatch.setattr(rundir.MetricsLog, "append", full)
+    out = tmp_path / "run"
+    assert cli.main(["train", *MICRO, "--data", data, "--out", str(out)]) == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "no space left" in lines[0]
+    assert not out.exists()  # failed before it was under way: nothing left behind
+
+
+def test_debug_shows_the_traceback(capsys):
+    assert _status(["memory", "--config", "foo=1", "--debug"]) == 2
+    assert "error: --config" in capsys.readouterr().err

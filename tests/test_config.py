@@ -42,3 +42,26 @@ def test_resume_config_refuses_a_changed_trajectory():
     assert resume_config(saved, {"eval_every": 7}).eval_every == 7
     with pytest.raises(UsageError, match="--lr 0.5"):
         resume_config(saved, {"lr": 0.5})
+
+
+@pytest.mark.parametrize(
+    "given, match",
+    [
+        ({"rank": 0}, "--rank must be positive"),
+        ({"batch_size": 0}, "--batch-size must be positive"),
+        ({"eval_every": 0}, "--eval-every must be positive"),
+        ({"subspace": "foo"}, "--subspace 'foo': choose randomized or svd"),
+        ({"moments": "bar"}, "--moments 'bar': choose keep, align or rotate"),
+        ({"side": "up"}, "--side 'up'"),
+        ({"scale": float("nan")}, "--scale"),
+        ({"scale": -1.0}, "--scale"),
+        ({"weight_decay": float("nan")}, "--weight-decay"),
+        ({"grad_clip": -1.0}, "--grad-clip"),
+        ({"seed": -1}, "--seed"),
+        ({"steps": 2**40}, "--steps"),
+        ({"checkpoint_every": -1}, "--checkpoint-every"),
+    ],
+)
+def test_resolve_config_rejects_out_of_range_values(given, match):
+    with pytest.raises(UsageError, match=match):
+        resolve_config(TrainConfig(**given))

@@ -207,6 +207,15 @@ def test_missing_data(tmp_path):
         T.train(micro_config(tmp_path / "nope"), tmp_path / "x")
 
 
+def test_binary_data_file_is_refused_like_in_a_directory(tmp_path):
+    from galorax.app.data import DataError
+
+    (tmp_path / "blob.bin").write_bytes(bytes(range(256)) * 64)
+    with pytest.raises(DataError, match="--data .*binary file"):
+        T.train(micro_config(tmp_path / "blob.bin"), tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+
+
 def test_no_warnings_on_default_rank(data, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)

@@ -1,7 +1,8 @@
 """Phases 1 to 3 of a run (:func:`galorax.app.train.train` runs them in turn):
 
 1. :func:`open_run`: the resolved :class:`~galorax.app.config.RunConfig` (a resumed run's
-   saved one) and the prepared :class:`~galorax.app.rundir.RunDir`;
+   saved one) and the checked, untouched :class:`~galorax.app.rundir.RunDir`
+   (:func:`prepare` readies it once :func:`build` has validated data and mesh);
 2. :func:`build`: data, model, learning-rate schedule, mesh placement and optimizer (the
    ``--mesh`` string parsed once, GaLore's ``refresh_axes`` derived from the mesh), a
    :class:`Setup`;
@@ -35,7 +36,7 @@ from galorax.app.config import (
 )
 from galorax.app.distributed import Targets, TrainPlacement
 from galorax.app.optimizers import clip_rank, run_optimizer, run_schedule
-from galorax.app.rundir import RunDir, prepare_out_dir
+from galorax.app.rundir import RunDir, check_out_dir, prepare_out_dir
 from galorax.sharding import make_mesh
 
 
@@ -48,21 +49,29 @@ def open_run(
     init_from: str | None = None,
     flags: dict[str, Any] | None = None,
 ) -> tuple[RunConfig, RunDir]:
-    """Phase 1: the run's resolved config and its prepared output directory.
+    """Phase 1: the run's resolved config and its (not yet prepared) output directory.
 
-    A new run's config is checked before ``out`` is touched; a resumed run's is the saved
-    one, updated by the ``flags`` that may change (see :func:`~galorax.app.config.resume_config`).
+    Touches nothing: ``out`` is checked against ``resume``/``overwrite``; a new run's
+    config is resolved, a resumed run's is the saved one, updated by the ``flags`` that may
+    change (see :func:`~galorax.app.config.resume_config`). :func:`prepare` makes ``out``
+    ready once :func:`build` has validated the rest.
     """
     if init_from is not None and resume:
         raise UsageError("--init-from starts a new run; it cannot be combined with --resume")
     run = None if resume else resolve_config(cfg)
+    check_out_dir(out, resume, overwrite)
     rundir = RunDir(out, distributed.is_primary())
-    if rundir.primary:
-        prepare_out_dir(out, resume, overwrite)
-    distributed.sync_processes("galorax train: out dir ready")
     if run is None:
         run = resolve_config(resume_config(rundir.saved_config(), flags or {}))
     return run, rundir
+
+
+def prepare(rundir: RunDir, resume: bool, overwrite: bool) -> None:
+    """Makes ``--out`` ready (an old run moved aside, see :class:`~galorax.app.rundir.Aside`);
+    call it once everything is validated."""
+    if rundir.primary:
+        rundir.aside = prepare_out_dir(rundir.path, resume, overwrite)
+    distributed.sync_processes("galorax train: out dir ready")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,16 +178,30 @@ class TrainState:
     step: int
 
 
-def _restore(setup: Setup, rundir: RunDir, ckpt: ckpt_lib.Checkpointer) -> TrainState:
+def _restore(
+    setup: Setup, rundir: RunDir, ckpt: ckpt_lib.Checkpointer, log: Callable[[str], None]
+) -> TrainState:
+    if rundir.primary:
+        for name in ckpt.clean_tmp():
+            log(f"removed {name}: an unfinished checkpoint write")
+    distributed.sync_processes("galorax train: checkpoints clean")
     latest = ckpt.latest_step()
     if latest is None:
-        raise UsageError(f"--resume: {rundir.path}/checkpoints holds no finished checkpoint")
+        if "init_from" in rundir.config_json():
+            raise UsageError(
+                f"--resume: {rundir.path} holds no finished checkpoint; start it over with "
+                "--overwrite --init-from (as it was started)"
+            )
+        log(f"{rundir.path}/checkpoints holds no finished checkpoint: starting the run over")
+        rundir.metrics.keep_until(0)  # step 0's validation is the same init's
+        return _init(setup)
     targets = setup.targets or Targets(
         setup.abstract, jax.eval_shape(setup.optimizer.init, setup.abstract), None
     )
     params, opt_state = ckpt.restore(latest, targets.params, targets.state)  # onto the mesh
     # Metrics past the checkpoint are re-run: drop them so the log has no duplicates.
     rundir.metrics.keep_until(latest)
+    log(f"resumed {rundir.path} at step {latest}/{setup.run.steps}")
     return TrainState(params, opt_state, latest)
 
 
@@ -212,8 +235,7 @@ def restore_or_init(
     """Phase 3: the latest checkpoint's state (``resume``), or a new run's (its
     ``config.json`` and an empty ``metrics.jsonl`` written)."""
     if resume:
-        state = _restore(setup, rundir, ckpt)
-        log(f"resumed {rundir.path} at step {state.step}/{setup.run.steps}")
+        state = _restore(setup, rundir, ckpt, log)
     else:
         state = _init(setup)
         config_json = {

@@ -37,6 +37,7 @@ from __future__ import annotations
 import logging
 import os
 import pathlib
+import shutil
 from typing import Any
 
 import jax
@@ -153,6 +154,13 @@ class Checkpointer:
         """The newest finished checkpoint's step (temporary directories are not steps)."""
         self._mgr.reload()
         return self._mgr.latest_step()
+
+    def clean_tmp(self) -> list[str]:
+        """Removes the temporary directories of unfinished writes; returns their names."""
+        stale = sorted(p for p in self.directory.glob("*.orbax-checkpoint-tmp*") if p.is_dir())
+        for p in stale:
+            shutil.rmtree(p, ignore_errors=True)
+        return [p.name for p in stale]
 
     def save(self, step: int, params: Any, opt_state: Any, meta: dict[str, Any]) -> None:
         """Writes step ``step`` atomically (a no-op if that step is already saved)."""

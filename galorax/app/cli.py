@@ -2,9 +2,10 @@
 
 The subcommands are listed here (:data:`SUBCOMMANDS`, each a :class:`Subcommand`
 ``(name, help, add_arguments, run)``); ``run(args)`` returns the exit status. Errors that are
-the user's to fix (``UsageError``, ``DataError``, ``FileNotFoundError``, a diverged loss)
-print one line naming the flag and the fix, and exit with status 2 (1 for a diverged run);
-nothing existing is modified.
+the user's to fix (``UsageError``, ``DataError``, ``FileNotFoundError``) print one line
+naming the flag and the fix and exit with status 2, as argparse's do; runtime failures (a
+diverged loss, a full disk, a read-only ``--out``, anything unexpected) one line and status 1
+(``--debug`` adds the traceback); a Ctrl-C 130. Nothing existing is modified.
 
 Example:
     >>> parser = build_parser()
@@ -18,12 +19,15 @@ Example:
 from __future__ import annotations
 
 import argparse
+import errno
 import os
+import pathlib
 import sys
 import time
+import traceback
 import warnings
 from collections.abc import Callable, Sequence
-from typing import NamedTuple
+from typing import NamedTuple, NoReturn
 
 import jax
 
@@ -37,6 +41,7 @@ from galorax.app.flags import (
     nonneg_int,
     positive_int,
 )
+from galorax.app.interrupt import Interrupted
 from galorax.app.report import format_summary
 from galorax.app.train import train
 
@@ -81,6 +86,13 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--process-id", type=nonneg_int, help="this process's index")
 
 
+def _mtime(path: pathlib.Path) -> int | None:
+    try:
+        return path.stat().st_mtime_ns
+    except OSError:
+        return None
+
+
 def _default_out(prefix: str) -> str:
     return f"runs/{prefix}-{time.strftime('%Y%m%d-%H%M%S')}"
 
@@ -92,6 +104,7 @@ def _run_train(args: argparse.Namespace) -> int:
     if args.out is None and args.resume:
         raise UsageError("--resume needs --out DIR: the run to continue")
     out = args.out or _default_out(f"{cfg.preset}-{cfg.optimizer}")
+    before = _mtime(pathlib.Path(out) / "summary.json")
     summary = train(
         cfg,
         out,
@@ -106,7 +119,11 @@ def _run_train(args: argparse.Namespace) -> int:
         return 0
     print()
     print(format_summary(summary))
-    print(f"\nwrote {out}/: metrics.jsonl, loss_curve.png, config.json, summary.json, checkpoints/")
+    if _mtime(pathlib.Path(out) / "summary.json") != before:  # not a finished run's again
+        print(
+            f"\nwrote {out}/: metrics.jsonl, loss_curve.png, config.json, summary.json, "
+            "checkpoints/"
+        )
     return 0
 
 
@@ -130,17 +147,46 @@ SUBCOMMANDS: tuple[Subcommand, ...] = (
 )
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (the usage is one ``--help`` away)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser(subcommands: Sequence[Subcommand] = SUBCOMMANDS) -> argparse.ArgumentParser:
     """The ``galorax`` parser with ``subcommands`` (default: :data:`SUBCOMMANDS`)."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="galorax", description="GaLore (Gradient Low-Rank Projection) for JAX/optax."
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for cmd in subcommands:
         sp = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help)
         cmd.add_arguments(sp)
+        sp.add_argument("--debug", action="store_true", help="show tracebacks of errors")
         sp.set_defaults(_run=cmd.run)
     return parser
+
+
+def _os_error(e: OSError) -> str:
+    where = f" {e.filename}" if e.filename else ""
+    if e.errno == errno.ENOSPC:
+        return f"no space left on the device of{where}; free some space or choose another --out"
+    if isinstance(e, PermissionError) or e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return f"cannot write{where}: {e.strerror}; choose a writable --out"
+    return f"{e.strerror or e}{':' + where if where else ''}; check the path and free space"
+
+
+def _error_line(e: BaseException) -> tuple[str, int]:
+    """The one-line message of an error and the exit status (2: usage, 1: runtime)."""
+    if isinstance(e, UsageError | DataError | FileNotFoundError):
+        return str(e), 2
+    if isinstance(e, FloatingPointError):
+        return str(e), 1
+    if isinstance(e, OSError):
+        return _os_error(e), 1
+    text = " ".join(str(e).split()) or type(e).__name__
+    return f"{text} ({type(e).__name__}; rerun with --debug for the traceback)", 1
 
 
 def enable_compilation_cache() -> None:
@@ -163,14 +209,18 @@ def main(argv: Sequence[str] | None = None, subcommands: Sequence[Subcommand] = 
     warnings.formatwarning = lambda msg, cat, *a, **k: f"galorax: warning: {msg}\n"  # type: ignore[assignment]
     try:
         return int(args._run(args))
-    except (UsageError, DataError, FileNotFoundError) as e:
-        print(f"galorax {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    except FloatingPointError as e:
-        print(f"galorax {args.command}: error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
+    except Interrupted as e:
+        print(f"galorax {args.command}: {e}", file=sys.stderr)
         return 130
+    except KeyboardInterrupt:
+        print(f"galorax {args.command}: aborted; nothing more written", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if getattr(args, "debug", False):
+            traceback.print_exc()
+        text, status = _error_line(e)
+        print(f"galorax {args.command}: error: {text}", file=sys.stderr)
+        return status
 
 
 if __name__ == "__main__":

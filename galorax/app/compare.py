@@ -6,7 +6,10 @@ the best final validation loss is kept. Keys: ``lr``, ``rank``, ``scale``, ``gap
 ``residual``, ``adaptive``, ``state_bits``, ``projector_bits``, ``label``. Writes
 ``compare.md`` (best run per spec, the whole sweep, the command) and ``compare.png`` (all
 curves plus a memory/speed table) into ``--out``; each run's own files are under
-``runs/<label>/lr-<lr>/``, and ``--resume`` reuses the finished ones.
+``runs/<label>/lr-<lr>/`` (a label is a plain name, never a path); ``--resume`` reuses the
+finished ones and continues interrupted ones from their last checkpoint. Every spec is
+checked before ``--out`` is touched; ``--overwrite`` keeps the old comparison aside until
+the first new run is under way.
 
 Example:
     >>> spec = parse_spec("galore:lr=1e-2,2e-2:scale=0.25:label=g")
@@ -20,21 +23,32 @@ import argparse
 import dataclasses
 import json
 import math
-import os
 import pathlib
-import platform
+import re
 import shlex
-import shutil
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
-import jax
-
-from galorax.app.config import OPTIMIZERS, RunConfig, TrainConfig, UsageError, resolve_config
-from galorax.app.flags import add_model_arguments, config_from_args, parse_bool
-from galorax.app.rundir import MetricsLog, atomic_write_text
+from galorax.app import data as data_lib
+from galorax.app.compare_report import format_report, plot_comparison
+from galorax.app.config import (
+    EIGHT_BIT,
+    GALORE_DEFAULTS,
+    OPTIMIZERS,
+    RunConfig,
+    TrainConfig,
+    UsageError,
+    resolve_config,
+)
+from galorax.app.flags import add_model_arguments, config_from_args, given_flags, parse_bool
+from galorax.app.interrupt import Interrupted
+from galorax.app.rundir import Aside, MetricsLog, atomic_write_text
 from galorax.app.train import train
+
+#: What a comparison writes into ``--out`` (``--overwrite`` replaces these only).
+COMPARE_FILES = ("runs", "compare.md", "compare.png", "compare.json")
 
 #: The default sweep: each optimizer at a few peak learning rates around its known best.
 DEFAULT_RUNS = (
@@ -60,6 +74,11 @@ _KEYS: dict[str, Any] = {
 }
 
 
+#: Spec keys by optimizer family: AdamW takes none of GaLore's, optax-galore only these.
+_GALORE_KEYS = ("rank", "scale", "gap", "update_proj_gap")
+_LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
 @dataclasses.dataclass
 class RunSpec:
     """One compared configuration: an optimizer, its overrides and its lr sweep."""
@@ -68,13 +87,33 @@ class RunSpec:
     optimizer: str
     lrs: list[float | None]
     overrides: dict[str, Any]
+    text: str = ""
+
+
+def _check_key(key: str, optimizer: str) -> None:
+    if key not in _KEYS:
+        raise ValueError(f"unknown key {key!r}; keys: lr, label, {', '.join(_KEYS)}")
+    base = EIGHT_BIT.get(optimizer, optimizer)
+    if base == "adamw" and (key in _GALORE_KEYS or key in GALORE_DEFAULTS):
+        raise ValueError(f"{optimizer} takes no {key}; only galore (and optax-galore) do")
+    if base == "optax-galore" and key in GALORE_DEFAULTS:
+        raise ValueError(f"optax-galore takes no {key}; use galore:{key}=...")
+
+
+def _check_label(label: str) -> str:
+    if not _LABEL.fullmatch(label) or label in (".", ".."):
+        raise ValueError(
+            f"label {label!r} must be a name (letters, digits, '.', '_', '-'), not a path"
+        )
+    return label
 
 
 def parse_spec(text: str) -> RunSpec:
     """Parses ``OPTIMIZER[:key=value]...`` (see the module docstring).
 
     Raises:
-        UsageError: unknown optimizer or key, or a bad value.
+        UsageError: unknown optimizer or key, a key the optimizer does not take, a bad
+            value, or a label that is not a plain name.
     """
     head, *items = text.split(":")
     if head not in OPTIMIZERS:
@@ -88,16 +127,15 @@ def parse_spec(text: str) -> RunSpec:
             if not sep:
                 raise ValueError("expected key=value")
             if key == "label":
-                label = value
+                label = _check_label(value)
             elif key == "lr":
                 lrs = [float(v) for v in value.split(",")]
-            elif key in _KEYS:
-                over["update_proj_gap" if key == "gap" else key] = _KEYS[key](value)
             else:
-                raise ValueError(f"unknown key {key!r}; keys: lr, label, {', '.join(_KEYS)}")
+                _check_key(key, head)
+                over["update_proj_gap" if key == "gap" else key] = _KEYS[key](value)
         except ValueError as e:
             raise UsageError(f"--runs {text!r}: {item!r}: {e}") from e
-    return RunSpec(label, head, lrs, over)
+    return RunSpec(label, head, lrs, over, text)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -120,6 +158,37 @@ def _lr_dir(lr: float | None) -> str:
     return "lr-default" if lr is None else f"lr-{lr:g}"
 
 
+def _resume_flags(cfg: TrainConfig) -> dict[str, Any]:
+    """A compared run's settings as flags: a resume must agree with them."""
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if v is not None}
+
+
+def _run_one(
+    cfg: TrainConfig, run_dir: pathlib.Path, resume: bool, progress: bool, log: Any, **kw: Any
+) -> dict[str, Any]:
+    """One compared run: reused if finished, continued from its checkpoint if ``resume``
+    finds one, else (re)started."""
+    if resume and (run_dir / "summary.json").exists():
+        s = json.loads((run_dir / "summary.json").read_text())
+        if s.get("steps_done") == s.get("steps"):
+            log(f"reusing {run_dir}")
+            return dict(s)
+    go_on = resume and (run_dir / "checkpoints").is_dir() and (run_dir / "config.json").exists()
+    if go_on:
+        kw["flags"] = _resume_flags(cfg)
+    cfg_or_saved = TrainConfig() if go_on else cfg
+    return train(
+        cfg_or_saved,
+        run_dir,
+        resume=go_on,
+        overwrite=not go_on,
+        progress=progress,
+        adamw_ref=False,
+        log=log,
+        **kw,
+    )
+
+
 def run_comparison(
     base: TrainConfig,
     specs: list[RunSpec],
@@ -128,35 +197,31 @@ def run_comparison(
     resume: bool = False,
     progress: bool = True,
     log: Any = print,
+    on_started: Callable[[], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Runs every spec at every lr (``base`` with the spec's settings); returns one result
-    dict per (spec, lr)."""
+    dict per (spec, lr). ``resume`` reuses finished runs and continues interrupted ones
+    from their last checkpoint; ``on_started`` is called once the first run is under way.
+
+    Raises:
+        Interrupted: a Ctrl-C stopped a run on a step boundary (its checkpoint written).
+    """
     results = []
     for spec in specs:
         for lr in spec.lrs:
             cfg = dataclasses.replace(base, optimizer=spec.optimizer, lr=lr, **spec.overrides)
             run_dir = out / "runs" / spec.label / _lr_dir(lr)
-            summary_path = run_dir / "summary.json"
-            summary = None
-            if resume and summary_path.exists():
-                s = json.loads(summary_path.read_text())
-                if s.get("steps_done") == s.get("steps"):
-                    summary = s
-                    log(f"reusing {run_dir}")
-            if summary is None:
-                log(f"== {spec.label} lr={lr if lr is not None else 'default'}")
-                try:
-                    summary = train(
-                        cfg,
-                        run_dir,
-                        overwrite=True,
-                        progress=progress,
-                        adamw_ref=False,
-                        log=log,
-                    )
-                except FloatingPointError as e:
-                    log(f"   diverged: {e}")
-                    summary = {"optimizer": spec.optimizer, "val_loss": math.inf, "diverged": True}
+            log(f"== {spec.label} lr={lr if lr is not None else 'default'}")
+            try:
+                summary = _run_one(cfg, run_dir, resume, progress, log, on_started=on_started)
+            except FloatingPointError as e:
+                log(f"   diverged: {e}")
+                summary = {"optimizer": spec.optimizer, "val_loss": math.inf, "diverged": True}
+            except Interrupted as e:
+                where = f"{spec.label} {_lr_dir(lr)}"
+                done = f"saved at step {e.step}" if e.saved else "nothing saved"
+                msg = f"interrupted in {where}: {done}; continue with --resume --out {out}"
+                raise Interrupted(msg, e.step, e.saved) from None
             recs = MetricsLog(run_dir / "metrics.jsonl").read()
             results.append(
                 {
@@ -169,170 +234,72 @@ def run_comparison(
     return results
 
 
-def _best(results: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    best: dict[str, dict[str, Any]] = {}
-    for r in results:
-        v = r["summary"].get("val_loss", math.inf)
-        if r["label"] not in best or v < best[r["label"]]["summary"].get("val_loss", math.inf):
-            best[r["label"]] = r
-    return best
+def _check_specs(base: TrainConfig, specs: list[RunSpec]) -> None:
+    """Resolves every (spec, lr) run's config: bad values fail before any run starts."""
+    labels = [s.label for s in specs]
+    if len(set(labels)) != len(labels):
+        raise UsageError(f"--runs: labels must differ ({labels}); add :label=NAME")
+    for spec in specs:
+        for lr in spec.lrs:
+            cfg = dataclasses.replace(base, optimizer=spec.optimizer, lr=lr, **spec.overrides)
+            try:
+                resolve_config(cfg)
+            except UsageError as e:
+                raise UsageError(f"--runs {spec.text!r}: {e}") from None
 
 
-def _mib(n: float | None) -> str:
-    return "-" if n is None else f"{n / 2**20:.2f}"
-
-
-def format_report(
-    results: list[dict[str, Any]], base: RunConfig, command: str, elapsed_s: float
-) -> str:
-    """The markdown report: best run per spec vs AdamW, then the whole sweep."""
-    best = _best(results)
-    ref = next((r for r in best.values() if r["summary"].get("optimizer") == "adamw"), None)
-    rs = ref["summary"] if ref else {}
-
-    def rel(a: float | None, b: float | None, fmt: str) -> str:
-        return format(a / b, fmt) if a is not None and b and math.isfinite(a) else "-"
-
-    any_s: dict[str, Any] = next((r["summary"] for r in results if "n_params" in r["summary"]), {})
-    lines = [
-        f"Model `{base.preset}` ({any_s.get('n_params', 0):,} parameters, {base.dtype}), "
-        f"{base.steps} steps x {base.batch_size} x {base.seq_len} tokens, seed {base.seed}, "
-        f"data: {any_s.get('data_source', '?')}.",
-        f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, {platform.system()}; "
-        f"jax {jax.__version__}; whole comparison {elapsed_s / 60:.1f} min.",
-        "",
-        "| run | best lr | final val loss | vs AdamW | opt state MiB | vs AdamW "
-        "| step memory MiB (XLA) | tokens/s | vs AdamW | tokens/CPU-s | vs AdamW | refreshes |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for label, r in best.items():
-        s = r["summary"]
-        mem = (s.get("step_memory") or {}).get("peak")
-        ref_mem = (rs.get("step_memory") or {}).get("peak")
-        lines.append(
-            f"| {label} | {r['lr']:g} | {s.get('val_loss', math.inf):.4f} "
-            f"| {rel(s.get('val_loss'), rs.get('val_loss'), '.3f')} "
-            f"| {_mib(s.get('opt_state_bytes'))} "
-            f"| {rel(s.get('opt_state_bytes'), rs.get('opt_state_bytes'), '.0%')} "
-            f"| {_mib(mem)} ({rel(mem, ref_mem, '.0%')}) | {s.get('tokens_per_s', math.nan):.0f} "
-            f"| {rel(s.get('tokens_per_s'), rs.get('tokens_per_s'), '.2f')}x "
-            f"| {s.get('tokens_per_cpu_s', math.nan):.0f} "
-            f"| {rel(s.get('tokens_per_cpu_s'), rs.get('tokens_per_cpu_s'), '.2f')}x "
-            f"| {s.get('refreshes') if s.get('refreshes') is not None else '-'} |"
-            if s.get("n_params")
-            else f"| {label} | {r['lr']:g} | diverged | - | - | - | - | - | - | - | - | - |"
+def _base_config(args: argparse.Namespace) -> tuple[TrainConfig, RunConfig]:
+    """The shared flags as a config (checked); GaLore-only flags go in the specs."""
+    given = [k for k in GALORE_DEFAULTS if given_flags(args).get(k) is not None]
+    if given:
+        flags = ", ".join("--" + k.replace("_", "-") for k in given)
+        raise UsageError(
+            f"{flags}: compare takes GaLore-only settings per run, e.g. --runs "
+            f"galore:{given[0]}=VALUE"
         )
-    lines += ["", "Sweep (final validation loss per learning rate):", ""]
-    lines += ["| run | lr | final val loss | tokens/s |", "|---|---|---|---|"]
-    for r in results:
-        s = r["summary"]
-        v = s.get("val_loss", math.inf)
-        lines.append(
-            f"| {r['label']} | {r['lr']:g} | {'diverged' if not math.isfinite(v) else f'{v:.4f}'} "
-            f"| {s.get('tokens_per_s', math.nan):.0f} |"
+    cfg = config_from_args(args, optimizer="adamw")
+    return cfg, resolve_config(cfg)
+
+
+def _open_out(args: argparse.Namespace, out: pathlib.Path) -> Aside | None:
+    """Checks ``--out``; an old comparison is moved aside for ``--overwrite``."""
+    if args.resume and args.overwrite:
+        raise UsageError("--resume and --overwrite contradict each other")
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file, not a directory; choose another --out")
+    held = any((out / f).exists() for f in COMPARE_FILES)
+    if held and not (args.resume or args.overwrite):
+        raise UsageError(
+            f"--out {out} already holds a comparison; pass --resume to reuse its finished "
+            "runs, --overwrite to replace it, or choose another --out"
         )
-    lines += [
-        "",
-        "Loss is nats per byte; tokens/s is the mean over all steps but the first of each run "
-        "(projector refreshes included, amortized at their real frequency); tokens/CPU-s "
-        "divides by the CPU time of all the process's threads, which other jobs on a shared "
-        "machine do not inflate.",
-        "",
-        "Command:",
-        "",
-        "```",
-        command,
-        "```",
-    ]
-    return "\n".join(lines) + "\n"
-
-
-def plot_comparison(results: list[dict[str, Any]], path: pathlib.Path, title: str) -> None:
-    """One PNG: the best runs' curves (top) and a memory/speed table (bottom)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    best = _best(results)
-    fig, (ax, tab) = plt.subplots(2, 1, figsize=(9, 7.5), gridspec_kw={"height_ratios": [3, 1]})
-    for i, (label, r) in enumerate(best.items()):
-        c = f"C{i}"
-        tr = [(x["step"], x["loss"]) for x in r["metrics"] if "loss" in x]
-        if tr:
-            ema, sm = tr[0][1], []
-            for _, v in tr:
-                ema = 0.9 * ema + 0.1 * v if math.isfinite(v) else ema
-                sm.append(ema)
-            ax.plot([s for s, _ in tr], sm, color=c, alpha=0.5, lw=1)
-        va = [(x["step"], x["val_loss"]) for x in r["metrics"] if "val_loss" in x]
-        if va:
-            ax.plot(
-                *zip(*va, strict=True), "o-", color=c, ms=3, label=f"{label} (lr {r['lr']:g}) val"
-            )
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats/byte); thin: train EMA")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    finite = [
-        x["val_loss"]
-        for r in best.values()
-        for x in r["metrics"]
-        if "val_loss" in x and x.get("step", 0) > 0 and math.isfinite(x["val_loss"])
-    ]
-    if finite:
-        ax.set_ylim(min(finite) * 0.97, min(max(finite), min(finite) * 2.0))
-    tab.axis("off")
-    rows = []
-    for label, r in best.items():
-        s = r["summary"]
-        rows.append(
-            [
-                label,
-                f"{r['lr']:g}",
-                f"{s.get('val_loss', math.inf):.4f}",
-                _mib(s.get("opt_state_bytes")),
-                _mib((s.get("step_memory") or {}).get("peak")),
-                f"{s.get('tokens_per_s', math.nan):.0f}",
-            ]
-        )
-    if rows:
-        t = tab.table(
-            cellText=rows,
-            colLabels=["run", "lr", "val loss", "opt state MiB", "step mem MiB", "tokens/s"],
-            loc="center",
-        )
-        t.scale(1, 1.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    if args.resume and held:
+        return None
+    return Aside(out, COMPARE_FILES)
 
 
 def run(args: argparse.Namespace) -> int:
     """``galorax compare``: returns the exit status."""
-    cfg = config_from_args(args, optimizer="adamw")
-    base = resolve_config(cfg)  # checks the shared flags before any run
+    cfg, base = _base_config(args)  # checks the shared flags before any run
     specs = [parse_spec(s) for s in (args.runs or DEFAULT_RUNS)]
-    labels = [s.label for s in specs]
-    if len(set(labels)) != len(labels):
-        raise UsageError(f"--runs: labels must differ ({labels}); add :label=NAME")
+    _check_specs(cfg, specs)
+    data_lib.check_fits(data_lib.load_corpus(base.data or None), base.seq_len)
     out = pathlib.Path(args.out or f"runs/compare-{base.preset}")
-    if args.resume and args.overwrite:
-        raise UsageError("--resume and --overwrite contradict each other")
-    if (out / "compare.md").exists() or (out / "runs").exists():
-        if not (args.resume or args.overwrite):
-            raise UsageError(
-                f"--out {out} already holds a comparison; pass --resume to reuse its finished "
-                "runs, --overwrite to replace it, or choose another --out"
-            )
-        if args.overwrite:
-            shutil.rmtree(out / "runs", ignore_errors=True)
-            for f in ("compare.md", "compare.png", "compare.json"):
-                (out / f).unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
+    aside = _open_out(args, out)  # everything checked: now --out is touched
     t0 = time.perf_counter()
-    results = run_comparison(cfg, specs, out, resume=args.resume, progress=not args.no_progress)
+    try:
+        results = run_comparison(
+            cfg,
+            specs,
+            out,
+            resume=args.resume,
+            progress=not args.no_progress,
+            on_started=None if aside is None else aside.commit,
+        )
+    except BaseException:
+        if aside is not None:
+            aside.restore()  # no run under way yet: the old comparison comes back
+        raise
     command = "galorax " + " ".join(shlex.quote(a) for a in getattr(args, "argv", sys.argv[1:]))
     report = format_report(results, base, command, time.perf_counter() - t0)
     # Atomic: an interrupted write never leaves a half report over a finished one.

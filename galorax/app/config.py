@@ -57,6 +57,16 @@ GALORE_DEFAULTS: dict[str, Any] = {
     "adaptive": False,
     "projector_bits": 32,
 }
+#: The values of GaLore's string settings (``galorax train --subspace`` etc.).
+GALORE_CHOICES: dict[str, tuple[str, ...]] = {
+    "subspace": ("randomized", "svd"),
+    "moments": ("keep", "align", "rotate"),
+    "side": ("auto", "std", "reverse_std", "left", "right"),
+    "residual": ("channel", "matrix"),
+}
+#: The largest ``--steps`` and ``--seed`` (int32 step counters; uint32 seeds).
+MAX_STEPS = 2**31 - 1
+MAX_SEED = 2**32 - 1
 #: Settings a resumed run may change: they decide what is logged and saved, not the weights.
 #: ``mesh`` decides where arrays live, not the maths (the sums' rounding may differ): a
 #: resumed run may move to another mesh or number of processes.
@@ -203,8 +213,11 @@ def _check_choices(cfg: TrainConfig) -> None:
         raise UsageError(f"--optimizer {cfg.optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
     if cfg.dtype not in TRAIN_DTYPES:
         raise UsageError(f"--dtype {cfg.dtype!r}: choose one of {', '.join(TRAIN_DTYPES)}")
-    if cfg.residual not in (None, "channel", "matrix"):
-        raise UsageError(f"--residual {cfg.residual!r}: choose channel or matrix")
+    for name, choices in GALORE_CHOICES.items():
+        value = getattr(cfg, name)
+        if value not in (None, *choices):
+            listed = f"{', '.join(choices[:-1])} or {choices[-1]}"
+            raise UsageError(f"--{name.replace('_', '-')} {value!r}: choose {listed}")
     if cfg.state_bits not in (32, 8):
         raise UsageError(f"--state-bits {cfg.state_bits}: choose 32 or 8")
     if cfg.projector_bits not in (None, 8, 4):
@@ -220,15 +233,41 @@ def _check_choices(cfg: TrainConfig) -> None:
 
 
 def _check_sizes(run: RunConfig) -> None:
-    for name in ("steps", "batch_size", "seq_len", "rank", "update_proj_gap", "eval_batches"):
+    for name in (
+        "steps",
+        "batch_size",
+        "seq_len",
+        "rank",
+        "update_proj_gap",
+        "eval_batches",
+        "eval_every",
+    ):
         if getattr(run, name) <= 0:
             raise UsageError(
                 f"--{name.replace('_', '-')} must be positive, got {getattr(run, name)}"
             )
+    if run.steps > MAX_STEPS:
+        raise UsageError(f"--steps {run.steps} is too many; use at most {MAX_STEPS}")
+    if not 0 <= run.seed <= MAX_SEED:
+        raise UsageError(f"--seed must be between 0 and {MAX_SEED}, got {run.seed}")
     if run.warmup < 0 or run.warmup > run.steps:
         raise UsageError(f"--warmup {run.warmup} must be between 0 and --steps {run.steps}")
+    if run.checkpoint_every < 0:
+        raise UsageError(
+            f"--checkpoint-every must be >= 0 (0: at the end), got {run.checkpoint_every}"
+        )
+    _check_numbers(run)
+
+
+def _check_numbers(run: RunConfig) -> None:
     if run.lr <= 0 or not math.isfinite(run.lr):
         raise UsageError(f"--lr must be a positive number, got {run.lr}")
+    if run.scale <= 0 or not math.isfinite(run.scale):
+        raise UsageError(f"--scale must be a positive number (GaLore's 0.25), got {run.scale}")
+    if run.weight_decay < 0 or not math.isfinite(run.weight_decay):
+        raise UsageError(f"--weight-decay must be a number >= 0, got {run.weight_decay}")
+    if run.grad_clip < 0 or not math.isfinite(run.grad_clip):
+        raise UsageError(f"--grad-clip must be a number >= 0 (0: no clipping), got {run.grad_clip}")
 
 
 def _given(value: Any, default: Any) -> Any:
@@ -239,7 +278,8 @@ def resolve_config(cfg: TrainConfig) -> RunConfig:
     """Fills the ``None`` defaults that depend on the preset and optimizer; validates.
 
     Raises:
-        UsageError: an unknown preset, optimizer or dtype, or a non-positive size.
+        UsageError: an unknown preset, optimizer, dtype or GaLore choice, a non-positive
+            size, a non-finite or out-of-range number.
     """
     if cfg.optimizer in EIGHT_BIT:  # galore8bit = galore with --state-bits 8
         cfg = dataclasses.replace(cfg, optimizer=EIGHT_BIT[cfg.optimizer], state_bits=8)
@@ -251,12 +291,12 @@ def resolve_config(cfg: TrainConfig) -> RunConfig:
     }
     fields |= {
         "steps": steps,
-        "batch_size": cfg.batch_size or 16,
-        "seq_len": cfg.seq_len or (128 if tiny else 256),
+        "batch_size": _given(cfg.batch_size, 16),
+        "seq_len": _given(cfg.seq_len, 128 if tiny else 256),
         "lr": _given(cfg.lr, DEFAULT_LR[cfg.optimizer]),
-        "rank": cfg.rank or model_lib.PAPER_RANKS[cfg.preset],
+        "rank": _given(cfg.rank, model_lib.PAPER_RANKS[cfg.preset]),
         "warmup": _given(cfg.warmup, max(1, steps // 10)),
-        "eval_every": cfg.eval_every or max(1, steps // 10),
+        "eval_every": _given(cfg.eval_every, max(1, steps // 10)),
         "checkpoint_every": _given(cfg.checkpoint_every, 100),
         "data": cfg.data or "",
         "mesh": cfg.mesh or "",

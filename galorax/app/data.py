@@ -155,6 +155,8 @@ def load_text_path(path: str) -> Corpus:
         data = p.read_bytes()
         if not data.strip():
             raise DataError(f"--data {path}: the file is empty; pass a file with text in it")
+        if not _is_text(data):  # as in a directory, where binary files are skipped
+            raise DataError(f"--data {path}: a binary file, not text; pass a text file")
         cut = max(1, int(len(data) * 0.95))
         return Corpus(
             _to_tokens([data[:cut]]), _to_tokens([data[cut:]]), f"{p} (last 5% for val)", 1, 1

@@ -20,7 +20,7 @@ from galorax.app.model import PRESETS
 
 def positive_int(s: str) -> int:
     """An argparse type: a positive integer."""
-    v = int(s)
+    v = _int(s)
     if v <= 0:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {s}")
     return v
@@ -28,10 +28,17 @@ def positive_int(s: str) -> int:
 
 def nonneg_int(s: str) -> int:
     """An argparse type: an integer >= 0."""
-    v = int(s)
+    v = _int(s)
     if v < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {s}")
     return v
+
+
+def _int(s: str) -> int:
+    try:
+        return int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {s!r}") from None
 
 
 class _BadBool(argparse.ArgumentTypeError, ValueError):
@@ -62,7 +69,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
         help="text file or directory of text files (default: the embedded Python stdlib "
         "corpus); 'c4' or hf:NAME[:CONFIG] need `pip install datasets`",
     )
-    g.add_argument("--seed", type=int, help="seed of the init and data order (default 0)")
+    g.add_argument("--seed", type=nonneg_int, help="seed of the init and data order (default 0)")
     g = p.add_argument_group("schedule")
     g.add_argument("--steps", type=positive_int, help="optimizer steps (tiny: 300)")
     g.add_argument("--batch-size", type=positive_int, help="sequences per step (default 16)")

@@ -23,6 +23,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from typing import Any
 
@@ -59,6 +60,10 @@ class ModelConfig:
     norm_eps: float = 1e-6
 
     def __post_init__(self) -> None:
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model={self.d_model} not divisible by n_heads={self.n_heads}")
         if (self.d_model // self.n_heads) % 2:
@@ -95,6 +100,49 @@ def get_preset(name: str, vocab_size: int = 256) -> ModelConfig:
     if name not in PRESETS:
         raise KeyError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
     return dataclasses.replace(PRESETS[name], vocab_size=vocab_size)
+
+
+def _number(key: str, value: str) -> int | float:
+    try:
+        return float(value) if "." in value or "e" in value.lower() else int(value)
+    except ValueError:
+        raise ValueError(f"{key}={value!r} is not a number") from None
+
+
+def _config_fields(text: str) -> dict[str, Any]:
+    if text.startswith("{"):
+        fields = json.loads(text)  # a JSONDecodeError is a ValueError
+        if not isinstance(fields, dict):
+            raise ValueError("expected a JSON object")
+        return fields
+    fields = {}
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"{item!r}: expected key=value")
+        fields[key.strip()] = _number(key.strip(), value.strip())
+    return fields
+
+
+def parse_model_config(text: str, vocab_size: int = 256) -> ModelConfig:
+    """A :class:`ModelConfig` from a JSON object or a ``key=value,...`` list of its fields
+    (``vocab_size`` defaults to ``vocab_size``).
+
+    Raises:
+        ValueError: bad JSON, an unknown field, a value that is not a number, or a config
+            :class:`ModelConfig` refuses.
+
+    Example:
+        >>> parse_model_config("d_model=64,n_layers=2,n_heads=2,d_ff=128").d_model
+        64
+    """
+    known = [f.name for f in dataclasses.fields(ModelConfig)]
+    fields = _config_fields(text.strip())
+    unknown = [k for k in fields if k not in known]
+    if unknown:
+        raise ValueError(f"unknown field {unknown[0]!r}; fields: {', '.join(known)}")
+    fields.setdefault("vocab_size", vocab_size)
+    return ModelConfig(**fields)
 
 
 def init_params(cfg: ModelConfig, key: jax.Array, dtype: Any = jnp.float32) -> Params:

@@ -14,7 +14,6 @@ and options fit.
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
 from collections.abc import Sequence
@@ -25,7 +24,8 @@ import jax.numpy as jnp
 
 from galorax.accounting import find_galore_states, tree_bytes
 from galorax.app import model as model_lib
-from galorax.app.config import DTYPES, PLANNED_OPTIMIZERS
+from galorax.app.config import DTYPES, GALORE_CHOICES, PLANNED_OPTIMIZERS, UsageError
+from galorax.app.flags import positive_int
 from galorax.app.optimizers import make_optimizer
 from galorax.app.step import compile_step, step_memory
 
@@ -252,15 +252,20 @@ def add_memory_arguments(parser: argparse.ArgumentParser) -> None:
         help="a model of your own: JSON object or key=value list of galorax.app.model.ModelConfig "
         "fields, e.g. 'd_model=2560,n_layers=32,n_heads=32,d_ff=6912'",
     )
-    parser.add_argument("--vocab-size", type=int, default=32000, help="(default: 32000)")
+    parser.add_argument("--vocab-size", type=positive_int, default=32000, help="(default: 32000)")
     parser.add_argument(
         "--optimizer", nargs="+", default=list(OPTIONS), choices=OPTIONS, help="(default: all)"
     )
     parser.add_argument(
-        "--rank", nargs="+", type=int, default=None, help="GaLore ranks (default: the paper's)"
+        "--rank",
+        nargs="+",
+        type=positive_int,
+        default=None,
+        help="GaLore ranks (default: the paper's)",
     )
     parser.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
-    parser.add_argument("--side", default="auto", help="GaLore projection side (default: auto)")
+    sides = GALORE_CHOICES["side"]
+    parser.add_argument("--side", default="auto", choices=sides, help="GaLore side (default auto)")
     parser.add_argument("--projector-dtype", default="float32", choices=sorted(DTYPES))
     parser.add_argument(
         "--projector-bits",
@@ -285,24 +290,17 @@ def add_memory_arguments(parser: argparse.ArgumentParser) -> None:
         "--xla-max-params only)",
     )
     parser.add_argument("--xla-max-params", type=float, default=1.5e8)
-    parser.add_argument("--batch-size", type=int, default=4, help="for --xla (default: 4)")
-    parser.add_argument("--seq-len", type=int, default=256, help="for --xla (default: 256)")
+    parser.add_argument("--batch-size", type=positive_int, default=4, help="for --xla (default: 4)")
+    parser.add_argument("--seq-len", type=positive_int, default=256, help="for --xla (default 256)")
 
 
 def _parse_config(text: str, vocab_size: int) -> model_lib.ModelConfig:
-    text = text.strip()
-    if text.startswith("{"):
-        fields = json.loads(text)
-    else:
-        fields = {}
-        for item in filter(None, (s.strip() for s in text.split(","))):
-            key, _, value = item.partition("=")
-            fields[key.strip()] = float(value) if "." in value else int(value)
-    fields.setdefault("vocab_size", vocab_size)
     try:
-        return model_lib.ModelConfig(**fields)
-    except TypeError as e:
-        raise ValueError(f"--config: {e}") from None
+        return model_lib.parse_model_config(text, vocab_size)
+    except ValueError as e:
+        raise UsageError(
+            f"--config {text.strip()!r}: {e} (e.g. 'd_model=2560,n_layers=32,n_heads=32,d_ff=6912')"
+        ) from None
 
 
 def _models(args: argparse.Namespace) -> list[tuple[str, model_lib.ModelConfig]]:
@@ -310,7 +308,12 @@ def _models(args: argparse.Namespace) -> list[tuple[str, model_lib.ModelConfig]]
     if args.config:
         models.append(("custom", _parse_config(args.config, args.vocab_size)))
     presets = args.preset or ([] if args.config else ["60m", "130m", "350m", "1b", "7b"])
-    models += [(p, model_lib.get_preset(p, vocab_size=args.vocab_size)) for p in presets]
+    for p in presets:
+        if p not in model_lib.PRESETS:
+            raise UsageError(
+                f"--preset {p!r} is unknown; choose from {', '.join(model_lib.PRESETS)}"
+            )
+        models.append((p, model_lib.get_preset(p, vocab_size=args.vocab_size)))
     return models
 
 
@@ -380,7 +383,10 @@ def _print_xla(args: argparse.Namespace, models: list[tuple[str, model_lib.Model
 def run_memory(args: argparse.Namespace) -> int:
     """Runs ``galorax memory``: prints the table (and fits / XLA figures); returns 0."""
     models = _models(args)
-    budget = parse_bytes(args.max_memory) if args.max_memory else None
+    try:
+        budget = parse_bytes(args.max_memory) if args.max_memory else None
+    except ValueError as e:
+        raise UsageError(f"--max-memory: {e}") from None
     rows = _plan_rows(args, models, sweep=budget is not None)
     print(format_table(rows, budget))
     print()

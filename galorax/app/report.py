@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from galorax.app.rundir import atomic_path
+
 
 def fmt_bytes(n: float | None) -> str:
     """``n`` bytes in B, KiB, MiB or GiB (``-`` for None)."""
@@ -83,5 +85,6 @@ def plot_curves(runs: dict[str, list[dict[str, Any]]], path: pathlib.Path, title
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic_path(path) as tmp:  # a full disk leaves the old PNG, never a 0-byte one
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)

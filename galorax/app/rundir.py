@@ -5,7 +5,7 @@
 Example:
     >>> import pathlib, tempfile
     >>> out = pathlib.Path(tempfile.mkdtemp()) / "run"
-    >>> prepare_out_dir(out, resume=False, overwrite=False)
+    >>> prepare_out_dir(out, resume=False, overwrite=False).commit()
     >>> with MetricsLog(out / "metrics.jsonl") as log:
     ...     log.append({"step": 1, "loss": 2.5})
     ...     log.append({"step": 2, "loss": 2.0})
@@ -16,10 +16,12 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pathlib
 import shutil
+from collections.abc import Callable, Iterator, Sequence
 from typing import IO, Any
 
 from galorax.app.config import UsageError
@@ -30,9 +32,20 @@ RUN_FILES = ("config.json", "metrics.jsonl", "loss_curve.png", "summary.json", "
 
 def atomic_write_text(path: pathlib.Path, text: str) -> None:
     """Writes ``text`` to ``path`` through a temporary file: never a half-written file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+@contextlib.contextmanager
+def atomic_path(path: pathlib.Path) -> Iterator[pathlib.Path]:
+    """A temporary path to write ``path``'s new content to; it replaces ``path`` when the
+    block ends without error, and is removed otherwise (a full disk leaves the old file)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def write_json(path: pathlib.Path, obj: Any) -> None:
@@ -44,8 +57,8 @@ def _holds_run(out: pathlib.Path) -> bool:
     return any((out / f).exists() for f in RUN_FILES)
 
 
-def prepare_out_dir(out: pathlib.Path, resume: bool, overwrite: bool) -> None:
-    """Checks ``--out`` against ``--resume``/``--overwrite``; clears old run files if told.
+def check_out_dir(out: pathlib.Path, resume: bool, overwrite: bool) -> None:
+    """Checks ``--out`` against ``--resume``/``--overwrite`` without touching anything.
 
     Raises:
         UsageError: ``out`` holds another run and neither flag was given, or ``--resume``
@@ -61,20 +74,86 @@ def prepare_out_dir(out: pathlib.Path, resume: bool, overwrite: bool) -> None:
                 f"--resume: {out} holds no run to resume (no config.json/checkpoints); "
                 "drop --resume to start a new run there"
             )
-        return
-    if _holds_run(out):
-        if not overwrite:
-            raise UsageError(
-                f"--out {out} already holds a run; pass --resume to continue it, "
-                "--overwrite to replace it, or choose another --out"
-            )
-        for name in RUN_FILES:  # only our own files: anything else the user put there stays
-            p = out / name
-            if p.is_dir():
-                shutil.rmtree(p)
-            elif p.exists():
-                p.unlink()
-    out.mkdir(parents=True, exist_ok=True)
+    elif _holds_run(out) and not overwrite:
+        raise UsageError(
+            f"--out {out} already holds a run; pass --resume to continue it, "
+            "--overwrite to replace it, or choose another --out"
+        )
+
+
+class Aside:
+    """A run's files moved out of the way while a new run starts in their place.
+
+    The named entries of ``out`` are renamed into a hidden folder of ``out`` (nothing is
+    copied or deleted); :meth:`commit` deletes them once the new run is under way,
+    :meth:`restore` puts them back (and removes what the new run wrote, and the folders
+    it created) if it fails first.
+
+    Args:
+        out: The directory.
+        names: The entries to move (those that exist).
+    """
+
+    def __init__(self, out: pathlib.Path, names: Sequence[str]) -> None:
+        self.out = out
+        self.names = tuple(names)
+        self.created = [p for p in (out, *out.parents) if not p.exists()]
+        out.mkdir(parents=True, exist_ok=True)
+        self.folder = out / f".galorax-replaced-{os.getpid()}"
+        self.moved: list[str] = []
+        self.done = False
+        present = [n for n in self.names if (out / n).exists()]
+        if not present:
+            return
+        self.folder.mkdir()
+        try:
+            for name in present:
+                os.rename(out / name, self.folder / name)
+                self.moved.append(name)
+        except BaseException:
+            self.restore()
+            raise
+
+    def commit(self) -> None:
+        """The new run is under way: deletes the old files (idempotent)."""
+        if not self.done:
+            self.done = True
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+    def restore(self) -> None:
+        """The new run failed before it was under way: the old files come back."""
+        if self.done:
+            return
+        self.done = True
+        for name in self.names:
+            _remove(self.out / name)
+        for name in self.moved:
+            os.rename(self.folder / name, self.out / name)
+        if self.folder.exists():
+            self.folder.rmdir()
+        for d in self.created:  # deepest first: only the folders this run made, if empty
+            with contextlib.suppress(OSError):
+                d.rmdir()
+
+
+def _remove(p: pathlib.Path) -> None:
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p)
+    elif p.exists() or p.is_symlink():
+        p.unlink()
+
+
+def prepare_out_dir(out: pathlib.Path, resume: bool, overwrite: bool) -> Aside | None:
+    """Checks ``--out`` (:func:`check_out_dir`) and makes it ready for a new run.
+
+    Returns:
+        None for ``resume``; otherwise an :class:`Aside` holding the old run's files (if
+        any): the caller commits it once the new run is under way, or restores it.
+    """
+    check_out_dir(out, resume, overwrite)
+    if resume:
+        return None
+    return Aside(out, RUN_FILES)  # only our own files: anything else the user put there stays
 
 
 class MetricsLog:
@@ -131,25 +210,62 @@ class MetricsLog:
 
 
 class RunDir:
-    """A run's ``--out`` once prepared: where its files go, and whether this process writes
-    them (process 0 alone under ``jax.distributed``; checkpoints: every process its shards).
+    """A run's ``--out``: where its files go, and whether this process writes them
+    (process 0 alone under ``jax.distributed``; checkpoints: every process its shards).
 
     Attributes:
         path: The directory.
         primary: Whether this process writes the run's files.
         metrics: Its :class:`MetricsLog`.
+        aside: An old run moved aside for this one (``--overwrite``) or the folders this
+            run created, until :meth:`started`; None once committed, or for a resume.
+        on_started: Called once, when the run is under way.
     """
 
     def __init__(self, path: pathlib.Path, primary: bool = True) -> None:
         self.path = path
         self.primary = primary
         self.metrics = MetricsLog(path / "metrics.jsonl", writer=primary)
+        self.aside: Aside | None = None
+        self.on_started: Callable[[], None] | None = None
 
     def write_json(self, name: str, obj: Any) -> None:
         """Writes ``name`` (primary process only), atomically."""
         if self.primary:
             write_json(self.path / name, obj)
 
+    def config_json(self) -> dict[str, Any]:
+        """``config.json``: the run's settings, model and provenance."""
+        try:
+            return dict(json.loads((self.path / "config.json").read_text()))
+        except (ValueError, TypeError) as e:
+            raise UsageError(
+                f"{self.path}/config.json is not a galorax config ({e}); restore it, or start "
+                "the run over with --overwrite"
+            ) from None
+
     def saved_config(self) -> dict[str, Any]:
         """``config.json``'s ``train`` section: the saved run's settings."""
-        return json.loads((self.path / "config.json").read_text())["train"]
+        train = self.config_json().get("train")
+        if not isinstance(train, dict):
+            raise UsageError(
+                f"{self.path}/config.json has no 'train' settings; restore it, or start the "
+                "run over with --overwrite"
+            )
+        return train
+
+    def started(self) -> None:
+        """The run is under way: an old run set aside for it is deleted."""
+        if self.aside is not None:
+            self.aside.commit()
+            self.aside = None
+        if self.on_started is not None:
+            self.on_started()
+            self.on_started = None
+
+    def abandon(self) -> None:
+        """The run failed before it was under way: the old run (if any) comes back, and
+        what this one wrote is removed."""
+        if self.aside is not None:
+            self.aside.restore()
+            self.aside = None

@@ -110,6 +110,15 @@ def step_memory(compiled: Any) -> StepMemory | None:
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class CompiledStep:
+    """Phase 4's result: the compiled step, its compile time and XLA's memory record."""
+
+    fn: Any
+    seconds: float
+    memory: StepMemory | None
+
+
 def adamw_reference(
     run: RunConfig,
     mcfg: model_lib.ModelConfig,

@@ -10,7 +10,7 @@
    ``--init-from``) weights, a :class:`~galorax.app.build.TrainState`;
 4. :func:`compile_run`: the one compiled step (:mod:`galorax.app.step`) and its memory;
 5. :func:`run_loop`: the steps, validation, ``metrics.jsonl`` and checkpoints;
-6. :func:`summarize`: the summary (``summary.json``).
+6. :func:`~galorax.app.summary.summarize`: the summary (``summary.json``).
 
 ``galorax compare`` calls :func:`train` once per optimizer and learning rate.
 """
@@ -32,23 +32,22 @@ import numpy as np
 from galorax.accounting import tree_bytes
 from galorax.app import checkpoint as ckpt_lib
 from galorax.app import data as data_lib
+from galorax.app import interrupt as interrupt_lib
 from galorax.app import model as model_lib
-from galorax.app.build import Setup, TrainState, build, init_meta, open_run, restore_or_init
+from galorax.app.build import (
+    Setup,
+    TrainState,
+    build,
+    open_run,
+    prepare,
+    restore_or_init,
+)
 from galorax.app.config import TrainConfig
-from galorax.app.optimizers import galore_dimension_numbers
+from galorax.app.interrupt import Interrupted, StopRequest
 from galorax.app.report import plot_curves
 from galorax.app.rundir import RunDir
-from galorax.app.step import StepMemory, adamw_reference, compile_step, step_memory
-from galorax.schedule import count_refreshes
-
-
-@dataclasses.dataclass(frozen=True)
-class CompiledStep:
-    """Phase 4's result: the compiled step, its compile time and XLA's memory record."""
-
-    fn: Any
-    seconds: float
-    memory: StepMemory | None
+from galorax.app.step import CompiledStep, adamw_reference, compile_step, step_memory
+from galorax.app.summary import LoopResult, Throughput, finished_summary, summarize
 
 
 def compile_run(setup: Setup, state: TrainState) -> CompiledStep:
@@ -67,36 +66,6 @@ def compile_run(setup: Setup, state: TrainState) -> CompiledStep:
     return CompiledStep(fn, time.perf_counter() - t0, step_memory(fn))
 
 
-@dataclasses.dataclass
-class Throughput:
-    """Timed steps (all but the first of each process: it warms caches; refreshes count)."""
-
-    tokens_per_step: int
-    seconds: float = 0.0
-    cpu_seconds: float = 0.0
-    tokens: int = 0
-
-    def add(self, seconds: float, cpu_seconds: float) -> None:
-        """Counts one timed step."""
-        self.seconds += seconds
-        self.cpu_seconds += cpu_seconds
-        self.tokens += self.tokens_per_step
-
-    def tokens_per_s(self, last_seconds: float) -> float:
-        """The mean rate so far (the last step's before any step is timed)."""
-        return self.tokens / self.seconds if self.seconds else self.tokens_per_step / last_seconds
-
-
-@dataclasses.dataclass
-class LoopResult:
-    """Phase 5's result: steps done, validation losses, throughput."""
-
-    step: int
-    val_start: float
-    val_loss: float
-    throughput: Throughput
-
-
 def _evaluator(setup: Setup) -> Callable[[Any], float]:
     run = setup.run
     val: list[Any] = data_lib.eval_batches(
@@ -108,15 +77,16 @@ def _evaluator(setup: Setup) -> Callable[[Any], float]:
     return lambda params: float(np.mean([float(eval_fn(params, b)) for b in val]))
 
 
-def _val_start(setup: Setup, rundir: RunDir, state: TrainState) -> tuple[Callable, float]:
-    """The validation function and the loss at step 0 (logged once, reused on resume)."""
+def _val_start(setup: Setup, rundir: RunDir, state: TrainState) -> tuple[Callable, float, float]:
+    """The validation function, the loss at step 0 (logged once, reused on resume) and the
+    latest logged one (a resumed run's, else step 0's)."""
     evaluate = _evaluator(setup)
-    prior = rundir.metrics.read()
-    val = next((r["val_loss"] for r in prior if r.get("step") == 0 and "val_loss" in r), None)
+    prior = [r for r in rundir.metrics.read() if "val_loss" in r and r.get("step", 0) <= state.step]
+    val = next((r["val_loss"] for r in prior if r.get("step") == 0), None)
     if val is None:
         val = evaluate(state.params)
         rundir.metrics.append({"step": 0, "val_loss": val})
-    return evaluate, val
+    return evaluate, val, prior[-1]["val_loss"] if prior else val
 
 
 def _timed_step(setup: Setup, state: TrainState, step_fn: Any) -> tuple[float, float, float]:
@@ -129,14 +99,18 @@ def _timed_step(setup: Setup, state: TrainState, step_fn: Any) -> tuple[float, f
     if setup.placement is not None:  # every process keeps the rows of its devices
         batch = setup.placement.put_batch(batch)
     state.params, state.opt_state, loss = step_fn(state.params, state.opt_state, batch)
-    loss = float(loss)  # syncs: the time below is the real step time
+    interrupt_lib.at("stepped", state.step)
     state.step += 1
+    interrupt_lib.at("counted", state.step)
+    loss = float(loss)  # syncs: the time below is the real step time
     return loss, time.perf_counter() - t, time.process_time() - c
 
 
 def _save(setup: Setup, ckpt: ckpt_lib.Checkpointer, state: TrainState) -> None:
+    interrupt_lib.at("saving", state.step)
     meta = {"step": state.step, "model": dataclasses.asdict(setup.model)}
     ckpt.save(state.step, state.params, state.opt_state, meta)
+    interrupt_lib.at("saved", state.step)
 
 
 def _plot(setup: Setup, rundir: RunDir, log: Callable[[str], None]) -> None:
@@ -151,6 +125,44 @@ def _plot(setup: Setup, rundir: RunDir, log: Callable[[str], None]) -> None:
         log(f"warning: could not plot the loss curve: {e}")
 
 
+def _step_record(
+    setup: Setup, state: TrainState, step_fn: Any, result: LoopResult, start: int
+) -> dict[str, Any]:
+    """One step, timed; its metrics record (without validation)."""
+    loss, dt, dc = _timed_step(setup, state, step_fn)
+    step = result.step = state.step
+    if step > start + 1:  # the first call warms caches; refresh steps all count
+        result.throughput.add(dt, dc)
+    return {
+        "step": step,
+        "loss": loss,
+        "lr": float(setup.schedule(step - 1)),
+        "step_s": round(dt, 5),
+        "cpu_s": round(dc, 5),
+        "tokens_per_s": round(result.throughput.tokens_per_s(dt), 1),
+    }
+
+
+def _progress(setup: Setup, start: int, stop: int, progress: bool) -> Any:
+    if not progress:
+        return None
+    from tqdm.auto import tqdm
+
+    run = setup.run
+    return tqdm(total=stop, initial=start, desc=f"{run.optimizer} {run.preset}", unit="step")
+
+
+def _interrupted(state: TrainState, start: int, rundir: RunDir) -> Interrupted:
+    if state.step > start:
+        return Interrupted(
+            f"interrupted: checkpoint saved at step {state.step}; continue with --resume "
+            f"--out {rundir.path}",
+            state.step,
+            saved=True,
+        )
+    return Interrupted(f"interrupted at step {state.step}: no step run, nothing saved", start)
+
+
 def run_loop(
     setup: Setup,
     state: TrainState,
@@ -160,119 +172,55 @@ def run_loop(
     stop: int,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    interrupt: StopRequest | None = None,
 ) -> LoopResult:
     """Phase 5: steps until ``stop``, logging each to ``metrics.jsonl``, validating every
     ``eval_every`` steps and checkpointing every ``checkpoint_every`` (and at ``stop``);
-    plots ``loss_curve.png`` however it ends. The caller closes ``ckpt``."""
-    run, start = setup.run, state.step
-    evaluate, val_start = _val_start(setup, rundir, state)
-    result = LoopResult(start, val_start, val_start, Throughput(run.tokens_per_step))
-    pbar = None
-    if progress:
-        from tqdm.auto import tqdm
+    plots ``loss_curve.png`` unless aborted. The caller closes ``ckpt``.
 
-        pbar = tqdm(total=stop, initial=start, desc=f"{run.optimizer} {run.preset}", unit="step")
+    A stop requested through ``interrupt`` (the first Ctrl-C) ends the loop on a step
+    boundary: the step in flight completes (count, metrics line), then a checkpoint
+    labelled with the optimizer's count is written and :class:`Interrupted` raised.
+    """
+    run, start = setup.run, state.step
+    interrupt = interrupt or StopRequest()
+    evaluate, val_start, val_last = _val_start(setup, rundir, state)
+    result = LoopResult(start, val_start, val_last, Throughput(run.tokens_per_step))
+    pbar, aborted = _progress(setup, start, stop, progress), True
+    interrupt_lib.at("ready", start)
     try:
-        while state.step < stop:
-            loss, dt, dc = _timed_step(setup, state, step_fn)
-            step = result.step = state.step
-            if step > start + 1:  # the first call warms caches; refresh steps all count
-                result.throughput.add(dt, dc)
-            tps = result.throughput.tokens_per_s(dt)
-            rec: dict[str, Any] = {
-                "step": step,
-                "loss": loss,
-                "lr": float(setup.schedule(step - 1)),
-                "step_s": round(dt, 5),
-                "cpu_s": round(dc, 5),
-                "tokens_per_s": round(tps, 1),
-            }
+        while state.step < stop and not interrupt.requested:
+            interrupt_lib.at("start", state.step)
+            rec = _step_record(setup, state, step_fn, result, start)
+            step, loss = rec["step"], rec["loss"]
             if not math.isfinite(loss):
                 rundir.metrics.append(rec)
+                aborted = False
                 raise FloatingPointError(
                     f"the loss became {loss} at step {step}; lower --lr (now {run.lr})"
                 )
             if step % run.eval_every == 0 or step == run.steps:
                 result.val_loss = rec["val_loss"] = evaluate(state.params)
             rundir.metrics.append(rec)
+            rundir.started()  # a step done: the new run replaces an --overwrite'n one
+            interrupt_lib.at("logged", step)
             if pbar is not None:
                 pbar.update(1)
-                pbar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:.0f}")
-            if (run.checkpoint_every and step % run.checkpoint_every == 0) or step == stop:
+                pbar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
+            if run.checkpoint_every and step % run.checkpoint_every == 0:
                 _save(setup, ckpt, state)
-    except KeyboardInterrupt:
-        if state.step > start:  # keep the work done so far: --resume continues from here
+        if state.step > start:  # at stop, or where the interrupt landed (no-op if saved)
             _save(setup, ckpt, state)
-            log(f"\ninterrupted: checkpoint saved at step {state.step}; continue with --resume")
-        raise
+        aborted = False
     finally:
         if pbar is not None:
             pbar.close()
         rundir.metrics.close()
-        _plot(setup, rundir, log)
+        if not aborted:  # a second Ctrl-C writes nothing more
+            _plot(setup, rundir, log)
+    if interrupt.requested and state.step < stop:  # at stop the run simply ends
+        raise _interrupted(state, start, rundir)
     return result
-
-
-def _refreshes(setup: Setup, opt_state: Any, steps: int) -> int | None:
-    """Projectors computed over the run (per layer slice for galore, per leaf for optax)."""
-    run = setup.run
-    if run.optimizer == "galore":
-        return count_refreshes(opt_state)
-    if run.optimizer == "optax-galore":  # every projected leaf at each multiple of the gap
-        leaves = jax.tree.leaves(galore_dimension_numbers(setup.abstract, folded=True))
-        return len(leaves) * -(-steps // run.update_proj_gap)
-    return None
-
-
-def summarize(
-    setup: Setup,
-    state: TrainState,
-    compiled: CompiledStep,
-    result: LoopResult,
-    opt_state_bytes: int,
-    adamw: dict[str, Any] | None,
-    records: list[dict[str, Any]],
-) -> dict[str, Any]:
-    """Phase 6: the run's summary (``summary.json``; :func:`galorax.app.report.format_summary`
-    prints it).
-
-    Args:
-        adamw: AdamW's reference figures (:func:`galorax.app.step.adamw_reference`).
-        records: ``metrics.jsonl``'s records.
-    """
-    run, tp = setup.run, result.throughput
-    timed_s, timed_tokens = tp.seconds, tp.tokens
-    step_times = [r["step_s"] for r in records if "step_s" in r]
-    # Over a resumed run, rate over all logged steps but the first of each process.
-    if timed_s == 0.0 and step_times:
-        timed_s, timed_tokens = sum(step_times), run.tokens_per_step * len(step_times)
-    memory = None if compiled.memory is None else compiled.memory.as_dict()
-    if adamw is None and run.optimizer == "adamw" and run.state_bits == 32:
-        adamw = {"opt_state_bytes": opt_state_bytes, "step_memory": memory}
-    return {
-        "optimizer": run.name,
-        "preset": run.preset,
-        "lr": run.lr,
-        "rank": run.rank if run.optimizer != "adamw" else None,
-        "steps_done": result.step,
-        "steps": run.steps,
-        "val_loss_start": result.val_start,
-        "val_loss": result.val_loss,
-        "val_ppl": math.exp(result.val_loss),
-        "tokens_per_s": timed_tokens / timed_s if timed_s else float("nan"),
-        # CPU time of all this process's threads: the work itself, robust to other jobs
-        # sharing the machine (wall-clock tokens/s is not).
-        "tokens_per_cpu_s": timed_tokens / tp.cpu_seconds if tp.cpu_seconds else float("nan"),
-        "n_params": model_lib.count_params(setup.abstract),
-        "param_bytes": tree_bytes(setup.abstract),
-        "opt_state_bytes": opt_state_bytes,
-        "refreshes": _refreshes(setup, state.opt_state, result.step),
-        "step_memory": memory,
-        "compile_s": compiled.seconds,
-        "adamw": adamw,
-        "data_source": setup.corpus.source,
-        **init_meta(setup),
-    }
 
 
 def train(
@@ -287,6 +235,7 @@ def train(
     adamw_ref: bool = True,
     log: Callable[[str], None] = print,
     flags: dict[str, Any] | None = None,
+    on_started: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
     """Runs (or resumes) one training run into ``out`` and returns its summary.
 
@@ -307,11 +256,17 @@ def train(
             with the saved run's (else :class:`~galorax.app.config.UsageError`), except the
             ones that do not change the trajectory (:data:`~galorax.app.config.RESUME_FREE`),
             which override the saved values.
+        on_started: Called once the run is under way (its first step done).
+
+    A finished run is not resumed again: its summary comes back and nothing is written.
+    Before the run is under way, ``out`` is as it was if anything fails: an ``overwrite``n
+    run comes back, a new run's files and folders are removed.
 
     Raises:
         UsageError: bad flags or output directory (nothing is modified then).
         data_lib.DataError: missing or empty data.
         FloatingPointError: the loss became NaN/inf (lower ``--lr``).
+        Interrupted: a Ctrl-C stopped the run on a step boundary (checkpoint written).
     """
     out = pathlib.Path(out)
     run, rundir = open_run(
@@ -319,9 +274,41 @@ def train(
     )
     if not rundir.primary:
         log, progress = (lambda msg: None), False
-    setup = build(run, init_from, log)
+    finished = finished_summary(rundir, run) if resume else None
+    if finished is not None:
+        log(f"{out} is finished (step {run.steps}/{run.steps}): nothing to resume, nothing changed")
+        return finished
+    setup = build(run, init_from, log)  # data, model and mesh checked: now --out is touched
+    prepare(rundir, resume, overwrite)
+    rundir.on_started = on_started
+    with StopRequest() as interrupt:
+        try:
+            summary = _run(setup, rundir, resume, stop_after, progress, adamw_ref, log, interrupt)
+        except BaseException:
+            rundir.abandon()  # not under way yet: the old run (if any) comes back
+            raise
     run = setup.run
-    ckpt = ckpt_lib.Checkpointer(out / "checkpoints")
+    if summary["steps_done"] < run.steps:
+        log(
+            f"stopped after step {summary['steps_done']}/{run.steps}; continue with --resume "
+            f"--out {out}"
+        )
+    return summary
+
+
+def _run(
+    setup: Setup,
+    rundir: RunDir,
+    resume: bool,
+    stop_after: int | None,
+    progress: bool,
+    adamw_ref: bool,
+    log: Callable[[str], None],
+    interrupt: StopRequest,
+) -> dict[str, Any]:
+    """Phases 3 to 6 of :func:`train` into the prepared ``rundir``; returns the summary."""
+    run = setup.run
+    ckpt = ckpt_lib.Checkpointer(rundir.path / "checkpoints")
     try:
         state = restore_or_init(setup, rundir, ckpt, resume, log)
         compiled = compile_run(setup, state)
@@ -331,12 +318,11 @@ def train(
         if adamw_ref and not plain_adamw:
             ref = adamw_reference(run, setup.model, setup.abstract, setup.placement)
         stop = min(run.steps, stop_after) if stop_after is not None else run.steps
-        result = run_loop(setup, state, compiled.fn, rundir, ckpt, stop, progress, log)
+        result = run_loop(setup, state, compiled.fn, rundir, ckpt, stop, progress, log, interrupt)
     finally:
         ckpt.close()
     records = rundir.metrics.read()
     summary = summarize(setup, state, compiled, result, opt_state_bytes, ref, records)
+    rundir.started()  # a resumed run whose stop was already reached: nothing aside anyway
     rundir.write_json("summary.json", summary)
-    if result.step < run.steps:
-        log(f"stopped after step {result.step}/{run.steps}; continue with --resume --out {out}")
     return summary

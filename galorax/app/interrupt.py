@@ -1,0 +1,92 @@
+"""Ctrl-C on step boundaries: the first SIGINT asks the loop to stop after the current step
+(with a checkpoint whose label is the optimizer's count); a second one aborts at once,
+writing nothing more.
+
+The loop calls :func:`at` at each of its points (:data:`POINTS`); :data:`hook` is called
+there too, so tests deliver an interrupt deterministically at any point instead of racing
+a timer.
+
+Example:
+    >>> with StopRequest() as stop:
+    ...     stop.request()
+    ...     stop.requested
+    True
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+from collections.abc import Callable
+from types import FrameType
+from typing import Any
+
+#: The points of the step loop, in order: once compiled and validated (before any step),
+#: before each step's batch is drawn, once the step has
+#: returned (state updated, count not yet), once counted, once its metrics line is written,
+#: just before and just after a checkpoint save.
+POINTS = ("ready", "start", "stepped", "counted", "logged", "saving", "saved")
+
+
+def _no_hook(point: str, step: int) -> None:
+    """The default :data:`hook`: nothing."""
+
+
+#: Called as ``hook(point, step)`` at each point of the loop (tests replace it).
+hook: Callable[[str, int], None] = _no_hook
+
+
+def at(point: str, step: int) -> None:
+    """Marks ``point`` of the loop at ``step`` (calls :data:`hook`)."""
+    hook(point, step)
+
+
+class Interrupted(KeyboardInterrupt):
+    """The run stopped at a step boundary after a Ctrl-C (its checkpoint written).
+
+    Attributes:
+        step: The step it stopped at.
+        saved: Whether a checkpoint of ``step`` was written (False: no step had run).
+    """
+
+    def __init__(self, message: str, step: int = 0, saved: bool = False) -> None:
+        super().__init__(message)
+        self.step = step
+        self.saved = saved
+
+
+class StopRequest:
+    """While entered, SIGINT sets :attr:`requested`; a second SIGINT raises
+    ``KeyboardInterrupt`` (abort). Outside the main thread it installs nothing.
+
+    Attributes:
+        requested: Whether a stop was asked for.
+    """
+
+    def __init__(self, message: str = "stopping after this step (Ctrl-C again to abort)") -> None:
+        self.requested = False
+        self.message = message
+        self._previous: Any = None
+        self._installed = False
+
+    def request(self) -> None:
+        """What the first Ctrl-C does; the second raises ``KeyboardInterrupt``."""
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print(f"\ninterrupt: {self.message}", file=sys.stderr, flush=True)
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        self.request()
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+            self._installed = True
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._installed:
+            signal.signal(signal.SIGINT, self._previous)
+            self._installed = False
