@@ -13,12 +13,15 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import warnings
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeGuard
 
 import jax
 import jax.numpy as jnp
 import optax
+
+from galorax.compat import unbox
 
 
 class GaLoreDimensionNumbers(NamedTuple):
@@ -80,6 +83,17 @@ def is_masked(x: Any) -> bool:
         (True, False)
     """
     return isinstance(x, optax.MaskedNode)
+
+
+_WARNED: set[str] = set()
+
+
+def warn_once(message: str) -> None:
+    """A ``UserWarning`` the first time ``message`` comes up in this process (``update``
+    is traced again for every new shape or jit, but says nothing new)."""
+    if message not in _WARNED:
+        _WARNED.add(message)
+        warnings.warn(message, UserWarning, stacklevel=3)
 
 
 def _as_axes(axes: Sequence[int] | int, ndim: int, what: str) -> tuple[int, ...]:
@@ -168,34 +182,87 @@ class MatrixView:
         return jnp.transpose(y, tuple(perm.index(ax) for ax in range(len(perm))))
 
 
+def _is_spec_leaf(x: Any) -> bool:
+    return _is_dim_nums_leaf(x) or is_masked(x)
+
+
+def _is_function(spec: Any) -> TypeGuard[Callable[[Any], Any]]:
+    """A callable to call on the params, not a static tree that happens to be callable
+    (every ``eqx.Module`` is): a pytree made only of dimension numbers and None is a tree."""
+    if not callable(spec):
+        return False
+    leaves = jax.tree.leaves(spec, is_leaf=_is_spec_leaf)
+    return not all(_is_spec_leaf(leaf) for leaf in leaves)
+
+
 def resolve_dimension_numbers(params: Any, weight_dimension_numbers: GaLoreDimNumsOrFn | None):
     """Returns a list, one entry per leaf of ``params``, of dimension numbers or None.
 
     ``optax.MaskedNode`` entries of ``params`` (as under ``optax.masked``/``partition``)
-    count as leaves and always get None. The rules follow ``optax.contrib.galore``: None
-    projects 2-D leaves only; one spec applies to every leaf with 2 or more axes; a tree
-    must match ``params``; a callable is called on ``params``.
+    count as leaves and always get None; None entries (``eqx.filter``) are skipped (the
+    dimension numbers tree holds None there). The rules follow
+    ``optax.contrib.galore``: None projects 2-D leaves only; one spec applies to every
+    leaf with 2 or more axes; a tree must match ``params`` (boxes such as ``nnx.Param``
+    around its entries are looked through); a callable is called on ``params``.
+
+    Example:
+        >>> import jax.numpy as jnp, optax
+        >>> params = {'w': jnp.zeros((3, 4)), 'b': None, 'm': optax.MaskedNode()}
+        >>> resolve_dimension_numbers(params, {'w': GaLoreDimensionNumbers(), 'b': None,
+        ...                                    'm': optax.MaskedNode()})
+        [None, GaLoreDimensionNumbers(reduction_axis=0, output_axis=1)]
     """
     leaves, treedef = jax.tree.flatten(params, is_leaf=is_masked)
     spec = weight_dimension_numbers
     if spec is None or _is_dims(spec):
         default = GaLoreDimensionNumbers() if spec is None else _as_ours(spec)
         want = (lambda p: p.ndim == 2) if spec is None else (lambda p: p.ndim >= 2)
+        if spec is None:
+            _warn_unprojected(params)
         return [None if is_masked(p) or not want(p) else default for p in leaves]
-    if callable(spec):
+    if _is_function(spec):
         spec = spec(params)
-    dims, dims_def = jax.tree.flatten(spec, is_leaf=_is_dim_nums_leaf)
-    if str(dims_def) != str(treedef) or not all(_is_dim_nums_leaf(d) for d in dims):
+    none_or_masked = lambda x: x is None or is_masked(x)
+    with_none, full_def = jax.tree.flatten(unbox(params), is_leaf=none_or_masked)
+    dims, dims_def = jax.tree.flatten(unbox(spec, _is_spec_leaf), is_leaf=_is_spec_leaf)
+    if str(dims_def) != str(full_def) or not all(_is_spec_leaf(d) for d in dims):
         raise ValueError(
             "weight_dimension_numbers does not match the params: give a tree with the "
             "params' structure holding a GaLoreDimensionNumbers or None at every leaf "
-            f"(or one GaLoreDimensionNumbers for all).\n  params: {treedef}\n  dims:   {dims_def}"
+            "(or one GaLoreDimensionNumbers for all). Under optax.inject_hyperparams, a "
+            "callable needs static_args=('weight_dimension_numbers',)."
+            f"\n  params: {full_def}\n  dims:   {dims_def}"
         )
-    return [None if is_masked(p) else _as_ours(d) for p, d in zip(leaves, dims, strict=True)]
+    return [
+        None if is_masked(p) or is_masked(d) else _as_ours(d)
+        for p, d in zip(with_none, dims, strict=True)
+        if p is not None
+    ]
+
+
+def _warn_unprojected(params: Any) -> None:
+    """With the drop-in default, say that stacked (3+-axis) leaves stay unprojected."""
+    big = [
+        f"{_path_str(path)} {tuple(leaf.shape)}"
+        for path, leaf in jax.tree.leaves_with_path(params, is_leaf=is_masked)
+        if not is_masked(leaf) and len(leaf.shape) >= 3
+    ]
+    if big:
+        warn_once(
+            f"weight_dimension_numbers=None projects 2-D leaves only (as optax): {len(big)} "
+            f"leaves with 3+ axes stay unprojected ({', '.join(big[:3])}"
+            f"{', ...' if len(big) > 3 else ''}). Pass "
+            "weight_dimension_numbers=galorax.dimension_numbers_from_rules for one "
+            "projector per layer."
+        )
 
 
 def _path_str(path: Any) -> str:
-    return jax.tree_util.keystr(path, simple=True, separator="/")
+    """``path`` joined by ``/``, without a trailing ``.value`` (``nnx.Param``,
+    ``nn.Partitioned``), so a boxed tree and its arrays decide alike."""
+    if path and path[-1] == jax.tree_util.GetAttrKey("value"):
+        path = path[:-1]
+    return jax.tree_util.keystr(tuple(path), simple=True, separator="/")
 
 
 def default_dimension_numbers(ndim: int) -> GaLoreDimensionNumbers | None:
@@ -217,6 +284,8 @@ DEFAULT_RULES: tuple[tuple[str, GaLoreDimensionNumbers | None], ...] = (
     # Embeddings are lookup tables, not linear maps: the paper leaves them to Adam. Norm
     # scales and biases are vectors, even when stacked over layers into 2-D arrays.
     (r"(^|/)[^/]*(embed|norm|bias|scale)[^/]*$", None),
+    # Equinox names them `weight` (LayerNorm, RMSNorm, Embedding): the module's name tells.
+    (r"(^|/)([^/]*(embed|norm)[^/]*|ln(_?[^/]*)?)/(weight|embedding)$", None),
 )
 
 
@@ -236,11 +305,18 @@ def dimension_numbers_from_rules(
         params: The parameter tree (arrays or ``jax.ShapeDtypeStruct``).
         rules: ``(regex, GaLoreDimensionNumbers | None)`` pairs. The default leaves any
             leaf whose last path element contains ``embed``, ``norm``, ``bias`` or
-            ``scale`` unprojected.
+            ``scale`` unprojected, and a ``weight`` or ``embedding`` whose module's name
+            contains ``embed`` or ``norm`` or starts with ``ln`` (Equinox's naming). A
+            trailing ``.value`` (``nnx.Param``, ``nn.Partitioned``) is not part of the path.
         default: Rule for unmatched leaves, from their number of axes.
 
     Returns:
-        A tree like ``params`` with a ``GaLoreDimensionNumbers`` or None at each leaf.
+        A tree like ``params`` (boxes removed) with a ``GaLoreDimensionNumbers`` or None
+        at each leaf (and at its ``optax.MaskedNode`` leaves).
+
+    Raises:
+        TypeError: ``params`` is a scalar array: the step count that
+            ``optax.inject_hyperparams`` gives a callable it takes for a schedule.
 
     Example:
         MaxText-style stacks with the layer axis second:
@@ -253,9 +329,17 @@ def dimension_numbers_from_rules(
         >>> dims['embed'] is None, dims['mlp']['wi'], dims['norm'] is None
         (True, GaLoreDimensionNumbers(reduction_axis=0, output_axis=2), True)
     """
+    if isinstance(params, jax.Array) and params.ndim == 0:  # the step count
+        raise TypeError(
+            "dimension_numbers_from_rules got a scalar, not a params tree: under "
+            "optax.inject_hyperparams, pass static_args=('weight_dimension_numbers',) so "
+            "the callable is not taken for a schedule."
+        )
     compiled = [(re.compile(pattern), dims) for pattern, dims in rules]
 
     def pick(path: Any, leaf: Any) -> GaLoreDimensionNumbers | None:
+        if is_masked(leaf):  # left out by optax.partition / masked
+            return None
         name = _path_str(path)
         for pattern, dims in compiled:
             if pattern.search(name):
@@ -265,6 +349,23 @@ def dimension_numbers_from_rules(
                     except ValueError as err:
                         raise ValueError(f"dimension_numbers_from_rules: {name!r}: {err}") from None
                 return dims
-        return default(len(leaf.shape))
+        dims = default(len(leaf.shape))
+        if dims is not None and len(leaf.shape) >= 3:
+            _check_layout(name, leaf.shape, dims)
+        return dims
 
-    return jax.tree_util.tree_map_with_path(pick, params)
+    return jax.tree_util.tree_map_with_path(pick, unbox(params), is_leaf=is_masked)
+
+
+def _check_layout(name: str, shape: Sequence[int], dims: GaLoreDimensionNumbers) -> None:
+    """Warn when the default's layout guess looks wrong: more slices than rows or columns
+    (an attention kernel ``(embed, heads, head_dim)``, a MaxText stack ``(embed, layers,
+    mlp)``), so projectors as large as the weight, or layers mixed inside each matrix."""
+    view = MatrixView.of(shape, dims)
+    if math.prod(view.batch_shape) > min(view.m, view.n):
+        warn_once(
+            f"dimension_numbers_from_rules: {name!r} {tuple(shape)} defaults to "
+            f"{math.prod(view.batch_shape)} matrices of {view.m}x{view.n}: likely not its "
+            "layout (attention (embed, heads, head_dim)? layers on another axis?). Give it "
+            "a rule, e.g. (r'attn/query', GaLoreDimensionNumbers(0, (1, 2)))."
+        )

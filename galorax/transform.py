@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import optax
 
 from galorax import placement
+from galorax.compat import as_plain, rebox
 from galorax.dimension_numbers import GaLoreDimNumsOrFn, is_masked
 from galorax.moments import Transition, check_moments, moment_kinds, rotate_moments
 from galorax.options import GaLoreOptions, MomentKind, Moments, Side, Subspace, galore_options
@@ -213,6 +214,7 @@ def scale_by_galore(
     kinds = moment_kinds(opts.moment_fields)
 
     def init_fn(params: optax.Params) -> GaLoreState:
+        params = as_plain(params)  # no nnx.Param, no None: a state nnx round-trips
         projectors = make_projectors(params, weight_dimension_numbers, opts)
         return _init(params, projectors, opts, base_tx, kinds)
 
@@ -223,8 +225,10 @@ def scale_by_galore(
         **extra_args: Any,
     ) -> tuple[optax.Updates, GaLoreState]:
         del params
-        projectors = make_projectors(updates, weight_dimension_numbers, opts)
-        return _update(updates, state, projectors, opts, base_tx, kinds, extra_args)
+        plain = as_plain(updates)
+        projectors = make_projectors(plain, weight_dimension_numbers, opts)
+        out, state = _update(plain, state, projectors, opts, base_tx, kinds, extra_args)
+        return rebox(updates, out), state
 
     # Explicit-axes meshes: the update body runs with automatic axes (see placement.py).
     return optax.GradientTransformationExtraArgs(init_fn, placement.auto_axes_update(update_fn))

@@ -125,7 +125,7 @@ def _private_uses(module: str) -> list[str]:
             for a in node.names:
                 if f"{source}.{a.name}" in MODULES:
                     aliases.add(a.asname or a.name)
-                elif source in MODULES and a.name.startswith("_"):
+                elif source in MODULES and a.name.startswith("_") and not a.name.startswith("__"):
                     bad.append(f"{module}: from {source} import {a.name}")
         else:
             for a in node.names:
