@@ -286,3 +286,12 @@ def test_full_disk_is_one_line_exit_1_and_keeps_no_half_files(data, tmp_path, mo
 def test_debug_shows_the_traceback(capsys):
     assert _status(["memory", "--config", "foo=1", "--debug"]) == 2
     assert "error: --config" in capsys.readouterr().err
+
+
+def test_version_prints_the_package_version(capsys):
+    import galorax
+
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--version"])
+    assert e.value.code == 0
+    assert capsys.readouterr().out.strip() == f"galorax {galorax.__version__}" == "galorax 0.1.0"

@@ -11,14 +11,14 @@ import pytest
 
 from galorax.accounting import tree_bytes
 from galorax.app import model as model_lib
+from galorax.app.memory import add_memory_arguments, run_memory
 from galorax.app.optimizers import make_optimizer
 from galorax.app.planner import (
     OPTIONS,
     PAPER_GB,
-    add_memory_arguments,
+    format_table,
     parse_bytes,
     plan_memory,
-    run_memory,
 )
 
 SMALL = model_lib.ModelConfig(vocab_size=256, d_model=64, n_layers=2, n_heads=2, d_ff=128)
@@ -139,3 +139,31 @@ def test_make_optimizer_rejects_unknown():
     with pytest.raises(ValueError, match="adamw8bit"):
         make_optimizer("sgd", {"w": jnp.zeros((2, 2))})
     assert isinstance(make_optimizer("adamw", {}), optax.GradientTransformation)
+
+
+def test_optax_galore_is_sized_as_training_builds_it():
+    """optax.contrib.galore (one projector per matrix name, the layer axis folded)."""
+    from optax.contrib import GaLoreState
+
+    est = plan_memory(SMALL, "optax-galore", rank=16, dtype=jnp.float32)
+    params = model_lib.init_params(SMALL, jax.random.key(0), jnp.float32)
+    state = make_optimizer("optax-galore", params, rank=16).init(params)
+    (galore,) = [s for s in state if isinstance(s, GaLoreState)]
+    assert est.rank == 16 and est.state == tree_bytes(state)
+    assert est.projectors == tree_bytes(galore.projector) > 0
+
+
+def test_cli_sizes_optax_galore(capsys):
+    assert _run(["--preset", "60m", "--optimizer", "optax-galore", "adamw"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()]
+    assert any(r[0] == "60m" and r[2:4] == ["optax-galore", "128"] for r in rows if len(r) > 4)
+
+
+def test_table_columns_say_their_units():
+    rows = [("60m", plan_memory(model_lib.get_preset("60m", vocab_size=32000), "galore"))]
+    head, rule, row = format_table(rows).splitlines()
+    for column in ("weights", "grads", "state", "(proj)", "w+state", "paper", "total"):
+        assert f"{column} GB" in head
+    assert len(head) == len(rule) and row.split()[1].endswith("M")  # parameters in millions
+    # Each number sits under its header: the total column ends where its header ends.
+    assert row.rstrip().endswith(row.split()[-1]) and len(row.rstrip()) == len(head)

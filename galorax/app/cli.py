@@ -6,6 +6,8 @@ the user's to fix (``UsageError``, ``DataError``, ``FileNotFoundError``) print o
 naming the flag and the fix and exit with status 2, as argparse's do; runtime failures (a
 diverged loss, a full disk, a read-only ``--out``, anything unexpected) one line and status 1
 (``--debug`` adds the traceback); a Ctrl-C 130. Nothing existing is modified.
+``galorax --version`` prints the package's version. The flags several subcommands take are
+spelled once (:data:`galorax.app.flags.SHARED_OPTIONS`); every help says its default.
 
 Example:
     >>> parser = build_parser()
@@ -31,11 +33,13 @@ from typing import NamedTuple, NoReturn
 
 import jax
 
-from galorax.app import compare, distributed, planner
-from galorax.app.config import OPTIMIZERS, UsageError
+import galorax
+from galorax.app import compare, distributed, memory
+from galorax.app.config import UsageError
 from galorax.app.data import DataError, cache_dir
 from galorax.app.flags import (
     add_model_arguments,
+    add_option,
     config_from_args,
     given_flags,
     nonneg_int,
@@ -56,19 +60,31 @@ class Subcommand(NamedTuple):
 
 
 def _add_train_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--optimizer", choices=OPTIMIZERS, help="default galore")
-    p.add_argument("--lr", type=float, help="peak learning rate (adamw 1e-3, galore 1e-2)")
+    add_option(p, "--optimizer", shown="galore")
+    p.add_argument(
+        "--lr",
+        type=float,
+        help="peak learning rate (default: adamw 1e-3, galore and optax-galore 1e-2)",
+    )
     add_model_arguments(p)
     g = p.add_argument_group("output and checkpoints")
-    g.add_argument("--out", metavar="DIR", help="output directory (default runs/<name>-<time>)")
-    g.add_argument("--resume", action="store_true", help="continue the run in --out")
-    g.add_argument("--overwrite", action="store_true", help="replace the run in --out")
-    g.add_argument("--init-from", metavar="DIR", help="start from a run's weights (fine-tune)")
+    add_option(g, "--out", shown="runs/<preset>-<optimizer>-<time>")
+    add_option(g, "--resume")
+    add_option(g, "--overwrite")
     g.add_argument(
-        "--checkpoint-every", type=nonneg_int, help="save every N steps (default 100; 0 = end)"
+        "--init-from",
+        metavar="DIR",
+        help="start from a run's weights, to fine-tune (default: a fresh init)",
     )
-    g.add_argument("--stop-after", type=positive_int, help="stop after N steps (then --resume)")
-    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument(
+        "--checkpoint-every",
+        type=nonneg_int,
+        help="save every N steps, 0 = only at the end (default: 100)",
+    )
+    g.add_argument(
+        "--stop-after", type=positive_int, help="stop after N steps, then --resume (default: off)"
+    )
+    add_option(g, "--no-progress")
     g = p.add_argument_group(
         "sharding",
         "several devices or processes (jax.distributed; the JAX_COORDINATOR_ADDRESS, "
@@ -79,11 +95,13 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
         "--mesh",
         metavar="AXES",
         help="shard over a device mesh, e.g. data=2,fsdp=4 (params and state FSDP over "
-        "fsdp, batch rows over both; one size may be -1); default: one device",
+        "fsdp, batch rows over both; one size may be -1) (default: one device)",
     )
-    g.add_argument("--coordinator", metavar="HOST:PORT", help="process 0's address")
-    g.add_argument("--num-processes", type=positive_int, help="processes in the run")
-    g.add_argument("--process-id", type=nonneg_int, help="this process's index")
+    g.add_argument(
+        "--coordinator", metavar="HOST:PORT", help="process 0's address (default: one process)"
+    )
+    g.add_argument("--num-processes", type=positive_int, help="processes in the run (default: one)")
+    g.add_argument("--process-id", type=nonneg_int, help="this process's index (default: 0)")
 
 
 def _mtime(path: pathlib.Path) -> int | None:
@@ -141,8 +159,8 @@ SUBCOMMANDS: tuple[Subcommand, ...] = (
     Subcommand(
         "memory",
         "bytes of weights, gradients and optimizer state; which ranks fit a budget",
-        planner.add_memory_arguments,
-        planner.run_memory,
+        memory.add_memory_arguments,
+        memory.run_memory,
     ),
 )
 
@@ -159,6 +177,7 @@ def build_parser(subcommands: Sequence[Subcommand] = SUBCOMMANDS) -> argparse.Ar
     parser = _Parser(
         prog="galorax", description="GaLore (Gradient Low-Rank Projection) for JAX/optax."
     )
+    parser.add_argument("--version", action="version", version=f"galorax {galorax.__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for cmd in subcommands:
         sp = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help)

@@ -42,7 +42,13 @@ from galorax.app.config import (
     UsageError,
     resolve_config,
 )
-from galorax.app.flags import add_model_arguments, config_from_args, given_flags, parse_bool
+from galorax.app.flags import (
+    add_model_arguments,
+    add_option,
+    config_from_args,
+    given_flags,
+    parse_bool,
+)
 from galorax.app.interrupt import Interrupted
 from galorax.app.rundir import Aside, MetricsLog, atomic_write_text
 from galorax.app.train import train
@@ -144,14 +150,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--runs",
         nargs="+",
         metavar="SPEC",
-        help="OPTIMIZER[:lr=A,B][:scale=..][:rank=..][:gap=..][:moments=..][:label=..]; "
-        f"default: {' '.join(DEFAULT_RUNS)}",
+        help="OPTIMIZER[:lr=A,B][:scale=..][:rank=..][:gap=..][:moments=..][:label=..] "
+        f"(default: {' '.join(DEFAULT_RUNS)})",
     )
     add_model_arguments(p)
-    p.add_argument("--out", metavar="DIR", default=None, help="default runs/compare-<preset>")
-    p.add_argument("--resume", action="store_true", help="reuse the finished runs in --out")
-    p.add_argument("--overwrite", action="store_true", help="replace a comparison in --out")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_option(p, "--out", shown="runs/compare-<preset>")
+    add_option(p, "--resume")
+    add_option(p, "--overwrite")
+    add_option(p, "--no-progress")
 
 
 def _lr_dir(lr: float | None) -> str:

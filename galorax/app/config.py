@@ -29,12 +29,13 @@ class UsageError(ValueError):
 OPTIMIZERS = ("galore", "adamw", "optax-galore", "galore8bit", "adamw8bit")
 #: Names for an optimizer with 8-bit Adam moments: the optimizer with ``--state-bits 8``.
 EIGHT_BIT = {"galore8bit": "galore", "adamw8bit": "adamw"}
-#: The optimizers ``galorax memory`` sizes (``optax-galore`` cannot take stacked weights
-#: per layer). ``galore8bit``: GaLore with 8-bit Adam as base optimizer (the embeddings,
+#: The optimizers ``galorax memory`` sizes by default (it sizes every one of
+#: :data:`OPTIMIZERS`; ``optax-galore``, which shares one projector across the layers, on
+#: request). ``galore8bit``: GaLore with 8-bit Adam as base optimizer (the embeddings,
 #: norms and head, which GaLore leaves full-rank, get 8-bit moments too, as in the paper's
 #: ``GaLoreAdamW8bit``).
 PLANNED_OPTIMIZERS = tuple(sorted(o for o in OPTIMIZERS if o != "optax-galore"))
-#: Dtypes by name (``galorax memory`` takes every name; ``galorax train`` :data:`TRAIN_DTYPES`).
+#: Dtypes by name (the flags' values; the short names are :data:`DTYPE_ALIASES`').
 DTYPES: dict[str, Any] = {
     "float32": jnp.float32,
     "bfloat16": jnp.bfloat16,
@@ -42,8 +43,12 @@ DTYPES: dict[str, Any] = {
     "bf16": jnp.bfloat16,
     "float16": jnp.float16,
 }
-#: Parameter dtypes of ``galorax train --dtype``.
+#: Short spellings of dtype names that the flags accept.
+DTYPE_ALIASES = {"f32": "float32", "bf16": "bfloat16", "f16": "float16"}
+#: Parameter dtypes (``--dtype`` of ``galorax train``, ``compare`` and ``memory``).
 TRAIN_DTYPES = ("float32", "bfloat16")
+#: GaLore projector storage dtypes (``galorax memory --projector-dtype``).
+PROJECTOR_DTYPES = ("float32", "bfloat16", "float16")
 #: Per-optimizer default peak learning rates (the paper tuned GaLore higher, scale 0.25).
 DEFAULT_LR = {"adamw": 1e-3, "galore": 1e-2, "optax-galore": 1e-2}
 #: GaLore-only settings (flags only ``--optimizer galore`` takes) and their resolved defaults

@@ -1,5 +1,7 @@
-"""Command-line flags that ``galorax train`` and ``galorax compare`` share (model, data,
-schedule, GaLore, memory), their value parsers, and the :class:`TrainConfig` they fill.
+"""Command-line flags: the ones several subcommands take, spelled once
+(:data:`SHARED_OPTIONS`, added with :func:`add_option`), those ``galorax train`` and
+``galorax compare`` share (model, data, schedule, GaLore, memory), their value parsers, and
+the :class:`TrainConfig` they fill. Every help says its default.
 
 Example:
     >>> p = argparse.ArgumentParser()
@@ -12,9 +14,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
-from galorax.app.config import TRAIN_DTYPES, TrainConfig
+from galorax.app.config import (
+    DTYPE_ALIASES,
+    GALORE_CHOICES,
+    GALORE_DEFAULTS,
+    OPTIMIZERS,
+    TRAIN_DTYPES,
+    TrainConfig,
+)
 from galorax.app.model import PRESETS
 
 
@@ -58,51 +68,175 @@ def parse_bool(s: str) -> bool:
     raise _BadBool(f"expected true or false, got {s!r}")
 
 
+@dataclasses.dataclass(frozen=True)
+class Option:
+    """One flag as every subcommand that takes it spells it (name, choices, help).
+
+    Attributes:
+        help: What the flag does, without its default (:func:`add_option` adds that: the
+            default differs between subcommands, the meaning does not).
+        choices: The accepted values, if a fixed set.
+        type: The argparse value parser.
+        metavar: The value's placeholder in the usage.
+        action: An argparse action (``store_true`` for a switch: off by default).
+    """
+
+    help: str
+    choices: tuple[Any, ...] | None = None
+    type: Callable[[str], Any] | None = None
+    metavar: str | None = None
+    action: str | None = None
+
+
+def dtype_name(s: str) -> str:
+    """An argparse type: a dtype name, its short spelling accepted (``bf16``, ``f32``)."""
+    return DTYPE_ALIASES.get(s, s)
+
+
+_BOOL = "{true,false}"
+
+#: Every flag two or more subcommands take, spelled once: ``galorax train``, ``compare``
+#: and ``memory`` add them with :func:`add_option`.
+SHARED_OPTIONS: dict[str, Option] = {
+    "--optimizer": Option(
+        "optimizer(s); the 8bit names keep 8-bit Adam moments", choices=OPTIMIZERS
+    ),
+    "--preset": Option(f"model size: {', '.join(PRESETS)}"),
+    "--dtype": Option(
+        "parameter (and gradient) dtype; bf16 and f32 are accepted too",
+        choices=TRAIN_DTYPES,
+        type=dtype_name,
+    ),
+    "--batch-size": Option("sequences per step", type=positive_int),
+    "--seq-len": Option("tokens per sequence", type=positive_int),
+    "--rank": Option("GaLore projection rank(s)", type=positive_int),
+    "--side": Option("the side of each matrix GaLore projects", choices=GALORE_CHOICES["side"]),
+    "--projector-bits": Option(
+        "store GaLore's projectors in 8 or 4 bits (galorax.quantization); memory sizes "
+        "them beside the float ones",
+        choices=(8, 4),
+        type=int,
+    ),
+    "--out": Option("output directory", metavar="DIR"),
+    "--resume": Option(
+        "continue what --out holds: reuse finished runs, continue stopped ones from their "
+        "last checkpoint",
+        action="store_true",
+    ),
+    "--overwrite": Option("replace what --out holds", action="store_true"),
+    "--no-progress": Option("no progress bars", action="store_true"),
+}
+
+
+def add_option(
+    group: Any, flag: str, *, default: Any = None, shown: str | None = None, **kw: Any
+) -> argparse.Action:
+    """Adds :data:`SHARED_OPTIONS`' ``flag`` to ``group`` (a parser or argument group).
+
+    Args:
+        group: Where the flag goes.
+        flag: A key of :data:`SHARED_OPTIONS`.
+        default: The parsed default (None: the flag was not given; the run's config
+            resolves it).
+        shown: The default as the help says it, where ``default`` is None.
+        **kw: More ``add_argument`` keywords (``nargs``...).
+    """
+    opt = SHARED_OPTIONS[flag]
+    return group.add_argument(flag, **_keywords(opt, default, shown), **kw)
+
+
+def _keywords(opt: Option, default: Any, shown: str | None) -> dict[str, Any]:
+    """``add_argument``'s keywords of ``opt``, the default shown in its help."""
+    help_text = opt.help
+    if shown is not None:
+        help_text += f" (default: {shown})"
+    elif default is not None and opt.action is None:
+        help_text += " (default: %(default)s)"
+    kw: dict[str, Any] = {"help": help_text, "default": default}
+    if opt.action is not None:
+        kw["action"] = opt.action
+    fields = {"choices": opt.choices, "type": opt.type, "metavar": opt.metavar}
+    kw |= {k: v for k, v in fields.items() if v is not None}
+    return kw
+
+
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
     """Flags shared by ``train`` and ``compare`` (defaults: see ``TrainConfig``)."""
     g = p.add_argument_group("model and data")
-    g.add_argument("--preset", help=f"model size: {', '.join(PRESETS)} (default tiny)")
-    g.add_argument("--dtype", choices=list(TRAIN_DTYPES), help="parameter dtype (default float32)")
+    add_option(g, "--preset", shown="tiny")
+    add_option(g, "--dtype", shown="float32")
     g.add_argument(
         "--data",
         metavar="PATH",
-        help="text file or directory of text files (default: the embedded Python stdlib "
-        "corpus); 'c4' or hf:NAME[:CONFIG] need `pip install datasets`",
+        help="text file or directory of text files; 'c4' or hf:NAME[:CONFIG] need "
+        '`pip install -e ".[c4]"` (default: the embedded Python stdlib corpus)',
     )
-    g.add_argument("--seed", type=nonneg_int, help="seed of the init and data order (default 0)")
-    g = p.add_argument_group("schedule")
-    g.add_argument("--steps", type=positive_int, help="optimizer steps (tiny: 300)")
-    g.add_argument("--batch-size", type=positive_int, help="sequences per step (default 16)")
-    g.add_argument("--seq-len", type=positive_int, help="tokens per sequence (tiny: 128)")
-    g.add_argument("--warmup", type=nonneg_int, help="linear warmup steps (default 10%%)")
-    g.add_argument("--weight-decay", type=float, help="decoupled weight decay (default 0)")
-    g.add_argument("--grad-clip", type=float, help="global-norm clip, 0 = off (default 1)")
-    g.add_argument("--eval-every", type=positive_int, help="validate every N steps")
-    g.add_argument("--eval-batches", type=positive_int, help="validation batches (default 8)")
-    g.add_argument("--remat", action="store_true", default=None, help="recompute activations")
-    g = p.add_argument_group("GaLore")
-    g.add_argument("--rank", type=positive_int, help="projection rank (tiny: 64 = d_model/4)")
-    g.add_argument("--update-proj-gap", type=positive_int, help="steps between refreshes (200)")
-    g.add_argument("--scale", type=float, help="GaLore update scale (default 0.25)")
-    g.add_argument("--subspace", choices=["randomized", "svd"], help="refresh method")
-    g.add_argument("--moments", choices=["keep", "align", "rotate"], help="moments at a refresh")
-    g.add_argument("--stagger", type=parse_bool, metavar="{true,false}", help="spread refreshes")
-    g.add_argument(
-        "--side", choices=["auto", "std", "reverse_std", "left", "right"], help="projected side"
-    )
-    g.add_argument(
-        "--residual",
-        choices=["channel", "matrix"],
-        help="add back the gradient outside the subspace, Fira-scaled (default off)",
-    )
-    g.add_argument(
-        "--adaptive", type=parse_bool, metavar="{true,false}", help="lengthen stable layers' gaps"
-    )
-    g.add_argument("--projector-bits", type=int, choices=[8, 4], help="quantized projectors")
+    g.add_argument("--seed", type=nonneg_int, help="seed of the init and data order (default: 0)")
+    _add_schedule_arguments(p)
+    _add_galore_arguments(p)
     g = p.add_argument_group("memory")
     g.add_argument(
-        "--state-bits", type=int, choices=[32, 8], help="8: 8-bit Adam moments (default 32)"
+        "--state-bits", type=int, choices=[32, 8], help="8: 8-bit Adam moments (default: 32)"
     )
+
+
+def _add_schedule_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("schedule")
+    g.add_argument(
+        "--steps", type=positive_int, help="optimizer steps (default: 300 for tiny, else 1000)"
+    )
+    add_option(g, "--batch-size", shown="16")
+    add_option(g, "--seq-len", shown="128 for tiny, else 256")
+    g.add_argument(
+        "--warmup", type=nonneg_int, help="linear warmup steps (default: 10%% of --steps)"
+    )
+    g.add_argument("--weight-decay", type=float, help="decoupled weight decay (default: 0)")
+    g.add_argument("--grad-clip", type=float, help="global-norm clip, 0 = off (default: 1)")
+    g.add_argument(
+        "--eval-every", type=positive_int, help="validate every N steps (default: --steps / 10)"
+    )
+    g.add_argument("--eval-batches", type=positive_int, help="validation batches (default: 8)")
+    g.add_argument("--remat", action="store_true", default=None, help="recompute activations")
+
+
+def _add_galore_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("GaLore", "settings of --optimizer galore (and galore8bit)")
+    add_option(g, "--rank", shown="the paper's for the preset; tiny: 64 = d_model/4")
+    g.add_argument(
+        "--update-proj-gap", type=positive_int, help="steps between refreshes (default: 200)"
+    )
+    g.add_argument("--scale", type=float, help="GaLore update scale (default: 0.25)")
+    choice = GALORE_CHOICES
+    shown = {k: str(v).lower() for k, v in GALORE_DEFAULTS.items()}
+    g.add_argument(
+        "--subspace",
+        choices=choice["subspace"],
+        help=f"how a refresh finds the subspace (default: {shown['subspace']})",
+    )
+    g.add_argument(
+        "--moments",
+        choices=choice["moments"],
+        help=f"Adam's moments at a refresh (default: {shown['moments']})",
+    )
+    g.add_argument(
+        "--stagger",
+        type=parse_bool,
+        metavar=_BOOL,
+        help=f"spread the layers' refreshes over the gap (default: {shown['stagger']})",
+    )
+    add_option(g, "--side", shown=shown["side"])
+    g.add_argument(
+        "--residual",
+        choices=choice["residual"],
+        help="add back the gradient outside the subspace, Fira-scaled (default: off)",
+    )
+    g.add_argument(
+        "--adaptive",
+        type=parse_bool,
+        metavar=_BOOL,
+        help=f"lengthen stable layers' refresh gaps (default: {shown['adaptive']})",
+    )
+    add_option(g, "--projector-bits", shown="off: float32 projectors")
 
 
 def given_flags(args: argparse.Namespace) -> dict[str, Any]:

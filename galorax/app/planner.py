@@ -1,40 +1,34 @@
 """The planner behind ``galorax memory``: bytes of weights, gradients and optimizer state.
 
 :func:`plan_memory` sizes weights, gradients and optimizer state of a model under AdamW,
-8-bit AdamW, GaLore or 8-bit GaLore from ``jax.eval_shape`` of the real model init and the
-optimizer's init as training builds it (:func:`galorax.app.optimizers.make_optimizer`; no
-allocation: 7B takes under a second); :func:`compiled_step_memory` adds XLA's memory analysis
-of the train step that training compiles (:mod:`galorax.app.step`) for models that compile
-quickly. The command (``galorax memory`` / ``python -m galorax.app.planner``) prints the
-table beside the paper's published estimates (:data:`PAPER_GB`), the assumptions that
-explain the differences (:data:`ASSUMPTIONS`), and with ``--max-memory 24GB`` which ranks
-and options fit.
+8-bit AdamW, GaLore (galorax's or optax's) or 8-bit GaLore from ``jax.eval_shape`` of the
+real model init and the optimizer's init as training builds it
+(:func:`galorax.app.optimizers.make_optimizer`; no allocation: 7B takes under a second);
+:func:`compiled_step_memory` adds XLA's memory analysis of the train step that training
+compiles (:mod:`galorax.app.step`) for models that compile quickly; :func:`format_table`
+prints estimates beside the paper's published ones (:data:`PAPER_GB`), :data:`ASSUMPTIONS`
+explains the differences. The command is :mod:`galorax.app.memory`.
 """
 
 from __future__ import annotations
 
-import argparse
 import re
-import sys
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from optax.contrib import GaLoreState as OptaxGaLoreState
 
 from galorax.accounting import find_galore_states, tree_bytes
 from galorax.app import model as model_lib
-from galorax.app.config import DTYPES, GALORE_CHOICES, PLANNED_OPTIMIZERS, UsageError
-from galorax.app.flags import positive_int
+from galorax.app.config import EIGHT_BIT, OPTIMIZERS
 from galorax.app.optimizers import make_optimizer
 from galorax.app.step import compile_step, step_memory
 
-# --------------------------------------------------------------------------------------------
-# The planner: bytes of weights, gradients and optimizer state, from abstract evaluation
-# --------------------------------------------------------------------------------------------
-
-#: Optimizers the planner sizes (:data:`galorax.app.config.PLANNED_OPTIMIZERS`).
-OPTIONS = PLANNED_OPTIMIZERS
+#: Optimizers the planner sizes: all of them (by default
+#: :data:`galorax.app.config.PLANNED_OPTIMIZERS`, the paper's).
+OPTIONS = OPTIMIZERS
 
 #: Zhao et al. 2024 (arXiv 2403.03507), Table 2: memory estimate of BF16 weights + optimizer
 #: states, full-rank AdamW vs GaLore, in GB; and the 7B runs with 8-bit states.
@@ -64,7 +58,8 @@ Assumptions (ours vs the paper's estimates):
   galorax keeps low-rank moments in f32 even for BF16 params (BF16 moments stall: bf16(0.999)
   == 1) and projectors in --projector-dtype (default f32), plus a few per-layer refresh
   counters; the paper's estimate assumes BF16 for all of these. --projector-dtype bfloat16
-  or --projector-bits 8/4 narrow the gap.
+  or --projector-bits 8/4 narrow the gap. optax-galore (optax.contrib.galore, as training
+  builds it) folds the layer axis: one projector per matrix name, shared by all layers.
 """
 
 
@@ -146,8 +141,7 @@ def plan_memory(
         True
     """
     params = model_lib.abstract_params(cfg, dtype)
-    galore = option.startswith("galore")
-    bits = projector_bits if galore else None
+    bits = projector_bits if option.startswith("galore") else None  # galorax's GaLore only
     opt = make_optimizer(
         option,
         params,
@@ -158,7 +152,7 @@ def plan_memory(
     )
     state = jax.eval_shape(opt.init, params)
     state_bytes = tree_bytes(state)
-    proj = sum(tree_bytes(s.projector) for s in find_galore_states(state)) if galore else 0
+    proj = _projector_bytes(state)
     if bits:
         option = f"{option}+int{bits}P"
     weights = tree_bytes(params)
@@ -169,13 +163,28 @@ def plan_memory(
         grads = max([layer, *others])
     return MemoryEstimate(
         option=option,
-        rank=rank if galore else 0,
+        rank=rank if projects(option) else 0,
         n_params=model_lib.count_params(params),
         weights=weights,
         grads=grads,
         state=state_bytes,
         projectors=proj,
     )
+
+
+def projects(option: str) -> bool:
+    """Whether ``option`` is a GaLore (it has a rank and projectors)."""
+    return EIGHT_BIT.get(option, option) != "adamw"
+
+
+def _projector_bytes(state: Any) -> int:
+    """Bytes of the projectors of galorax's and optax's GaLore states inside ``state``."""
+    optax_states = [
+        s
+        for s in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, OptaxGaLoreState))
+        if isinstance(s, OptaxGaLoreState)
+    ]
+    return sum(tree_bytes(s.projector) for s in [*find_galore_states(state), *optax_states])
 
 
 def compiled_step_memory(
@@ -212,193 +221,47 @@ def compiled_step_memory(
     return memory.as_dict()
 
 
-def _gb(n: float) -> str:
+def gb(n: float) -> str:
+    """``n`` bytes in GB (1e9 bytes), two decimals."""
     return f"{n / 1e9:.2f}"
 
 
+#: The memory table's columns: (header with its unit, width).
+_COLUMNS = (
+    ("model", 8),
+    ("params", 8),
+    ("optimizer", 18),
+    ("rank", 5),
+    ("weights GB", 10),
+    ("grads GB", 8),
+    ("state GB", 8),
+    ("(proj) GB", 9),
+    ("w+state GB", 10),
+    ("paper GB", 8),
+    ("total GB", 8),
+)
+
+
+def _row(cells: Sequence[str]) -> str:
+    """One table line: text columns left-aligned, numbers right-aligned."""
+    out = []
+    for (head, width), cell in zip(_COLUMNS, cells, strict=True):
+        out.append(f"{cell:<{width}}" if head in ("model", "optimizer") else f"{cell:>{width}}")
+    return " ".join(out)
+
+
 def format_table(rows: Sequence[tuple[str, MemoryEstimate]], budget: int | None = None) -> str:
-    """A text table: one row per (model, estimate), sizes in GB, the paper's figure beside."""
-    head = (
-        f"{'model':<8} {'params':>8} {'optimizer':<18} {'rank':>5} {'weights':>8} {'grads':>7}"
-        f" {'state':>7} {'(proj)':>7} {'w+state':>8} {'paper':>6} {'total':>7}"
-    )
+    """A text table: one row per (model, estimate), sizes in GB (1e9 bytes), parameters in
+    millions, the paper's figure beside."""
+    head = _row([h for h, _ in _COLUMNS])
     lines = [head, "-" * len(head)]
     for name, e in rows:
         paper = PAPER_GB.get(name, {}).get(e.option)
         if paper is not None and e.rank and e.rank != model_lib.PAPER_RANKS.get(name):
             paper = None  # the paper's figure is for its own rank
         fit = "" if budget is None else ("  fits" if e.total <= budget else "  over")
-        lines.append(
-            f"{name:<8} {e.n_params / 1e6:>7.0f}M {e.option:<18} {e.rank or '-':>5}"
-            f" {_gb(e.weights):>8} {_gb(e.grads):>7} {_gb(e.state):>7} {_gb(e.projectors):>7}"
-            f" {_gb(e.weights + e.state):>8} {'' if paper is None else f'{paper:.2f}':>6}"
-            f" {_gb(e.total):>7}{fit}"
-        )
+        cells = [name, f"{e.n_params / 1e6:.0f}M", e.option, str(e.rank or "-")]
+        cells += [gb(e.weights), gb(e.grads), gb(e.state), gb(e.projectors)]
+        cells += [gb(e.weights + e.state), "" if paper is None else f"{paper:.2f}", gb(e.total)]
+        lines.append(_row(cells) + fit)
     return "\n".join(lines)
-
-
-# --------------------------------------------------------------------------------------------
-# Command line: ``galorax memory`` (and ``python -m galorax.app.planner``)
-# --------------------------------------------------------------------------------------------
-
-
-def add_memory_arguments(parser: argparse.ArgumentParser) -> None:
-    """Adds the ``galorax memory`` flags to ``parser``."""
-    parser.add_argument(
-        "--preset", nargs="+", help="model presets (tiny 60m 130m 350m 1b 7b; default: 60m..7b)"
-    )
-    parser.add_argument(
-        "--config",
-        help="a model of your own: JSON object or key=value list of galorax.app.model.ModelConfig "
-        "fields, e.g. 'd_model=2560,n_layers=32,n_heads=32,d_ff=6912'",
-    )
-    parser.add_argument("--vocab-size", type=positive_int, default=32000, help="(default: 32000)")
-    parser.add_argument(
-        "--optimizer", nargs="+", default=list(OPTIONS), choices=OPTIONS, help="(default: all)"
-    )
-    parser.add_argument(
-        "--rank",
-        nargs="+",
-        type=positive_int,
-        default=None,
-        help="GaLore ranks (default: the paper's)",
-    )
-    parser.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
-    sides = GALORE_CHOICES["side"]
-    parser.add_argument("--side", default="auto", choices=sides, help="GaLore side (default auto)")
-    parser.add_argument("--projector-dtype", default="float32", choices=sorted(DTYPES))
-    parser.add_argument(
-        "--projector-bits",
-        type=int,
-        choices=(8, 4),
-        help="also size GaLore with int8/int4 projectors (galorax.quantization.quantize_projector)",
-    )
-    parser.add_argument(
-        "--per-layer-updates",
-        action="store_true",
-        help="count only one layer's gradient (the paper's 7B setting: weights updated "
-        "during the backward pass)",
-    )
-    parser.add_argument(
-        "--max-memory",
-        help="a budget such as 24GB: sweep ranks and options and say which totals fit",
-    )
-    parser.add_argument(
-        "--xla",
-        action="store_true",
-        help="also compile the train step and print XLA's memory analysis (models <= "
-        "--xla-max-params only)",
-    )
-    parser.add_argument("--xla-max-params", type=float, default=1.5e8)
-    parser.add_argument("--batch-size", type=positive_int, default=4, help="for --xla (default: 4)")
-    parser.add_argument("--seq-len", type=positive_int, default=256, help="for --xla (default 256)")
-
-
-def _parse_config(text: str, vocab_size: int) -> model_lib.ModelConfig:
-    try:
-        return model_lib.parse_model_config(text, vocab_size)
-    except ValueError as e:
-        raise UsageError(
-            f"--config {text.strip()!r}: {e} (e.g. 'd_model=2560,n_layers=32,n_heads=32,d_ff=6912')"
-        ) from None
-
-
-def _models(args: argparse.Namespace) -> list[tuple[str, model_lib.ModelConfig]]:
-    models: list[tuple[str, model_lib.ModelConfig]] = []
-    if args.config:
-        models.append(("custom", _parse_config(args.config, args.vocab_size)))
-    presets = args.preset or ([] if args.config else ["60m", "130m", "350m", "1b", "7b"])
-    for p in presets:
-        if p not in model_lib.PRESETS:
-            raise UsageError(
-                f"--preset {p!r} is unknown; choose from {', '.join(model_lib.PRESETS)}"
-            )
-        models.append((p, model_lib.get_preset(p, vocab_size=args.vocab_size)))
-    return models
-
-
-def _default_rank(name: str, cfg: model_lib.ModelConfig) -> int:
-    return model_lib.PAPER_RANKS.get(name, max(cfg.d_model // 4, 1))
-
-
-def _plan_rows(
-    args: argparse.Namespace, models: list[tuple[str, model_lib.ModelConfig]], sweep: bool
-) -> list[tuple[str, MemoryEstimate]]:
-    """One estimate per model, option and rank (``sweep``: every sensible rank)."""
-    kw: dict[str, Any] = dict(
-        dtype=DTYPES[args.dtype],
-        side=args.side,
-        projector_dtype=DTYPES[args.projector_dtype],
-        per_layer_updates=args.per_layer_updates,
-    )
-    rows: list[tuple[str, MemoryEstimate]] = []
-    for name, cfg in models:
-        default_rank = _default_rank(name, cfg)
-        ranks = args.rank or [default_rank]
-        if sweep and not args.rank:  # smallest to largest sensible rank
-            ranks = sorted({r for r in (64, 128, 256, 512, 1024, default_rank) if r <= cfg.d_model})
-        for option in args.optimizer:
-            for rank in ranks if option.startswith("galore") else [0]:
-                rows.append((name, plan_memory(cfg, option, rank or default_rank, **kw)))
-                if option.startswith("galore") and args.projector_bits:
-                    bits = args.projector_bits
-                    rows.append((name, plan_memory(cfg, option, rank, projector_bits=bits, **kw)))
-    return rows
-
-
-def _print_fits(
-    rows: list[tuple[str, MemoryEstimate]], names: list[str], budget: int, text: str
-) -> None:
-    print(f"Fits in {text} (weights + gradients + optimizer state; activations")
-    print("not counted: add them from --xla or your own batch):")
-    for name in names:
-        fit = [e for n, e in rows if n == name and e.total <= budget]
-        if not fit:
-            print(f"  {name}: nothing fits")
-            continue
-        listed = ", ".join(f"{e.option}" + (f" r{e.rank}" if e.rank else "") for e in fit)
-        best = max(fit, key=lambda e: (e.option.startswith("galore"), e.rank, -e.total))
-        print(f"  {name}: {listed}")
-        if best.rank:
-            print(f"    -> largest GaLore rank that fits: {best.rank} ({best.option})")
-
-
-def _print_xla(args: argparse.Namespace, models: list[tuple[str, model_lib.ModelConfig]]) -> None:
-    print("XLA memory analysis of the compiled train step (f32 params, donated state), GB:")
-    print(f"  batch {args.batch_size} x seq {args.seq_len}")
-    for name, cfg in models:
-        if model_lib.count_params(model_lib.abstract_params(cfg)) > args.xla_max_params:
-            continue
-        for option in args.optimizer:
-            rank = (args.rank or [_default_rank(name, cfg)])[0]
-            m = compiled_step_memory(
-                cfg, option, rank, batch_size=args.batch_size, seq_len=args.seq_len
-            )
-            print(
-                f"  {name:<8} {option:<11} args {_gb(m['argument'])}  temp {_gb(m['temp'])}"
-                f"  alias {_gb(m['alias'])}  peak {_gb(m['peak'])}"
-            )
-
-
-def run_memory(args: argparse.Namespace) -> int:
-    """Runs ``galorax memory``: prints the table (and fits / XLA figures); returns 0."""
-    models = _models(args)
-    try:
-        budget = parse_bytes(args.max_memory) if args.max_memory else None
-    except ValueError as e:
-        raise UsageError(f"--max-memory: {e}") from None
-    rows = _plan_rows(args, models, sweep=budget is not None)
-    print(format_table(rows, budget))
-    print()
-    print(ASSUMPTIONS)
-    if budget is not None:
-        _print_fits(rows, [name for name, _ in models], budget, args.max_memory)
-    if args.xla:
-        _print_xla(args, models)
-    return 0
-
-
-if __name__ == "__main__":
-    _parser = argparse.ArgumentParser(prog="python -m galorax.app.planner")
-    add_memory_arguments(_parser)
-    sys.exit(run_memory(_parser.parse_args()))

@@ -1,5 +1,6 @@
-"""What a run reports: the end-of-run table (:func:`format_summary`, each figure beside
-AdamW's) and the loss curves (:func:`plot_curves`, ``loss_curve.png``).
+"""What a run reports: the end-of-run table (:func:`format_summary`: what the run measured,
+and its sizes beside AdamW's computed ones) and the loss curves (:func:`plot_curves`,
+``loss_curve.png``).
 
 Example:
     >>> fmt_bytes(512), fmt_bytes(3 * 2**20)
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import math
 import pathlib
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -32,16 +34,34 @@ def _ratio(a: float | None, b: float | None) -> str:
     return f" ({a / b:.0%} of AdamW)" if a is not None and b else ""
 
 
+def _table(title: tuple[str, ...], rows: Sequence[tuple[str, ...]]) -> list[str]:
+    """Aligned columns under ``title`` (a header line and a rule)."""
+    widths = [max(len(r[i]) for r in [title, *rows]) for i in range(len(title))]
+
+    def line(cells: tuple[str, ...]) -> str:
+        return "  ".join(f"{c:<{w}}" for c, w in zip(cells, widths, strict=True)).rstrip()
+
+    return [line(title), line(tuple("-" * w for w in widths)), *map(line, rows)]
+
+
 def format_summary(s: dict[str, Any]) -> str:
-    """The end-of-run table: each figure next to AdamW's where one exists."""
-    ref = s.get("adamw") or {}
+    """The end-of-run table: what this run measured, then its sizes beside AdamW's.
+
+    AdamW is not trained: its optimizer state (``jax.eval_shape``) and train step memory
+    (XLA's analysis of its compiled step) are computed, and labelled so; a measured side by
+    side is ``galorax compare``'s (the last line says how).
+    """
+    trained = s["optimizer"] == "adamw"  # AdamW itself: no computed AdamW beside it
+    ref = {} if trained else s.get("adamw") or {}
     mem = (s.get("step_memory") or {}).get("peak")
     ref_mem = (ref.get("step_memory") or {}).get("peak")
-    rows = [
-        ("val loss (start -> end)", f"{s['val_loss_start']:.4f} -> {s['val_loss']:.4f}", ""),
-        ("val perplexity (per byte)", f"{s['val_ppl']:.3f}", ""),
-        ("tokens/s (refreshes incl.)", f"{s['tokens_per_s']:.0f}", ""),
-        ("parameters", f"{s['n_params']:,} ({fmt_bytes(s['param_bytes'])})", ""),
+    measured: list[tuple[str, ...]] = [
+        ("val loss (start -> end)", f"{s['val_loss_start']:.4f} -> {s['val_loss']:.4f}"),
+        ("val perplexity (per byte)", f"{s['val_ppl']:.3f}"),
+        ("tokens/s (refreshes incl.)", f"{s['tokens_per_s']:.0f}"),
+    ]
+    sizes: list[tuple[str, ...]] = [
+        ("parameters", f"{s['n_params']:,} ({fmt_bytes(s['param_bytes'])})", "same"),
         (
             "optimizer state",
             fmt_bytes(s["opt_state_bytes"])
@@ -50,10 +70,12 @@ def format_summary(s: dict[str, Any]) -> str:
         ),
         ("train step memory (XLA)", fmt_bytes(mem) + _ratio(mem, ref_mem), fmt_bytes(ref_mem)),
     ]
-    w0 = max(len(r[0]) for r in rows)
-    w1 = max(len(r[1]) for r in rows + [("", s["optimizer"], "")])
-    lines = [f"{'':<{w0}}  {s['optimizer']:<{w1}}  adamw", f"{'-' * w0}  {'-' * w1}  {'-' * 10}"]
-    lines += [f"{a:<{w0}}  {b:<{w1}}  {c}" for a, b, c in rows]
+    head: tuple[str, ...] = ("sizes", s["optimizer"], "adamw (computed, not trained)")
+    if not ref:
+        sizes, head = [r[:2] for r in sizes], head[:2]
+    lines = [*_table(("measured", s["optimizer"]), measured), "", *_table(head, sizes)]
+    if not trained:
+        lines += ["", f"AdamW trained beside it, measured: galorax compare --preset {s['preset']}"]
     return "\n".join(lines)
 
 

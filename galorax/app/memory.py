@@ -1,0 +1,195 @@
+"""``galorax memory``: bytes of weights, gradients and optimizer state; which ranks fit.
+
+Prints :func:`galorax.app.planner.format_table` (sizes in GB) for the presets or a model of
+your own, the planner's assumptions, with ``--max-memory 24GB`` which ranks and options
+fit, and with ``--xla`` XLA's memory analysis of the compiled train step. Also
+``python -m galorax.app.memory``.
+
+Example:
+    >>> p = argparse.ArgumentParser()
+    >>> add_memory_arguments(p)
+    >>> args = p.parse_args(["--preset", "60m", "--dtype", "bf16", "--optimizer", "optax-galore"])
+    >>> args.dtype, args.optimizer, args.side
+    ('bfloat16', ['optax-galore'], 'auto')
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from galorax.app import model as model_lib
+from galorax.app.config import DTYPES, PLANNED_OPTIMIZERS, PROJECTOR_DTYPES, UsageError
+from galorax.app.flags import add_option, dtype_name, positive_int
+from galorax.app.planner import (
+    ASSUMPTIONS,
+    MemoryEstimate,
+    compiled_step_memory,
+    format_table,
+    gb,
+    parse_bytes,
+    plan_memory,
+    projects,
+)
+
+
+def add_memory_arguments(parser: argparse.ArgumentParser) -> None:
+    """Adds the ``galorax memory`` flags to ``parser``."""
+    add_option(parser, "--preset", nargs="+", shown="60m 130m 350m 1b 7b; none with --config")
+    parser.add_argument(
+        "--config",
+        help="a model of your own: JSON object or key=value list of galorax.app.model.ModelConfig "
+        "fields, e.g. 'd_model=2560,n_layers=32,n_heads=32,d_ff=6912' (default: none)",
+    )
+    parser.add_argument(
+        "--vocab-size", type=positive_int, default=32000, help="vocabulary (default: %(default)s)"
+    )
+    optimizers = list(PLANNED_OPTIMIZERS)
+    add_option(parser, "--optimizer", nargs="+", default=optimizers, shown=" ".join(optimizers))
+    add_option(parser, "--rank", nargs="+", shown="the paper's for the preset, else d_model/4")
+    add_option(parser, "--dtype", default="bfloat16")
+    add_option(parser, "--side", default="auto")
+    parser.add_argument(
+        "--projector-dtype",
+        default="float32",
+        type=dtype_name,
+        choices=PROJECTOR_DTYPES,
+        help="GaLore projector storage dtype (default: %(default)s)",
+    )
+    add_option(parser, "--projector-bits", shown="off: float32 projectors")
+    parser.add_argument(
+        "--per-layer-updates",
+        action="store_true",
+        help="count only one layer's gradient (the paper's 7B setting: weights updated "
+        "during the backward pass)",
+    )
+    parser.add_argument(
+        "--max-memory",
+        help="a budget such as 24GB: sweep ranks and options and say which totals fit "
+        "(default: no budget)",
+    )
+    g = parser.add_argument_group("XLA step memory", "the train step as compiled, with --xla")
+    g.add_argument(
+        "--xla",
+        action="store_true",
+        help="also compile the train step and print XLA's memory analysis",
+    )
+    g.add_argument(
+        "--xla-max-params",
+        type=float,
+        default=1.5e8,
+        help="compile only models with at most this many parameters (default: %(default)g)",
+    )
+    add_option(g, "--batch-size", default=4)
+    add_option(g, "--seq-len", default=256)
+
+
+def _parse_config(text: str, vocab_size: int) -> model_lib.ModelConfig:
+    try:
+        return model_lib.parse_model_config(text, vocab_size)
+    except ValueError as e:
+        raise UsageError(
+            f"--config {text.strip()!r}: {e} (e.g. 'd_model=2560,n_layers=32,n_heads=32,d_ff=6912')"
+        ) from None
+
+
+def _models(args: argparse.Namespace) -> list[tuple[str, model_lib.ModelConfig]]:
+    models: list[tuple[str, model_lib.ModelConfig]] = []
+    if args.config:
+        models.append(("custom", _parse_config(args.config, args.vocab_size)))
+    presets = args.preset or ([] if args.config else ["60m", "130m", "350m", "1b", "7b"])
+    for p in presets:
+        if p not in model_lib.PRESETS:
+            raise UsageError(
+                f"--preset {p!r} is unknown; choose from {', '.join(model_lib.PRESETS)}"
+            )
+        models.append((p, model_lib.get_preset(p, vocab_size=args.vocab_size)))
+    return models
+
+
+def _default_rank(name: str, cfg: model_lib.ModelConfig) -> int:
+    return model_lib.PAPER_RANKS.get(name, max(cfg.d_model // 4, 1))
+
+
+def _plan_rows(
+    args: argparse.Namespace, models: list[tuple[str, model_lib.ModelConfig]], sweep: bool
+) -> list[tuple[str, MemoryEstimate]]:
+    """One estimate per model, option and rank (``sweep``: every sensible rank)."""
+    kw: dict[str, Any] = dict(
+        dtype=DTYPES[args.dtype],
+        side=args.side,
+        projector_dtype=DTYPES[args.projector_dtype],
+        per_layer_updates=args.per_layer_updates,
+    )
+    rows: list[tuple[str, MemoryEstimate]] = []
+    for name, cfg in models:
+        default_rank = _default_rank(name, cfg)
+        ranks = args.rank or [default_rank]
+        if sweep and not args.rank:  # smallest to largest sensible rank
+            ranks = sorted({r for r in (64, 128, 256, 512, 1024, default_rank) if r <= cfg.d_model})
+        for option in args.optimizer:
+            for rank in ranks if projects(option) else [0]:
+                rows.append((name, plan_memory(cfg, option, rank or default_rank, **kw)))
+                if option.startswith("galore") and args.projector_bits:
+                    bits = args.projector_bits
+                    rows.append((name, plan_memory(cfg, option, rank, projector_bits=bits, **kw)))
+    return rows
+
+
+def _print_fits(
+    rows: list[tuple[str, MemoryEstimate]], names: list[str], budget: int, text: str
+) -> None:
+    print(f"Fits in {text} (weights + gradients + optimizer state; activations")
+    print("not counted: add them from --xla or your own batch):")
+    for name in names:
+        fit = [e for n, e in rows if n == name and e.total <= budget]
+        if not fit:
+            print(f"  {name}: nothing fits")
+            continue
+        listed = ", ".join(f"{e.option}" + (f" r{e.rank}" if e.rank else "") for e in fit)
+        best = max(fit, key=lambda e: (projects(e.option), e.rank, -e.total))
+        print(f"  {name}: {listed}")
+        if best.rank:
+            print(f"    -> largest GaLore rank that fits: {best.rank} ({best.option})")
+
+
+def _print_xla(args: argparse.Namespace, models: list[tuple[str, model_lib.ModelConfig]]) -> None:
+    print("XLA memory analysis of the compiled train step (f32 params, donated state), GB:")
+    print(f"  batch {args.batch_size} x seq {args.seq_len}")
+    for name, cfg in models:
+        if model_lib.count_params(model_lib.abstract_params(cfg)) > args.xla_max_params:
+            continue
+        for option in args.optimizer:
+            rank = (args.rank or [_default_rank(name, cfg)])[0]
+            m = compiled_step_memory(
+                cfg, option, rank, batch_size=args.batch_size, seq_len=args.seq_len
+            )
+            print(
+                f"  {name:<8} {option:<12} args {gb(m['argument'])}  temp {gb(m['temp'])}"
+                f"  alias {gb(m['alias'])}  peak {gb(m['peak'])}"
+            )
+
+
+def run_memory(args: argparse.Namespace) -> int:
+    """Runs ``galorax memory``: prints the table (and fits / XLA figures); returns 0."""
+    models = _models(args)
+    try:
+        budget = parse_bytes(args.max_memory) if args.max_memory else None
+    except ValueError as e:
+        raise UsageError(f"--max-memory: {e}") from None
+    rows = _plan_rows(args, models, sweep=budget is not None)
+    print(format_table(rows, budget))
+    print()
+    print(ASSUMPTIONS)
+    if budget is not None:
+        _print_fits(rows, [name for name, _ in models], budget, args.max_memory)
+    if args.xla:
+        _print_xla(args, models)
+    return 0
+
+
+if __name__ == "__main__":
+    _parser = argparse.ArgumentParser(prog="python -m galorax.app.memory")
+    add_memory_arguments(_parser)
+    sys.exit(run_memory(_parser.parse_args()))
