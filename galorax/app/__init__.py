@@ -21,5 +21,6 @@ that imports it back. Modules, in the order a run meets them:
   runs every phase), :mod:`~galorax.app.summary` (``summary.json``) and
   :mod:`~galorax.app.report` (the summary table, loss curves);
 * the tools built on it: :mod:`~galorax.app.compare` (its report:
-  :mod:`~galorax.app.compare_report`) and :mod:`~galorax.app.planner`.
+  :mod:`~galorax.app.compare_report`) and :mod:`~galorax.app.memory` (``galorax memory``;
+  its planner: :mod:`~galorax.app.planner`).
 """
