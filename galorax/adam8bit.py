@@ -16,8 +16,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from galorax.chunking import can_split, chunk_size, quantized_chunk, update_chunks
 from galorax.quantization.blockwise import (
     DEFAULT_BLOCK_SIZE,
+    QuantizedArray,
     dequantize_blockwise,
     is_quantized,
     quantize_like,
@@ -27,6 +29,45 @@ from galorax.quantization.blockwise import (
 _DEFAULT_MIN_8BIT_SIZE = 4096
 
 
+def chunked_8bit_step(
+    fn: Callable[..., tuple[jax.Array, jax.Array, jax.Array]],
+    g: jax.Array,
+    mu: QuantizedArray,
+    nu: QuantizedArray,
+) -> tuple[jax.Array, QuantizedArray, QuantizedArray]:
+    """``fn(g, m, v) -> (u, m, v)`` on the dequantized moments, requantized; a large leaf
+    a chunk of its leading axis at a time (:mod:`galorax.chunking`), so at most a chunk's
+    ``float32`` moments exist at once. Bit-identical to the whole-leaf step: blocks never
+    span two slices of a split axis.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from galorax.quantization.blockwise import quantized_zeros
+        >>> mu, nu = quantized_zeros((4, 256)), quantized_zeros((4, 256), signed=False)
+        >>> u, m, v = chunked_8bit_step(lambda g, m, v: (g, m + g, v), jnp.ones((4, 256)), mu, nu)
+        >>> float(dequantize_blockwise(m).sum()), m.shape
+        (1024.0, (4, 256))
+    """
+    n = g.shape[0] if g.ndim else 1
+    slice_bytes = 4 * math.prod(g.shape[1:])  # one f32 moment: the largest temporary
+    chunk = chunk_size(n, slice_bytes) if can_split(mu) and can_split(nu) else n
+
+    def body(bufs: tuple[jax.Array, ...], _: Any) -> tuple[jax.Array, ...]:
+        gc, mc, ms, vc, vs = bufs
+        m = dequantize_blockwise(quantized_chunk(mu, mc, ms))
+        v = dequantize_blockwise(quantized_chunk(nu, vc, vs))
+        u, m, v = fn(gc, m, v)
+        mq, vq = quantize_like(m, mu), quantize_like(v, nu)
+        return u, mq.codes, mq.scales, vq.codes, vq.scales
+
+    if chunk >= n:  # whole (also scalars and leaves whose blocks span slices)
+        m, v = dequantize_blockwise(mu), dequantize_blockwise(nu)
+        u, m, v = fn(g, m, v)
+        return u, quantize_like(m, mu), quantize_like(v, nu)
+    # The update overwrites the gradient, the new codes the old: all in place.
+    bufs = (g, mu.codes, mu.scales, nu.codes, nu.scales)
+    u, mc, ms, vc, vs = update_chunks(body, bufs, (), chunk)
+    return u, quantized_chunk(mu, mc, ms), quantized_chunk(nu, vc, vs)
 
 
 class ScaleByAdam8bitState(NamedTuple):
@@ -123,16 +164,19 @@ def scale_by_adam_8bit(
         bc1 = 1.0 - jnp.asarray(b1, jnp.float32) ** t
         bc2 = 1.0 - jnp.asarray(b2, jnp.float32) ** t
 
-        def leaf(g: jax.Array, mu: Any, nu: Any) -> tuple[jax.Array, Any, Any]:
-            m = dequantize_blockwise(mu) if is_quantized(mu) else mu
-            v = dequantize_blockwise(nu) if is_quantized(nu) else nu
+        def moments(
+            g: jax.Array, m: jax.Array, v: jax.Array
+        ) -> tuple[jax.Array, jax.Array, jax.Array]:
             g32 = g.astype(jnp.float32)
             m = b1 * m + (1.0 - b1) * g32
             v = b2 * v + (1.0 - b2) * g32 * g32
             u = (m / bc1) / (jnp.sqrt(v / bc2 + eps_root) + eps)
-            if is_quantized(mu):
-                m, v = quantize_like(m, mu), quantize_like(v, nu)
             return u.astype(g.dtype), m, v
+
+        def leaf(g: jax.Array, mu: Any, nu: Any) -> tuple[jax.Array, Any, Any]:
+            if not is_quantized(mu):
+                return moments(g, mu, nu)
+            return chunked_8bit_step(moments, g, mu, nu)
 
         out = jax.tree.map(leaf, updates, state.mu, state.nu)
         pick = lambda i: jax.tree.map(lambda _, o: o[i], updates, out)

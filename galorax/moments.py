@@ -13,12 +13,14 @@ with another name is an error (:func:`unrecognized_fields`), not silently left b
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
+from galorax.chunking import can_split, chunk_size, quantized_chunk, update_chunks
 from galorax.dimension_numbers import is_masked
 from galorax.projector import dense
 from galorax.quantization.blockwise import dequantize_blockwise, is_quantized, quantize_like
@@ -179,19 +181,42 @@ def rotate_moment(m: Any, new: Any, old: Any, *, left: bool, second: bool) -> An
         Array([[2.],
                [1.]], dtype=float32)
     """
-    x = dequantize_blockwise(m, jnp.float32) if is_quantized(m) else m
-    c = jnp.matmul(
-        jnp.swapaxes(dense(new, x.dtype), -1, -2),
-        dense(old, x.dtype),
-        precision=jax.lax.Precision.HIGHEST,
-    )
-    if second:
-        c = c * c
+    if not is_quantized(m):
+        return _rotate(m, dense(new, m.dtype), dense(old, m.dtype), left, second)
+    pn, po = dense(new, jnp.float32), dense(old, jnp.float32)
+    n_batch = pn.ndim - 2
+    n = m.shape[0] if n_batch else 1
+    # A stacked leaf's 8-bit moment a chunk of slices at a time: never all of it in f32.
+    chunk = chunk_size(n, 4 * math.prod(m.shape[1:])) if n_batch and can_split(m) else n
+
+    c = _change_of_basis(pn, po, second)  # small: whole, as without chunks
+
+    def body(bufs: tuple[jax.Array, jax.Array], c: jax.Array):
+        x = dequantize_blockwise(quantized_chunk(m, *bufs), jnp.float32)
+        out = quantize_like(_apply(x, c, left), m)
+        return out.codes, out.scales
+
+    if chunk >= n:
+        return quantize_like(_apply(dequantize_blockwise(m, jnp.float32), c, left), m)
+    return quantized_chunk(m, *update_chunks(body, (m.codes, m.scales), c, chunk))
+
+
+def _change_of_basis(new: jax.Array, old: jax.Array, second: bool) -> jax.Array:
+    """``C = new^T old`` (``C * C`` for second moments)."""
+    c = jnp.matmul(jnp.swapaxes(new, -1, -2), old, precision=jax.lax.Precision.HIGHEST)
+    return c * c if second else c
+
+
+def _rotate(x: jax.Array, new: jax.Array, old: jax.Array, left: bool, second: bool):
+    """``x`` (dense) from dense basis ``old`` into dense ``new``."""
+    return _apply(x, _change_of_basis(new, old, second), left)
+
+
+def _apply(x: jax.Array, c: jax.Array, left: bool) -> jax.Array:
+    """``x`` carried by the change of basis ``c``."""
     if left:  # moments r x n: rows follow the basis
-        out = jnp.matmul(c, x, precision=jax.lax.Precision.HIGHEST)
-    else:
-        out = jnp.matmul(x, jnp.swapaxes(c, -1, -2), precision=jax.lax.Precision.HIGHEST)
-    return quantize_like(out, m) if is_quantized(m) else out
+        return jnp.matmul(c, x, precision=jax.lax.Precision.HIGHEST)
+    return jnp.matmul(x, jnp.swapaxes(c, -1, -2), precision=jax.lax.Precision.HIGHEST)
 
 
 class Transition(NamedTuple):

@@ -21,13 +21,14 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
-from galorax import placement, subspace
+from galorax import chunking, placement, subspace
+from galorax.chunking import map_slices
 from galorax.dimension_numbers import (
     GaLoreDimNumsOrFn,
     MatrixView,
@@ -35,102 +36,28 @@ from galorax.dimension_numbers import (
     resolve_dimension_numbers,
 )
 from galorax.options import GaLoreOptions
-from galorax.quantization.blockwise import (
-    QuantizedArray,
-    dequantize_blockwise,
-    is_quantized,
-    quantize_blockwise,
+from galorax.quantization.blockwise import dequantize_blockwise, is_quantized
+from galorax.quantization.projectors import (
+    PROJECTOR_GROUP,
+    ProjectorError,
+    projector_error,
+    quantize_projector,
+    quantize_slices,
+    select_slices,
 )
 from galorax.residual import compensation
 from galorax.schedule import RefreshSchedule, advance, subspace_overlap
 
-#: Values per float32 scale of a quantized projector (``projector_bits``).
-PROJECTOR_GROUP = 256
-
-
-def quantize_projector(p: jax.Array, bits: int = 8, group_size: int = 256) -> QuantizedArray:
-    """Stores a GaLore projector in ``bits`` (8: int8-like, 4: two per byte) with one
-    ``float32`` scale per group, using the symmetric *linear* code.
-
-    Projector entries are roughly Gaussian with no outliers, where uniform levels beat the
-    dynamic (log-like) map; see :func:`projector_error` for the measured cost.
-
-    Example:
-        >>> import jax
-        >>> p, _ = jax.numpy.linalg.qr(jax.random.normal(jax.random.key(0), (512, 64)))
-        >>> q = quantize_projector(p, bits=4, group_size=64)
-        >>> q.codes.shape, q.codes.dtype
-        ((512, 32), dtype('uint8'))
-    """
-    return quantize_blockwise(p, bits=bits, block_size=group_size, code="linear", signed=True)
-
-
-class ProjectorError(NamedTuple):
-    """Errors of a quantized projector ``Q`` against the original ``P`` (columns orthonormal).
-
-    Attributes:
-        relative: ``||Q - P||_F / ||P||_F``.
-        orthogonality: ``||Q^T Q - I||_F / sqrt(r)``.
-        energy: Fraction of ``G``'s energy captured by ``P`` (``||P^T G||^2 / ||G||^2``).
-        energy_quantized: The same through ``Q`` (``||Q^T G||^2 / ||G||^2``).
-        update_relative: ``||Q Q^T G - P P^T G||_F / ||P P^T G||_F``: the error of the
-            projected-then-back-projected gradient, i.e. of the weight update direction.
-    """
-
-    relative: jax.Array
-    orthogonality: jax.Array
-    energy: jax.Array
-    energy_quantized: jax.Array
-    update_relative: jax.Array
-
-
-def projector_error(p: jax.Array, q: QuantizedArray, g: jax.Array) -> ProjectorError:
-    """Measures what quantizing the left projector ``p`` (m x r) costs on gradient ``g``
-    (m x n).
-
-    Example:
-        >>> import jax
-        >>> g = jax.random.normal(jax.random.key(0), (256, 128))
-        >>> p = jax.numpy.linalg.svd(g, full_matrices=False)[0][:, :32]
-        >>> err = projector_error(p, quantize_projector(p, bits=8), g)
-        >>> bool(err.relative < 0.01), bool(abs(err.energy - err.energy_quantized) < 1e-3)
-        (True, True)
-    """
-    p = p.astype(jnp.float32)
-    pq = dequantize_blockwise(q, jnp.float32)
-    r = p.shape[-1]
-    g2 = jnp.sum(g * g)
-    upd, upd_q = p @ (p.T @ g), pq @ (pq.T @ g)
-    return ProjectorError(
-        relative=jnp.linalg.norm(pq - p) / jnp.linalg.norm(p),
-        orthogonality=jnp.linalg.norm(pq.T @ pq - jnp.eye(r)) / math.sqrt(r),
-        energy=jnp.sum((p.T @ g) ** 2) / g2,
-        energy_quantized=jnp.sum((pq.T @ g) ** 2) / g2,
-        update_relative=jnp.linalg.norm(upd_q - upd) / jnp.linalg.norm(upd),
-    )
-
-
-def quantize_slices(p: jax.Array, bits: int) -> QuantizedArray:
-    """``p`` (``(*batch, rows, r)``) in ``bits`` with one scale per group of at most
-    :data:`PROJECTOR_GROUP` values; a group never spans two slices, so the slices of a
-    stacked leaf can be replaced one by one (see :func:`select_slices`).
-
-    Example:
-        >>> import jax.numpy as jnp
-        >>> quantize_slices(jnp.ones((3, 8, 2)), 8).scales.shape  # one group per slice
-        (3, 1)
-    """
-    rows, r = p.shape[-2:]
-    return quantize_projector(p, bits=bits, group_size=max(1, min(PROJECTOR_GROUP, rows * r)))
-
-
-def select_slices(accept: jax.Array, new: QuantizedArray, old: QuantizedArray) -> Any:
-    """``new``'s slices where ``accept`` (batch-shaped), else ``old``'s, codes and scales."""
-
-    def pick(a: jax.Array, b: jax.Array) -> jax.Array:
-        return jnp.where(accept.reshape(accept.shape + (1,) * (a.ndim - accept.ndim)), a, b)
-
-    return jax.tree.map(pick, new, old)
+__all__ = [
+    "PROJECTOR_GROUP",
+    "LeafProjector",
+    "ProjectorError",
+    "make_projectors",
+    "projector_error",
+    "quantize_projector",
+    "quantize_slices",
+    "select_slices",
+]
 
 
 def quantized_spec(x: jax.Array, proj_spec: Any, n_batch: int, param: Any) -> Any:
@@ -260,46 +187,89 @@ class LeafProjector:
         return projector, proxy, schedule, put(jnp.zeros(batch, jnp.float32), "batch")
 
     def project(self, g2: jax.Array, p: jax.Array) -> jax.Array:
-        """The low-rank gradient of ``g2`` (``(*batch, m, n)``) for the dense projector ``p``."""
+        """The low-rank gradient of ``g2`` (``(*batch, m, n)``, any float dtype) for the
+        dense projector ``p``, accumulated in ``p``'s dtype (f32)."""
+        prec, acc = self.options.precision, p.dtype
         if self.left:
-            return jnp.matmul(jnp.swapaxes(p, -1, -2), g2, precision=self.options.precision)
-        return jnp.matmul(g2, p, precision=self.options.precision)
+            return jnp.matmul(
+                jnp.swapaxes(p, -1, -2), g2, precision=prec, preferred_element_type=acc
+            )
+        return jnp.matmul(g2, p, precision=prec, preferred_element_type=acc)
 
     def project_back(self, u: jax.Array, p: jax.Array) -> jax.Array:
         """A low-rank update ``u`` back to ``(*batch, m, n)`` through the dense ``p``."""
+        prec, acc = self.options.precision, u.dtype
         if self.left:
-            return jnp.matmul(p, u, precision=self.options.precision)
-        return jnp.matmul(u, jnp.swapaxes(p, -1, -2), precision=self.options.precision)
+            return jnp.matmul(p, u, precision=prec, preferred_element_type=acc)
+        return jnp.matmul(u, jnp.swapaxes(p, -1, -2), precision=prec, preferred_element_type=acc)
+
+    def chunk_bytes(self, dtype: Any) -> int:
+        """Bytes of one matrix in f32 (:func:`galorax.chunking.map_slices`'s unit) where a
+        stacked leaf of ``dtype`` gradients pays for chunking, else 0 (whole: float32
+        gradients without residual need no full-size temporary beyond the update)."""
+        pays = compute_dtype(dtype) != dtype or self.options.residual is not None
+        return 4 * self.view.m * self.view.n if pays and chunking.CHUNK_GALORE else 0
 
     def step(self, g: jax.Array, old: Any, sched: RefreshSchedule, count: Any):
         """Refreshes the projector when a slice is due and projects the gradient ``g``.
 
         Returns ``(low-rank gradient, projector, schedule, changed, carry)``: ``changed``
-        whether any slice got a new projector, ``carry`` what :meth:`finish` reuses.
+        whether any slice got a new projector, ``carry`` what :meth:`finish` reuses. The
+        projection runs a chunk of a stacked leaf's slices at a time, so a low-precision
+        gradient is upcast a chunk at a time, never whole.
         """
-        g2 = self.view.to_matrix(g).astype(compute_dtype(g.dtype))
+        g2 = self.view.to_matrix(g)
+        if not self.chunk_bytes(g.dtype):  # whole: one f32 copy for refresh and projection
+            g2 = g2.astype(compute_dtype(g.dtype))
         new, sched, changed = jax.lax.cond(
             jnp.any(count >= sched.next_step),
             lambda: self.refresh(g2, old, sched, count),
             lambda: (old, sched, jnp.zeros((), bool)),
         )
-        p = dense(new, g2.dtype)
-        low = self.project(g2, p)
+        p = dense(new, compute_dtype(g.dtype))
+        nb, size = len(self.view.batch_shape), self.chunk_bytes(g.dtype)
+        low = jnp.zeros(self.low_shape, p.dtype)
+        low = map_slices(lambda _, r: self.project(*r), low, (g2, p), nb, size)
         return low, new, sched, changed, (g2, low, new, p)
 
     def finish(self, g: jax.Array, carry: Any, u: jax.Array, norm: Any) -> tuple[jax.Array, Any]:
         """The update in ``g``'s shape and dtype from the base optimizer's output ``u``
-        (scaled, plus the residual with ``residual``), and the new residual norm."""
+        (scaled, plus the residual with ``residual``), and the new residual norm; a chunk
+        of a stacked leaf's slices at a time, cast to ``g``'s dtype and written over the
+        gradient's buffer (no second full-size buffer)."""
         g2, low, new, pd = carry
         opts = self.options
         p = (pd if is_quantized(new) else new).astype(u.dtype)
-        full = self.project_back(u, p)
-        if opts.residual is not None:
-            term, norm = compensation(g2, low, u, p, self.left, norm, opts.residual, opts.precision)
-            full = full + term
-        return (opts.scale * self.view.from_matrix(full)).astype(g.dtype), norm
 
-    def candidate(self, g2: jax.Array, old_c: jax.Array, sched: RefreshSchedule, count: Any):
+        def back(bufs: tuple[jax.Array, Any], reads: tuple[jax.Array, ...]):
+            (g2, norm), (low, u, p) = bufs, reads
+            full = self.project_back(u, p)
+            if opts.residual is not None:
+                g2 = g2.astype(compute_dtype(g2.dtype))
+                term, norm = compensation(
+                    g2, low, u, p, self.left, norm, opts.residual, opts.precision
+                )
+                full = full + term
+            return (opts.scale * full).astype(g.dtype), norm
+
+        with_norm = opts.residual is not None
+        norm_in = norm if with_norm else jnp.zeros(self.view.batch_shape)
+        nb, size = len(self.view.batch_shape), self.chunk_bytes(g.dtype)
+        full, new_norm = map_slices(back, (g2, norm_in), (low, u, p), nb, size)
+        return self.view.from_matrix(full), new_norm if with_norm else norm
+
+    def sketch(self, shape: tuple[int, ...], count: Any) -> jax.Array | None:
+        """The range finder's random test matrix for gradients ``shape`` (None: SVD); drawn
+        for the whole stack, so a chunked refresh uses the same one."""
+        rf = self.options.subspace
+        if rf is None:
+            return None
+        key = jax.random.fold_in(jax.random.fold_in(jax.random.key(rf.seed), self.index), count)
+        *batch, m, n = shape
+        a = jax.ShapeDtypeStruct((*batch, m, n) if self.left else (*batch, n, m), jnp.float32)
+        return subspace.sketch(key, a, self.rank, rf.oversample)  # type: ignore[arg-type]
+
+    def candidate(self, g2: jax.Array, old_c: jax.Array, omega: Any, fresh: jax.Array):
         """A new basis for every slice of ``g2`` (``old_c``: the old one, dense), and
         whether its slices were split over ``refresh_axes``."""
         opts, rf = self.options, self.options.subspace
@@ -311,8 +281,6 @@ class LeafProjector:
             inputs: tuple[Any, ...] = (placement.whole_for_svd(g2),)
         else:
             a = g2 if self.left else jnp.swapaxes(g2, -1, -2)
-            key = jax.random.key(rf.seed)
-            key = jax.random.fold_in(jax.random.fold_in(key, self.index), count)
 
             def factorize(a, omega, old_c, fresh):
                 warm = old_c if rf.warm_start else None
@@ -320,22 +288,21 @@ class LeafProjector:
                     a, omega, self.rank, warm, fresh, opts.precision, rf.qr, rf.power_iters
                 )
 
-            omega = subspace.sketch(key, a, self.rank, rf.oversample)
-            inputs = (a, omega, old_c, sched.refreshes > 0)
+            inputs = (a, omega.astype(a.dtype), old_c, fresh)
         # Replicated stacked weights: each device factorizes its share of the slices.
         return placement.spread_map(factorize, opts.refresh_axes, nb, *inputs)
 
-    def refresh(self, g2: jax.Array, old: Any, sched: RefreshSchedule, count: Any):
-        """New projectors for the due slices (stored like ``old``), the schedule after the
-        attempt, and whether any slice changed. Slices whose gradient is zero or
-        non-finite keep their projector and retry at the next step."""
+    def attempt(self, g2: jax.Array, old: Any, due: jax.Array, omega: Any, fresh: jax.Array):
+        """``(new projector, accepted, overlap, split)`` of a refresh of the slices of
+        ``g2`` (any float dtype; a chunk or the whole stack). Slices whose gradient is zero
+        or non-finite, or not ``due``, keep their projector."""
         opts = self.options
-        due = count >= sched.next_step
+        g2 = g2.astype(compute_dtype(g2.dtype))
         valid = jnp.all(jnp.isfinite(g2), axis=(-2, -1)) & jnp.any(g2 != 0, axis=(-2, -1))
         # A bad slice must not poison the batched factorization of the good ones.
         g2 = jnp.where(valid[..., None, None], g2, 0)
         old_c = dense(old, g2.dtype)
-        cand, split = self.candidate(g2, old_c, sched, count)
+        cand, split = self.candidate(g2, old_c, omega, fresh)
         if opts.moments != "keep":  # an SVD picks signs at random: match the old ones
             signs = jnp.sign(jnp.sum(cand * old_c, axis=-2, keepdims=True))
             cand = cand * jnp.where(signs == 0, 1, signs)
@@ -347,11 +314,42 @@ class LeafProjector:
             )
         else:
             new = jnp.where(accept[..., None, None], cand.astype(old.dtype), old)
+        return new, accept, overlap, split
+
+    def refresh(self, g2: jax.Array, old: Any, sched: RefreshSchedule, count: Any):
+        """New projectors for the due slices (stored like ``old``), the schedule after the
+        attempt, and whether any slice changed; a chunk of a stacked leaf's slices at a
+        time off a mesh when :meth:`chunk_bytes` says it pays. Slices whose gradient is zero
+        or non-finite keep their projector and retry at the next step."""
+        opts, nb = self.options, len(self.view.batch_shape)
+        due, fresh = count >= sched.next_step, sched.refreshes > 0
+        omega = self.sketch(g2.shape, count)
+        size = 0 if placement.on_several_devices(g2) else self.chunk_bytes(g2.dtype)
+        split_seen: list[bool] = []
+
+        def body(bufs: Any, reads: Any) -> Any:
+            (parts, _, _), (g2, due, omega, fresh) = bufs, reads
+            old_c: Any = parts
+            if is_quantized(old):
+                shape = (*parts[0].shape[: parts[0].ndim - old.codes.ndim + nb], *old.shape[nb:])
+                old_c = dataclasses.replace(old, codes=parts[0], scales=parts[1], shape=shape)
+            new, accept, overlap, split = self.attempt(g2, old_c, due, omega, fresh)
+            split_seen.append(split)
+            parts = (new.codes, new.scales) if is_quantized(new) else new
+            return parts, accept, jnp.zeros(accept.shape) if overlap is None else overlap
+
+        parts = (old.codes, old.scales) if is_quantized(old) else old
+        bufs = (parts, jnp.zeros(due.shape, bool), jnp.zeros(due.shape))
+        reads = (g2, due, omega if omega is not None else jnp.zeros(due.shape), fresh)
+        parts, accept, overlap = map_slices(body, bufs, reads, nb, size)
+        new = parts
+        if is_quantized(old):
+            new = dataclasses.replace(old, codes=parts[0], scales=parts[1])
+        overlap = overlap if opts.adaptive is not None else None
         sched = advance(
             sched, accept, count, self.offset, opts.update_proj_gap, overlap, opts.adaptive
         )
-        if split:  # the new state whole again, placed like the old (no recompilation)
-            nb = len(self.view.batch_shape)
+        if any(split_seen):  # the new state whole again, placed like the old (no recompilation)
             new, sched = jax.tree.map(lambda x: placement.whole_slices(x, nb), (new, sched))
         return new, sched, jnp.any(accept)
 

@@ -40,8 +40,6 @@ from galorax.quantization.codes import Code, check_bits, code_table, dynamic_cod
 DEFAULT_BLOCK_SIZE = 256
 
 
-
-
 @dataclasses.dataclass(frozen=True)
 class QuantizedArray:
     """A block-wise quantized array: ``uint8`` codes and ``float32`` per-block scales.
@@ -100,6 +98,17 @@ def _layout(shape: tuple[int, ...], block_size: int) -> tuple[tuple[int, ...], i
     row = max(row, 1)
     nb = -(-row // block_size)
     return lead, row, nb, -(-row // nb)
+
+
+def lead_axes(shape: tuple[int, ...], block_size: int) -> int:
+    """How many leading axes of ``shape`` index whole rows of blocks: a block never spans
+    two slices along them, so a quantized array can be cut along them.
+
+    Example:
+        >>> lead_axes((24, 2, 512), 256), lead_axes((24, 64, 8), 256), lead_axes((4, 8), 256)
+        (2, 1, 0)
+    """
+    return len(_layout(tuple(shape), block_size)[0])
 
 
 def _blocks(x: jax.Array, lead: tuple[int, ...], row: int, nb: int, bl: int) -> jax.Array:

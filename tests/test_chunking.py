@@ -1,0 +1,65 @@
+"""Tests of galorax.chunking: chunk sizes, in-place chunked maps, bf16 reads without an
+f32 copy of the whole stack."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from galorax import chunking
+from galorax.chunking import as_bits, chunk_size, from_bits, map_slices, update_chunks
+
+
+@pytest.mark.parametrize(
+    "n, slice_bytes, budget, want",
+    [(24, 10, 1000, 24), (24, 10, 50, 4), (24, 10, 9, 1), (7, 10, 30, 1), (7919, 1, 16, 7919)],
+)
+def test_chunk_size_is_a_divisor_under_the_budget(n, slice_bytes, budget, want):
+    assert chunk_size(n, slice_bytes, budget) == want
+
+
+def test_update_chunks_equals_the_whole_call():
+    x = jax.random.normal(jax.random.key(0), (12, 5, 3))
+    r = jax.random.normal(jax.random.key(1), (12, 3, 4))
+
+    def fn(bufs, reads):
+        a, s = bufs
+        return a @ reads @ jnp.swapaxes(reads, -1, -2), s + jnp.sum(a, axis=(-2, -1))
+
+    whole = fn((x, jnp.zeros(12)), r)
+    for chunk in (1, 3, 12):
+        out = jax.jit(lambda x, r, c=chunk: update_chunks(fn, (x, jnp.zeros(12)), r, c))(x, r)
+        jax.tree.map(np.testing.assert_array_equal, out, whole)
+
+
+def test_update_chunks_rejects_a_chunk_that_does_not_divide():
+    with pytest.raises(ValueError, match="divide"):
+        update_chunks(lambda b, r: b, jnp.ones((5, 2)), (), 2)
+
+
+def test_as_bits_round_trips():
+    x = jnp.linspace(-3, 3, 7, dtype=jnp.bfloat16)
+    np.testing.assert_array_equal(from_bits(as_bits(x), x.dtype), x)
+    assert as_bits(jnp.ones(3, jnp.int8)).dtype == jnp.int8
+
+
+def test_map_slices_flattens_batch_axes(monkeypatch):
+    monkeypatch.setattr(chunking, "CHUNK_BYTES", 4 * 4 * 5)  # one matrix per chunk
+    x = jax.random.normal(jax.random.key(0), (2, 3, 4, 5))
+    out = map_slices(lambda b, r: b * r, x, x + 1, 2, slice_bytes=4 * 4 * 5)
+    np.testing.assert_array_equal(out, x * (x + 1))
+
+
+def test_chunked_bf16_read_is_not_upcast_whole():
+    """XLA (CPU) would turn a dynamic slice of a bf16 stack into an f32 copy of it."""
+    g = jax.ShapeDtypeStruct((24, 64, 256), jnp.bfloat16)
+    p = jax.ShapeDtypeStruct((24, 256, 16), jnp.float32)
+
+    def project(g, p):
+        fn = lambda _, r: jnp.matmul(r[0].astype(jnp.float32), r[1])  # noqa: E731
+        return update_chunks(fn, jnp.zeros((24, 64, 16)), (g, p), 1)
+
+    hlo = jax.jit(project).lower(g, p).compile().as_text()
+    assert "f32[24,64,256]" not in hlo
