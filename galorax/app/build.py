@@ -185,8 +185,12 @@ def _restore(
         for name in ckpt.clean_tmp():
             log(f"removed {name}: an unfinished checkpoint write")
     distributed.sync_processes("galorax train: checkpoints clean")
-    latest = ckpt.latest_step()
-    if latest is None:
+    targets = setup.targets or Targets(
+        setup.abstract, jax.eval_shape(setup.optimizer.init, setup.abstract), None
+    )
+    # The newest intact checkpoint, onto the mesh; damaged newer ones are set aside.
+    found = ckpt.restore_latest(targets.params, targets.state, log)
+    if found is None:
         if "init_from" in rundir.config_json():
             raise UsageError(
                 f"--resume: {rundir.path} holds no finished checkpoint; start it over with "
@@ -195,14 +199,30 @@ def _restore(
         log(f"{rundir.path}/checkpoints holds no finished checkpoint: starting the run over")
         rundir.metrics.keep_until(0)  # step 0's validation is the same init's
         return _init(setup)
-    targets = setup.targets or Targets(
-        setup.abstract, jax.eval_shape(setup.optimizer.init, setup.abstract), None
-    )
-    params, opt_state = ckpt.restore(latest, targets.params, targets.state)  # onto the mesh
+    latest, params, opt_state, damaged = found
+    _set_aside(rundir, ckpt, damaged, latest, log)
     # Metrics past the checkpoint are re-run: drop them so the log has no duplicates.
     rundir.metrics.keep_until(latest)
     log(f"resumed {rundir.path} at step {latest}/{setup.run.steps}")
     return TrainState(params, opt_state, latest)
+
+
+def _set_aside(
+    rundir: RunDir,
+    ckpt: ckpt_lib.Checkpointer,
+    damaged: list[int],
+    latest: int,
+    log: Callable[[str], None],
+) -> None:
+    """Renames the damaged checkpoints newer than ``latest``: the run writes them again."""
+    if not damaged:
+        return
+    if rundir.primary:
+        for step in damaged:
+            log(f"set checkpoint {step} aside as {ckpt.set_aside(step).name}")
+        log(f"resuming from step {latest}, the newest intact checkpoint")
+    distributed.sync_processes("galorax train: damaged checkpoints set aside")
+    ckpt.all_steps()  # every process sees the steps as they now are
 
 
 def _init(setup: Setup) -> TrainState:

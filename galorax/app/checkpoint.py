@@ -18,6 +18,14 @@ abstract trees such as ``jax.ShapeDtypeStruct(shape, dtype, sharding=...)`` (see
 :func:`with_shardings`); the target shardings need not be those of the save. Templates
 without shardings (``jax.eval_shape`` on one device) restore as before.
 
+Each checkpoint carries a fourth item, ``checksums`` (JSON, written in the same atomic
+step as the arrays): every array's shape, dtype and layout-independent checksum
+(:mod:`galorax.app.checksums`, summed over what each process holds) and a hash of
+``meta``. A restore verifies them: flipped bits, truncated or missing files and tampered
+metadata raise :class:`CheckpointError`, one line naming the checkpoint;
+:meth:`Checkpointer.restore_latest` falls back to the newest intact one. Checkpoints
+written before checksums existed restore unverified.
+
 Example:
     >>> import tempfile, jax.numpy as jnp, optax
     >>> params = {"w": jnp.arange(6.0).reshape(2, 3)}
@@ -38,6 +46,7 @@ import logging
 import os
 import pathlib
 import shutil
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -46,6 +55,14 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
 
 from galorax.app import model as model_lib
+from galorax.app.checksums import (
+    as_recorded,
+    checksum_record,
+    meta_hash,
+    mismatched,
+    named,
+    verify_sums,
+)
 
 # orbax logs every save at INFO through absl; keep the progress bar readable.
 logging.getLogger("absl").setLevel(logging.WARNING)
@@ -127,6 +144,16 @@ def _unflatten_state(flat: dict[str, Any], template: Any) -> Any:
     return jax.tree.unflatten(treedef, out)
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that does not read back intact; the message names it, on one line."""
+
+
+def _one_line(e: BaseException) -> str:
+    """``e`` in one short line (TensorStore's spec dumps cut off)."""
+    text = " ".join(str(e).split()).split(" See full TensorStore")[0].split(" [tensorstore_spec")[0]
+    return f"{type(e).__name__}: {text[:200]}"
+
+
 class Checkpointer:
     """Saves and restores ``(params, opt_state)`` under ``directory``/<step>/.
 
@@ -147,13 +174,18 @@ class Checkpointer:
                 enable_async_checkpointing=False,  # save() returns once the step is final
                 create=True,
             ),
-            item_names=("params", "opt_state", "meta"),
+            item_names=("params", "opt_state", "meta", "checksums"),
         )
 
     def latest_step(self) -> int | None:
         """The newest finished checkpoint's step (temporary directories are not steps)."""
         self._mgr.reload()
         return self._mgr.latest_step()
+
+    def all_steps(self) -> list[int]:
+        """The finished checkpoints' steps, oldest first."""
+        self._mgr.reload()
+        return sorted(self._mgr.all_steps())
 
     def clean_tmp(self) -> list[str]:
         """Removes the temporary directories of unfinished writes; returns their names."""
@@ -162,29 +194,91 @@ class Checkpointer:
             shutil.rmtree(p, ignore_errors=True)
         return [p.name for p in stale]
 
+    def set_aside(self, step: int) -> pathlib.Path:
+        """Renames checkpoint ``step`` to ``<step>.corrupt`` (no longer a step; replaces an
+        earlier one of that name); call it on one process, then :meth:`all_steps` on all."""
+        dest = self.directory / f"{step}.corrupt"
+        shutil.rmtree(dest, ignore_errors=True)
+        (self.directory / str(step)).rename(dest)
+        return dest
+
     def save(self, step: int, params: Any, opt_state: Any, meta: dict[str, Any]) -> None:
         """Writes step ``step`` atomically (a no-op if that step is already saved)."""
         if step in self._mgr.all_steps():
             return
         args = self._ocp.args
+        flat = _flatten_state(opt_state)
         self._mgr.save(
             step,
             args=args.Composite(
                 params=args.StandardSave(params),
-                opt_state=args.StandardSave(_flatten_state(opt_state)),
+                opt_state=args.StandardSave(flat),
                 meta=args.JsonSave(meta),
+                checksums=args.JsonSave(checksum_record(params, flat, meta)),
             ),
             force=True,
         )
         self._mgr.wait_until_finished()
+
+    def _where(self, step: int) -> str:
+        return f"checkpoint {step} ({self.directory / str(step)})"
+
+    def _checksums(self, step: int) -> dict[str, Any] | None:
+        """Step ``step``'s ``checksums`` item; None for a checkpoint from before them."""
+        if not (self.directory / str(step) / "checksums").is_dir():
+            return None
+        got = self._mgr.restore(
+            step, args=self._ocp.args.Composite(checksums=self._ocp.args.JsonRestore())
+        )
+        record = dict(got.checksums)
+        if not isinstance(record.get("arrays"), dict):
+            raise ValueError("its checksums file is not galorax's")
+        return record
+
+    def _read(self, step: int, items: dict[str, Any]) -> tuple[Any, dict[str, Any] | None]:
+        """orbax's restore of ``items`` (name: abstract tree) and the step's checksums."""
+        args = self._ocp.args
+        record = self._checksums(step)
+        if record is not None:
+            items = {k: as_recorded(v, record, k) for k, v in items.items()}
+        composite = args.Composite(**{k: args.StandardRestore(v) for k, v in items.items()})
+        return self._mgr.restore(step, args=composite), record
+
+    def _verified(self, step: int, items: dict[str, Any]) -> Any:
+        """:meth:`_read`, verified against the checksums (on every process together).
+
+        Raises:
+            CheckpointError: unreadable, or an array differs from its checksum.
+        """
+        names = list(named(items))
+        restored, record, error = None, None, None
+        try:
+            restored, record = self._read(step, items)
+        except Exception as e:  # orbax/TensorStore/JSON errors of damaged files
+            error = e
+        arrays = {} if restored is None else named(dict(restored.items()))
+        sums, ok = verify_sums([arrays.get(n) for n in names], error is None)
+        if error is not None:
+            raise CheckpointError(f"{self._where(step)} is unreadable: {_one_line(error)}")
+        if not ok:
+            raise CheckpointError(f"{self._where(step)} is unreadable on another process")
+        bad = mismatched(record, names, sums)
+        if bad:
+            more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+            raise CheckpointError(
+                f"{self._where(step)} is corrupt: {bad[0]}{more} does not match its checksum"
+            )
+        return restored
 
     def restore(self, step: int, params_template: Any, opt_state_template: Any) -> tuple[Any, Any]:
         """Restores ``(params, opt_state)`` with the structure, shapes and dtypes of the templates.
 
         Templates may be real or abstract (``jax.eval_shape``) trees; leaves with a
         ``.sharding`` are restored onto it (see :func:`with_shardings`).
+
+        Raises:
+            CheckpointError: the checkpoint is damaged (see :meth:`restore_latest`).
         """
-        args = self._ocp.args
         leaves = jax.tree.leaves(opt_state_template)
         abstract_flat = {
             f"{i:06d}": _abstract(leaf)
@@ -192,12 +286,12 @@ class Checkpointer:
             if np.prod(_abstract(leaf).shape) != 0
         }
         abstract_flat["n_leaves"] = jax.ShapeDtypeStruct((), jnp.int32)
-        restored = self._mgr.restore(
-            step,
-            args=args.Composite(
-                params=args.StandardRestore(jax.tree.map(_abstract, params_template)),
-                opt_state=args.StandardRestore(abstract_flat),
-            ),
+        abstract_params = jax.tree.map(_abstract, params_template)
+        restored = self._verified(step, {"params": abstract_params, "opt_state": abstract_flat})
+        params = jax.tree.map(
+            lambda x, t: x if x.dtype == t.dtype else x.astype(t.dtype),
+            restored.params,
+            params_template,
         )
         flat = dict(restored.opt_state)
         if int(flat.pop("n_leaves")) != len(leaves):
@@ -205,25 +299,65 @@ class Checkpointer:
                 f"checkpoint {step} in {self.directory} holds another optimizer's state; "
                 "resume with the run's own settings"
             )
-        return restored.params, _unflatten_state(flat, opt_state_template)
+        return params, _unflatten_state(flat, opt_state_template)
+
+    def restore_latest(
+        self, params_template: Any, opt_state_template: Any, log: Callable[[str], None] = print
+    ) -> tuple[int, Any, Any, list[int]] | None:
+        """The newest intact checkpoint: ``(step, params, opt_state, damaged newer steps)``.
+
+        Each damaged checkpoint is logged (one line) and skipped; the caller sets it aside
+        (:meth:`set_aside`) so that the run can write that step again.
+
+        Returns:
+            None: there is no finished checkpoint.
+
+        Raises:
+            CheckpointError: no checkpoint is intact (the newest one's error).
+        """
+        damaged: list[CheckpointError] = []
+        steps = self.all_steps()
+        for step in reversed(steps):
+            try:
+                params, opt_state = self.restore(step, params_template, opt_state_template)
+            except CheckpointError as e:
+                log(f"warning: {e}")
+                damaged.append(e)
+                continue
+            return step, params, opt_state, steps[len(steps) - len(damaged) :]
+        if damaged:
+            raise CheckpointError(
+                f"{damaged[0]}; no older checkpoint is intact: restore the files, or start the "
+                "run over with --overwrite"
+            )
+        return None
 
     def restore_params(self, step: int, params_template: Any) -> Any:
-        """Restores the parameters only (for fine-tuning with a fresh optimizer)."""
-        args = self._ocp.args
-        restored = self._mgr.restore(
-            step,
-            args=args.Composite(
-                params=args.StandardRestore(jax.tree.map(_abstract, params_template))
-            ),
-        )
-        return restored.params
+        """Restores the parameters only (for fine-tuning with a fresh optimizer), verified.
+
+        Raises:
+            CheckpointError: the checkpoint is damaged.
+        """
+        items = {"params": jax.tree.map(_abstract, params_template)}
+        return self._verified(step, items).params
 
     def restore_meta(self, step: int) -> dict[str, Any]:
-        """The JSON metadata saved with step ``step``."""
-        restored = self._mgr.restore(
-            step, args=self._ocp.args.Composite(meta=self._ocp.args.JsonRestore())
-        )
-        return dict(restored.meta)
+        """The JSON metadata saved with step ``step``.
+
+        Raises:
+            CheckpointError: it is unreadable or differs from its hash.
+        """
+        try:
+            record = self._checksums(step)
+            restored = self._mgr.restore(
+                step, args=self._ocp.args.Composite(meta=self._ocp.args.JsonRestore())
+            )
+            meta = dict(restored.meta)
+        except Exception as e:
+            raise CheckpointError(f"{self._where(step)} is unreadable: {_one_line(e)}") from None
+        if record is not None and record.get("meta") != meta_hash(meta):
+            raise CheckpointError(f"{self._where(step)} is corrupt: its meta differs from its hash")
+        return meta
 
     def close(self) -> None:
         self._mgr.close()

@@ -35,6 +35,7 @@ import jax
 
 import galorax
 from galorax.app import compare, distributed, memory
+from galorax.app.checkpoint import CheckpointError
 from galorax.app.config import UsageError
 from galorax.app.data import DataError, cache_dir
 from galorax.app.flags import (
@@ -200,7 +201,7 @@ def _error_line(e: BaseException) -> tuple[str, int]:
     """The one-line message of an error and the exit status (2: usage, 1: runtime)."""
     if isinstance(e, UsageError | DataError | FileNotFoundError):
         return str(e), 2
-    if isinstance(e, FloatingPointError):
+    if isinstance(e, FloatingPointError | CheckpointError):
         return str(e), 1
     if isinstance(e, OSError):
         return _os_error(e), 1

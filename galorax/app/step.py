@@ -19,6 +19,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -41,14 +42,26 @@ def make_train_step(
 ) -> Any:
     """A jitted ``(params, opt_state, batch) -> (params, opt_state, loss)``; donates the state.
 
+    A step whose loss or gradients are not all finite is skipped: params and optimizer
+    state come back unchanged (its count included) and the loss returned is not finite
+    (NaN if only the gradients were). The caller tells a skipped step by its loss.
+
     On a mesh, ``out_shardings`` (params', state's, loss's) pins the outputs to the inputs'
     shardings, so every step runs the same compiled program.
     """
 
     def step(params: Any, opt_state: Any, batch: jax.Array) -> tuple[Any, Any, jax.Array]:
         loss, grads = jax.value_and_grad(model_lib.loss_fn)(params, batch, mcfg, remat)
-        updates, opt_state = opt.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
+        # Per leaf, not the global norm: finite gradients whose squares overflow are kept.
+        finite = jnp.isfinite(loss)
+        for g in jax.tree.leaves(grads):
+            finite &= jnp.all(jnp.isfinite(g))
+        updates, new_state = opt.update(grads, opt_state, params)
+        new_params = optax.apply_updates(params, updates)
+        # A select, not a cond: the finite path computes exactly what it did unguarded.
+        keep = functools.partial(jax.tree.map, lambda new, old: jnp.where(finite, new, old))
+        loss = jnp.where(finite | ~jnp.isfinite(loss), loss, jnp.nan)
+        return keep(new_params, params), keep(new_state, opt_state), loss
 
     if out_shardings is not None:
         return jax.jit(step, donate_argnums=(0, 1), out_shardings=out_shardings)

@@ -42,12 +42,35 @@ from galorax.app.build import (
     prepare,
     restore_or_init,
 )
-from galorax.app.config import TrainConfig
+from galorax.app.config import RunConfig, TrainConfig
 from galorax.app.interrupt import Interrupted, StopRequest
 from galorax.app.report import plot_curves
 from galorax.app.rundir import RunDir
 from galorax.app.step import CompiledStep, adamw_reference, compile_step, step_memory
 from galorax.app.summary import LoopResult, Throughput, finished_summary, summarize
+
+#: Non-finite steps in a row (each skipped, params and state unchanged) that stop a run.
+MAX_NONFINITE_IN_A_ROW = 10
+
+
+@dataclasses.dataclass
+class Skips:
+    """Steps skipped for a non-finite loss or gradients (``"skipped": true`` in metrics).
+
+    Attributes:
+        total: Over the run so far (the optimizer's count lags the step by this many).
+        streak: The latest ones in a row.
+    """
+
+    total: int = 0
+    streak: int = 0
+
+    @classmethod
+    def logged(cls, records: list[dict[str, Any]], step: int) -> Skips:
+        """The skips ``metrics.jsonl`` records up to ``step`` (a resumed run's)."""
+        flags = [bool(r.get("skipped")) for r in records if "loss" in r and r["step"] <= step]
+        streak = next((i for i, f in enumerate(reversed(flags)) if not f), len(flags))
+        return cls(sum(flags), streak)
 
 
 def compile_run(setup: Setup, state: TrainState) -> CompiledStep:
@@ -126,7 +149,7 @@ def _plot(setup: Setup, rundir: RunDir, log: Callable[[str], None]) -> None:
 
 
 def _step_record(
-    setup: Setup, state: TrainState, step_fn: Any, result: LoopResult, start: int
+    setup: Setup, state: TrainState, step_fn: Any, result: LoopResult, start: int, skips: Skips
 ) -> dict[str, Any]:
     """One step, timed; its metrics record (without validation)."""
     loss, dt, dc = _timed_step(setup, state, step_fn)
@@ -136,11 +159,34 @@ def _step_record(
     return {
         "step": step,
         "loss": loss,
-        "lr": float(setup.schedule(step - 1)),
+        "lr": float(setup.schedule(step - 1 - skips.total)),  # the optimizer's own count
         "step_s": round(dt, 5),
         "cpu_s": round(dc, 5),
         "tokens_per_s": round(result.throughput.tokens_per_s(dt), 1),
     }
+
+
+def _skip(rec: dict[str, Any], skips: Skips, run: RunConfig, log: Callable[[str], None]) -> None:
+    """Counts a skipped (non-finite) step; stops the run after too many in a row.
+
+    Raises:
+        FloatingPointError: :data:`MAX_NONFINITE_IN_A_ROW` skipped steps in a row.
+    """
+    rec["skipped"] = True
+    skips.total += 1
+    skips.streak += 1
+    step = rec["step"]
+    if skips.streak == 1:
+        log(
+            f"step {step}: loss or gradients not finite; step skipped (params and optimizer "
+            f"state unchanged); {MAX_NONFINITE_IN_A_ROW} in a row stop the run"
+        )
+    if skips.streak >= MAX_NONFINITE_IN_A_ROW:
+        raise FloatingPointError(
+            f"loss or gradients not finite at {skips.streak} steps in a row "
+            f"({step - skips.streak + 1}-{step}): stopped; lower --lr (now {run.lr}) or "
+            "check --data; --resume continues from the last checkpoint"
+        )
 
 
 def _progress(setup: Setup, start: int, stop: int, progress: bool) -> Any:
@@ -186,19 +232,23 @@ def run_loop(
     interrupt = interrupt or StopRequest()
     evaluate, val_start, val_last = _val_start(setup, rundir, state)
     result = LoopResult(start, val_start, val_last, Throughput(run.tokens_per_step))
+    skips = Skips.logged(rundir.metrics.read(), start)
     pbar, aborted = _progress(setup, start, stop, progress), True
     interrupt_lib.at("ready", start)
     try:
         while state.step < stop and not interrupt.requested:
             interrupt_lib.at("start", state.step)
-            rec = _step_record(setup, state, step_fn, result, start)
+            rec = _step_record(setup, state, step_fn, result, start, skips)
             step, loss = rec["step"], rec["loss"]
-            if not math.isfinite(loss):
-                rundir.metrics.append(rec)
-                aborted = False
-                raise FloatingPointError(
-                    f"the loss became {loss} at step {step}; lower --lr (now {run.lr})"
-                )
+            if math.isfinite(loss):
+                skips.streak = 0
+            else:
+                try:
+                    _skip(rec, skips, run, log)
+                except FloatingPointError:
+                    rundir.metrics.append(rec)
+                    aborted = False
+                    raise
             if step % run.eval_every == 0 or step == run.steps:
                 result.val_loss = rec["val_loss"] = evaluate(state.params)
             rundir.metrics.append(rec)
@@ -206,7 +256,8 @@ def run_loop(
             interrupt_lib.at("logged", step)
             if pbar is not None:
                 pbar.update(1)
-                pbar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
+                more = {"skipped": skips.total} if skips.total else {}
+                pbar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}", **more)
             if run.checkpoint_every and step % run.checkpoint_every == 0:
                 _save(setup, ckpt, state)
         if state.step > start:  # at stop, or where the interrupt landed (no-op if saved)
@@ -265,7 +316,10 @@ def train(
     Raises:
         UsageError: bad flags or output directory (nothing is modified then).
         data_lib.DataError: missing or empty data.
-        FloatingPointError: the loss became NaN/inf (lower ``--lr``).
+        FloatingPointError: :data:`MAX_NONFINITE_IN_A_ROW` steps in a row had a
+            non-finite loss or gradients (each one is skipped: params and optimizer state
+            unchanged, ``"skipped": true`` in its metrics line, counted in the summary's
+            ``skipped_steps``).
         Interrupted: a Ctrl-C stopped the run on a step boundary (checkpoint written).
     """
     out = pathlib.Path(out)
@@ -323,6 +377,7 @@ def _run(
         ckpt.close()
     records = rundir.metrics.read()
     summary = summarize(setup, state, compiled, result, opt_state_bytes, ref, records)
+    summary["skipped_steps"] = Skips.logged(records, state.step).total
     rundir.started()  # a resumed run whose stop was already reached: nothing aside anyway
     rundir.write_json("summary.json", summary)
     return summary

@@ -32,7 +32,13 @@ import torch
 from torch.optim import Optimizer
 
 from galorax.torch.dtensor import LocalView, local_tensor
-from galorax.torch.groups import GALORE_DEFAULTS, check_group, normalize_group
+from galorax.torch.groups import (
+    GALORE_DEFAULTS,
+    check_group,
+    check_real,
+    check_saved_groups,
+    normalize_group,
+)
 from galorax.torch.migrate import from_galore_torch
 from galorax.torch.projector import (
     align_signs,
@@ -97,6 +103,7 @@ class GaLoreOptimizer(Optimizer):
         """
         super().add_param_group(param_group)
         group = self.param_groups[-1]
+        check_real(group, len(self.param_groups) - 1)
         normalize_group(group)
         check_group(group)
         self._meta_cache = None
@@ -175,7 +182,9 @@ class GaLoreOptimizer(Optimizer):
         optimizer's groups (so ``subspace='svd', moments='keep', stagger=False`` given here
         continue a galore-torch run exactly).
         """
+        check_saved_groups(state_dict, self.param_groups)
         state_dict = from_galore_torch(state_dict, self.param_groups)
+        self._check_moment_shapes(state_dict)
         super().load_state_dict(state_dict)
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
@@ -193,6 +202,28 @@ class GaLoreOptimizer(Optimizer):
             check_group(group)
         self._meta_cache = None
         self.__dict__["_group_cache"] = None
+
+    def _check_moment_shapes(self, state_dict: dict[str, Any]) -> None:
+        """Raise ``ValueError`` naming the first parameter whose saved first moment cannot be
+        its own: full-rank ones must have its shape, projected ones share a side with it."""
+        saved_groups = state_dict["param_groups"]
+        for gi, (saved, group) in enumerate(zip(saved_groups, self.param_groups, strict=True)):
+            for pi, (pid, p) in enumerate(zip(saved["params"], group["params"], strict=True)):
+                m = (state_dict["state"].get(pid) or {}).get("exp_avg")
+                if not torch.is_tensor(m):
+                    continue
+                shape, got = tuple(local_tensor(p).shape), tuple(m.shape)
+                if self.is_projected(p, {**group, **saved}) and len(got) == 2:
+                    fits = all(a <= b for a, b in zip(got, shape, strict=True))
+                    fits = fits and (got[0] == shape[0] or got[1] == shape[1])
+                else:
+                    fits = got == shape
+                if not fits:
+                    raise ValueError(
+                        f"param_groups[{gi}]['params'][{pi}] has shape {shape} but its saved "
+                        f"exp_avg {got}: the state dict is another model's (or in another "
+                        "parameter order)"
+                    )
 
     # ------------------------------------------------------------------------ stepping
     @torch.no_grad()

@@ -14,12 +14,22 @@ Example:
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Mapping
 from typing import Any
 
 from galorax.torch.projector import PROJ_TYPES, resolve_side
 
-__all__ = ["GALORE_DEFAULTS", "MOMENTS", "check_galore_keys", "check_group", "normalize_group"]
+__all__ = [
+    "GALORE_DEFAULTS",
+    "MOMENTS",
+    "check_galore_keys",
+    "check_group",
+    "check_real",
+    "check_saved_groups",
+    "normalize_group",
+]
 
 #: Defaults of the GaLore keys of a param group. A group is a GaLore group when its ``rank`` is
 #: not None; galore-torch's keys (``rank``, ``update_proj_gap``, ``scale``, ``proj_type``) keep
@@ -93,10 +103,16 @@ def check_group(group: Mapping[str, Any]) -> None:
             ...
         ValueError: rank must be >= 1, got 0
     """
+    lr = group.get("lr")
+    if lr is not None and (isinstance(lr, bool) or not math.isfinite(float(lr))):
+        raise ValueError(f"lr must be a finite number, got {lr!r}")
     if group.get("rank") is None:
         return
-    if int(group["rank"]) < 1:
-        raise ValueError(f"rank must be >= 1, got {group['rank']}")
+    rank = group["rank"]
+    if isinstance(rank, bool) or not isinstance(rank, numbers.Integral):
+        raise ValueError(f"rank must be a positive integer (or None: no GaLore), got {rank!r}")
+    if int(rank) < 1:
+        raise ValueError(f"rank must be >= 1, got {rank}")
     if int(group["update_proj_gap"]) < 1:
         raise ValueError(f"update_proj_gap must be >= 1, got {group['update_proj_gap']}")
     if group["proj_type"] == "full":
@@ -108,3 +124,45 @@ def check_group(group: Mapping[str, Any]) -> None:
         raise ValueError(f"subspace must be 'svd' or 'randomized', got {group['subspace']!r}")
     if group["moments"] not in MOMENTS:
         raise ValueError(f"moments must be one of {MOMENTS}, got {group['moments']!r}")
+
+
+def check_real(group: Mapping[str, Any], index: int) -> None:
+    """Raise ``TypeError`` naming the first complex parameter of param group ``index``.
+
+    Example:
+        >>> import torch
+        >>> try:
+        ...     check_real({"params": [torch.zeros(2, 2, dtype=torch.complex64)]}, 0)
+        ... except TypeError as e:
+        ...     print(str(e)[:56])
+        param_groups[0]['params'][0] (shape (2, 2)) is complex (
+    """
+    names = group.get("param_names") or []
+    for i, p in enumerate(group["params"]):
+        if p.is_complex():
+            name = f"{names[i]!r} " if i < len(names) else ""
+            raise TypeError(
+                f"{name}param_groups[{index}]['params'][{i}] (shape {tuple(p.shape)}) is complex "
+                f"({p.dtype}): galorax.torch optimizes real parameters; pass "
+                "torch.view_as_real(p) as a real parameter"
+            )
+
+
+def check_saved_groups(saved: Any, groups: Any) -> None:
+    """Raise ``ValueError`` naming the first saved param group that does not match ``groups``
+    (count, then sizes): before anything loads, not later in a matmul."""
+    saved_groups = saved.get("param_groups") if isinstance(saved, Mapping) else None
+    if not isinstance(saved_groups, list) or not isinstance(saved.get("state"), Mapping):
+        raise ValueError("not an optimizer state dict (no 'param_groups' list and 'state')")
+    if len(saved_groups) != len(groups):
+        raise ValueError(
+            f"the state dict has {len(saved_groups)} param groups, this optimizer "
+            f"{len(groups)}; build the optimizer with the param groups it was saved with"
+        )
+    for i, (s, g) in enumerate(zip(saved_groups, groups, strict=True)):
+        if len(s["params"]) != len(g["params"]):
+            raise ValueError(
+                f"param_groups[{i}] holds {len(s['params'])} parameters in the state dict, "
+                f"{len(g['params'])} here; build the optimizer with the parameters it was "
+                "saved with"
+            )

@@ -216,3 +216,40 @@ def test_add_param_group_keeps_existing_refresh_slots():
     resumed = _refresh_steps(fresh, ws2, 17, start=3)
     assert resumed == {i: [t for t in expected[i] if t >= 3] for i in expected}
     assert all(opt.state[p]["refreshes"] >= 1 for p in new)  # refreshed at their first step
+
+
+def _stepped(shapes, rank=2):
+    ps = [torch.nn.Parameter(torch.randn(*s)) for s in shapes]
+    opt = GaLoreAdamW(ps, rank=rank, update_proj_gap=2)
+    for p in ps:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    return ps, opt
+
+
+@pytest.mark.parametrize(
+    "saved_shapes, shapes, match",
+    [
+        ([(8, 4), (4,)], [(8, 4)], r"state dict has 2 param groups|holds 2 parameters"),
+        ([(8, 4), (4,)], [(8, 4), (4,), (3,)], r"param_groups\[0\] holds 2 parameters .* 3 here"),
+        ([(8, 4), (4,)], [(8, 4), (5,)], r"param_groups\[0\]\['params'\]\[1\] has shape \(5,\)"),
+        ([(8, 4), (4,)], [(4,), (8, 4)], r"param_groups\[0\]\['params'\]\[0\] has shape \(4,\)"),
+        ([(8, 4)], [(16, 12)], r"param_groups\[0\]\['params'\]\[0\] has shape \(16, 12\)"),
+    ],
+    ids=["fewer-params", "more-params", "vector-size", "order-swapped", "matrix-size"],
+)
+def test_load_state_dict_names_a_mismatched_group_or_parameter(saved_shapes, shapes, match):
+    _, saved = _stepped(saved_shapes)
+    _, opt = _stepped(shapes)
+    with pytest.raises(ValueError, match=match):
+        opt.load_state_dict(saved.state_dict())
+
+
+def test_load_state_dict_names_a_missing_group():
+    _, saved = _stepped([(8, 4)])
+    ps = [torch.nn.Parameter(torch.randn(8, 4)), torch.nn.Parameter(torch.randn(4))]
+    opt = GaLoreAdamW([{"params": ps[:1], "rank": 2}, {"params": ps[1:]}])
+    with pytest.raises(ValueError, match=r"state dict has 1 param groups, this optimizer 2"):
+        opt.load_state_dict(saved.state_dict())
+    with pytest.raises(ValueError, match=r"not an optimizer state dict"):
+        opt.load_state_dict({"state": {}})

@@ -56,3 +56,40 @@ def test_accepts_jax_randomized_settings():
     torch.save(opt.state_dict(), buf)
     buf.seek(0)
     torch.load(buf, weights_only=True)  # plain values only
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        ({"lr": float("nan")}, r"lr must be a finite number, got nan"),
+        ({"lr": float("inf")}, r"lr must be a finite number, got inf"),
+        ({"rank": 2.5}, r"rank must be a positive integer .*got 2.5"),
+        ({"rank": True}, r"rank must be a positive integer .*got True"),
+    ],
+    ids=["lr-nan", "lr-inf", "rank-2.5", "rank-True"],
+)
+def test_bad_lr_and_rank_are_named(kw, match):
+    w = torch.nn.Parameter(torch.randn(8, 4))
+    with pytest.raises(ValueError, match=match):
+        GaLoreAdamW([w], **{"rank": 2, **kw})
+    with pytest.raises(ValueError, match=match):  # per group too
+        GaLoreAdamW([{"params": [w], "rank": 2, **kw}])
+
+
+def test_integral_ranks_of_any_type_are_taken():
+    import numpy as np
+
+    w = torch.nn.Parameter(torch.randn(8, 4))
+    assert GaLoreAdamW([w], rank=np.int64(2)).param_groups[0]["rank"] == 2
+
+
+def test_complex_parameter_is_named():
+    w = torch.nn.Parameter(torch.randn(8, 4))
+    z = torch.nn.Parameter(torch.randn(4, 4, dtype=torch.complex64))
+    with pytest.raises(
+        TypeError, match=r"param_groups\[1\]\['params'\]\[0\] \(shape \(4, 4\)\) is complex"
+    ):
+        GaLoreAdamW([{"params": [w], "rank": 2}, {"params": [z]}])
+    opt = GaLoreAdamW([w], rank=2)
+    with pytest.raises(TypeError, match=r"param_groups\[1\]\['params'\]\[0\].*view_as_real"):
+        opt.add_param_group({"params": [z]})
