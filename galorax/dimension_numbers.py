@@ -19,6 +19,7 @@ from typing import Any, NamedTuple, TypeGuard
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from galorax.compat import unbox
@@ -96,13 +97,25 @@ def warn_once(message: str) -> None:
         warnings.warn(message, UserWarning, stacklevel=3)
 
 
+def _raw_axes(axes: Any, what: str) -> tuple[int, ...]:
+    """``axes`` (an int or a sequence of ints, numpy's too) as a tuple of Python ints,
+    else a ``TypeError`` naming the field."""
+    is_int = lambda a: isinstance(a, int | np.integer) and not isinstance(a, bool | np.bool_)
+    if is_int(axes):
+        return (int(axes),)
+    if isinstance(axes, tuple | list) and all(is_int(a) for a in axes):
+        return tuple(int(a) for a in axes)
+    raise TypeError(
+        f"GaLoreDimensionNumbers.{what} must be an int axis or a tuple of int axes, e.g. 0 "
+        f"or (1, 2), got {axes!r}."
+    )
+
+
 def _as_axes(axes: Sequence[int] | int, ndim: int, what: str) -> tuple[int, ...]:
-    raw = (axes,) if isinstance(axes, int) else tuple(axes)
+    raw = _raw_axes(axes, what)
     if not raw:
         raise ValueError(f"GaLoreDimensionNumbers.{what} is empty; name at least one axis.")
     for ax in raw:
-        if not isinstance(ax, int) or isinstance(ax, bool):
-            raise TypeError(f"GaLoreDimensionNumbers.{what} must hold ints, got {ax!r}.")
         if not -ndim <= ax < ndim:
             raise ValueError(
                 f"GaLoreDimensionNumbers.{what}={axes!r} is out of range for a weight with "
@@ -212,6 +225,7 @@ def resolve_dimension_numbers(params: Any, weight_dimension_numbers: GaLoreDimNu
         ...                                    'm': optax.MaskedNode()})
         [None, GaLoreDimensionNumbers(reduction_axis=0, output_axis=1)]
     """
+    check_array_leaves(params)
     leaves, treedef = jax.tree.flatten(params, is_leaf=is_masked)
     spec = weight_dimension_numbers
     if spec is None or _is_dims(spec):
@@ -238,6 +252,47 @@ def resolve_dimension_numbers(params: Any, weight_dimension_numbers: GaLoreDimNu
         for p, d in zip(with_none, dims, strict=True)
         if p is not None
     ]
+
+
+def check_array_leaves(tree: Any) -> None:
+    """A ``TypeError`` naming the first leaf of ``tree`` that is not an array (a Python
+    float or int), which GaLore cannot give a shape, a dtype or moments.
+
+    Example:
+        >>> check_array_leaves({'w': jnp.zeros(2), 'm': optax.MaskedNode()})
+    """
+    for path, leaf in jax.tree.leaves_with_path(tree, is_leaf=is_masked):
+        if not is_masked(leaf) and not (hasattr(leaf, "shape") and hasattr(leaf, "dtype")):
+            raise TypeError(
+                f"GaLore takes a tree of arrays, but the leaf at {_path_str(path) or 'the root'!r} "
+                f"is a {type(leaf).__name__} ({leaf!r}); make it an array (jnp.asarray) or "
+                "leave it out with optax.masked."
+            )
+
+
+def check_same_tree(updates: Any, reference: Any) -> None:
+    """A ``ValueError`` naming the leaves that ``updates`` lacks or adds compared with
+    ``reference`` (the tree ``init`` was given, as ``state.projector`` holds it).
+
+    Example:
+        >>> check_same_tree({'w': jnp.zeros(2)}, {'w': jnp.ones(2)})
+    """
+    treedef: Any = jax.tree.structure(updates, is_leaf=is_masked)
+    try:
+        treedef.flatten_up_to(reference)
+        return
+    except (ValueError, TypeError) as err:
+        detail = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    is_leaf = lambda x: is_masked(x) or hasattr(x, "shape")
+    mine = {_path_str(p) for p, _ in jax.tree.leaves_with_path(updates, is_leaf=is_masked)}
+    theirs = {_path_str(p) for p, _ in jax.tree.leaves_with_path(reference, is_leaf=is_leaf)}
+    missing, extra = sorted(theirs - mine), sorted(mine - theirs)
+    if missing or extra:
+        detail = f"missing {missing[:5]}, unexpected {extra[:5]}"
+    raise ValueError(
+        f"GaLore's update got a tree of updates unlike the params given to init ({detail}); "
+        "pass gradients with the params' structure (every leaf, same keys)."
+    )
 
 
 def _warn_unprojected(params: Any) -> None:
@@ -335,7 +390,7 @@ def dimension_numbers_from_rules(
             "optax.inject_hyperparams, pass static_args=('weight_dimension_numbers',) so "
             "the callable is not taken for a schedule."
         )
-    compiled = [(re.compile(pattern), dims) for pattern, dims in rules]
+    compiled = _compile_rules(rules)
 
     def pick(path: Any, leaf: Any) -> GaLoreDimensionNumbers | None:
         if is_masked(leaf):  # left out by optax.partition / masked
@@ -346,8 +401,8 @@ def dimension_numbers_from_rules(
                 if dims is not None:
                     try:  # fail early, naming the path
                         MatrixView.of(leaf.shape, dims)
-                    except ValueError as err:
-                        raise ValueError(f"dimension_numbers_from_rules: {name!r}: {err}") from None
+                    except (TypeError, ValueError) as err:
+                        raise type(err)(f"dimension_numbers_from_rules: {name!r}: {err}") from None
                 return dims
         dims = default(len(leaf.shape))
         if dims is not None and len(leaf.shape) >= 3:
@@ -355,6 +410,40 @@ def dimension_numbers_from_rules(
         return dims
 
     return jax.tree_util.tree_map_with_path(pick, unbox(params), is_leaf=is_masked)
+
+
+def _compile_rules(rules: Any) -> list[tuple[re.Pattern[str], Any]]:
+    """``rules`` with compiled patterns, else an error naming the bad rule."""
+    if isinstance(rules, str | bytes) or not isinstance(rules, Sequence):
+        raise TypeError(
+            "dimension_numbers_from_rules: `rules` must be a list of (regex, "
+            f"GaLoreDimensionNumbers | None) pairs, got {rules!r}."
+        )
+    compiled = []
+    for i, rule in enumerate(rules):
+        where = f"dimension_numbers_from_rules: rules[{i}]={rule!r}"
+        if not isinstance(rule, tuple | list) or len(rule) != 2:
+            raise TypeError(f"{where} must be a (regex, GaLoreDimensionNumbers | None) pair.")
+        pattern, dims = rule
+        if not isinstance(pattern, str | re.Pattern):
+            raise TypeError(f"{where}: the pattern must be a regex string, got {pattern!r}.")
+        try:
+            regex = re.compile(pattern)
+        except re.error as err:
+            raise ValueError(f"{where}: bad regex {pattern!r}: {err}.") from None
+        if dims is not None and not _is_dims(dims):
+            raise TypeError(
+                f"{where}: the second item must be a GaLoreDimensionNumbers or None, got "
+                f"{dims!r}; e.g. GaLoreDimensionNumbers(0, 1)."
+            )
+        if dims is not None:
+            try:
+                _raw_axes(dims.reduction_axis, "reduction_axis")
+                _raw_axes(dims.output_axis, "output_axis")
+            except TypeError as err:
+                raise TypeError(f"{where}: {err}") from None
+        compiled.append((regex, dims))
+    return compiled
 
 
 def _check_layout(name: str, shape: Sequence[int], dims: GaLoreDimensionNumbers) -> None:

@@ -34,18 +34,78 @@ MOMENT_KINDS = ("first", "second", "none")
 
 
 def check_positive_int(value: Any, name: str) -> int:
-    """``value`` if it is a positive Python int, else a ``TypeError`` naming ``name``.
+    """``value`` as a Python int if it is a positive int (numpy's too), else a
+    ``TypeError`` naming ``name``.
 
     Example:
-        >>> check_positive_int(3, "rank")
-        3
+        >>> check_positive_int(3, "rank"), check_positive_int(np.int64(2), "rank")
+        (3, 2)
     """
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+    ok = isinstance(value, int | np.integer) and not isinstance(value, bool | np.bool_)
+    if not ok or value <= 0:
         hint = ""
         if isinstance(value, jax.Array | float):
             hint = " Under optax.inject_hyperparams, pass static_args=('rank', 'update_proj_gap')."
         raise TypeError(f"`{name}` must be a positive int, got {value!r}.{hint}")
+    return int(value)
+
+
+def check_bool(value: Any, name: str) -> bool:
+    """``value`` if it is a bool (numpy's too), else a ``TypeError`` naming ``name``
+    (a string such as ``'no'`` would otherwise count as True).
+
+    Example:
+        >>> check_bool(np.bool_(False), "stagger")
+        False
+    """
+    if not isinstance(value, bool | np.bool_):
+        raise TypeError(f"`{name}` must be True or False, got {value!r}.")
+    return bool(value)
+
+
+def check_scale(value: Any) -> Any:
+    """``scale`` as given if it is a real number or a numeric array (a traced one too,
+    as under ``optax.inject_hyperparams``), else a ``TypeError`` naming it.
+
+    Example:
+        >>> check_scale(0.5), check_scale(jnp.asarray(2.0)).dtype
+        (0.5, dtype('float32'))
+    """
+    if isinstance(value, bool | np.bool_):
+        ok = False
+    elif isinstance(value, int | float | np.integer | np.floating):
+        ok = True
+    else:
+        dtype = getattr(value, "dtype", None)
+        ok = (
+            isinstance(value, jax.Array | np.ndarray)
+            and dtype is not None
+            and (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer))
+        )
+    if not ok:
+        raise TypeError(f"`scale` must be a real number such as 1.0, got {value!r}.")
     return value
+
+
+def check_base_optimizer(value: Any) -> Any:
+    """``base_optimizer`` if it is None or an optax transformation (``init`` and
+    ``update``), else a ``TypeError`` naming it.
+
+    Example:
+        >>> import optax
+        >>> check_base_optimizer(None) is None
+        True
+    """
+    if value is None or (
+        callable(getattr(value, "init", None)) and callable(getattr(value, "update", None))
+    ):
+        return value
+    hint = " such as optax.scale_by_adam()"
+    if isinstance(value, str):
+        hint = f" such as optax.scale_by_{value.lower()}()" if value.isidentifier() else hint
+    raise TypeError(
+        f"`base_optimizer` must be an optax.GradientTransformation{hint} (or None), got {value!r}."
+    )
 
 
 def check_choice(value: Any, name: str, choices: tuple[str, ...]) -> Any:
@@ -188,6 +248,7 @@ class GaLoreOptions:
     projector_bits: int | None
     refresh_axes: tuple[str, ...]
     moment_fields: tuple[tuple[str, str], ...] = ()
+    skip_nonfinite: bool = False
 
 
 def galore_options(
@@ -206,6 +267,7 @@ def galore_options(
     projector_bits: int | None = None,
     refresh_axes: str | Sequence[str] | None = None,
     moment_fields: Mapping[str, MomentKind] | None = None,
+    skip_nonfinite: bool = False,
 ) -> GaLoreOptions:
     """Checks :func:`galorax.scale_by_galore`'s arguments and resolves them (see there).
 
@@ -217,8 +279,8 @@ def galore_options(
         >>> opts.subspace is None, opts.residual, opts.refresh_axes
         (True, Residual(granularity='channel', limit=1.01), ())
     """
-    check_positive_int(rank, "rank")
-    check_positive_int(update_proj_gap, "update_proj_gap")
+    rank = check_positive_int(rank, "rank")
+    update_proj_gap = check_positive_int(update_proj_gap, "update_proj_gap")
     resolved = check_subspace(subspace)
     check_choice(moments, "moments", MOMENTS)
     check_choice(side, "side", SIDES)
@@ -227,10 +289,10 @@ def galore_options(
     return GaLoreOptions(
         rank=rank,
         update_proj_gap=update_proj_gap,
-        scale=scale,
+        scale=check_scale(scale),
         subspace=resolved,
         moments=moments,
-        stagger=stagger,
+        stagger=check_bool(stagger, "stagger"),
         side=side,
         projector_dtype=check_projector_dtype(projector_dtype),
         precision=precision,
@@ -239,4 +301,5 @@ def galore_options(
         projector_bits=bits,
         refresh_axes=axes,
         moment_fields=check_moment_fields(moment_fields),
+        skip_nonfinite=check_bool(skip_nonfinite, "skip_nonfinite"),
     )

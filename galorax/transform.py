@@ -22,9 +22,18 @@ import optax
 
 from galorax import placement
 from galorax.compat import as_plain, rebox
-from galorax.dimension_numbers import GaLoreDimNumsOrFn, is_masked
+from galorax.dimension_numbers import GaLoreDimNumsOrFn, check_same_tree, is_masked
 from galorax.moments import Transition, check_moments, moment_kinds, rotate_moments
-from galorax.options import GaLoreOptions, MomentKind, Moments, Side, Subspace, galore_options
+from galorax.nonfinite import keep_nonfinite_leaves
+from galorax.options import (
+    GaLoreOptions,
+    MomentKind,
+    Moments,
+    Side,
+    Subspace,
+    check_base_optimizer,
+    galore_options,
+)
 from galorax.projector import LeafProjector, is_projector_leaf, make_projectors
 from galorax.residual import Residual
 from galorax.schedule import AdaptiveRefresh
@@ -113,6 +122,7 @@ def scale_by_galore(
     adaptive: AdaptiveRefresh | bool | None = None,
     projector_bits: int | None = None,
     refresh_axes: str | Sequence[str] | None = None,
+    skip_nonfinite: bool = False,
     moment_fields: Mapping[str, MomentKind] | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """Scale updates using GaLore (Gradient Low-Rank Projection).
@@ -179,6 +189,12 @@ def scale_by_galore(
             refresh: ``{name: "first" | "second" | "none"}`` (``"none"``: left as they
             are), e.g. ``{"ema": "first"}``. Without it, ``init`` raises on a per-parameter
             field it does not know, naming it (rather than leave moments in a stale basis).
+        skip_nonfinite: Per leaf, a gradient that is not all finite leaves that leaf's
+            state as it was (its base-optimizer moments, projector, schedule, residual
+            norm) and gives it a zero update; the other leaves and ``count`` step as
+            usual (so its next bias correction uses the later count). Base-state fields
+            are found by their tree structure: a subtree shaped like the low-rank
+            gradients (``mu``, ``nu``, ...); fields of another structure step anyway.
 
     Returns:
         A ``GradientTransformationExtraArgs``; extra arguments reach the base optimizer.
@@ -207,8 +223,9 @@ def scale_by_galore(
         projector_bits=projector_bits,
         refresh_axes=refresh_axes,
         moment_fields=moment_fields,
+        skip_nonfinite=skip_nonfinite,
     )
-    if base_optimizer is None:
+    if check_base_optimizer(base_optimizer) is None:
         base_optimizer = optax.scale_by_adam()
     base_tx = optax.with_extra_args_support(base_optimizer)
     kinds = moment_kinds(opts.moment_fields)
@@ -226,8 +243,10 @@ def scale_by_galore(
     ) -> tuple[optax.Updates, GaLoreState]:
         del params
         plain = as_plain(updates)
+        check_same_tree(plain, state.projector)
         projectors = make_projectors(plain, weight_dimension_numbers, opts)
-        out, state = _update(plain, state, projectors, opts, base_tx, kinds, extra_args)
+        new = _update(plain, state, projectors, opts, base_tx, kinds, extra_args)
+        out, state = keep_nonfinite_leaves(plain, state, new) if opts.skip_nonfinite else new
         return rebox(updates, out), state
 
     # Explicit-axes meshes: the update body runs with automatic axes (see placement.py).
@@ -331,6 +350,7 @@ def galore(
     adaptive: AdaptiveRefresh | bool | None = None,
     projector_bits: int | None = None,
     refresh_axes: str | Sequence[str] | None = None,
+    skip_nonfinite: bool = False,
     moment_fields: Mapping[str, MomentKind] | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """GaLore: Memory-efficient training via gradient low-rank projection.
@@ -414,6 +434,7 @@ def galore(
         refresh_axes: Data-parallel mesh axes to split stacked weights' refreshes over.
         moment_fields: How unknown base-state fields move at a refresh (``"first"``,
             ``"second"``, ``"none"``).
+        skip_nonfinite: Leave a leaf with a non-finite gradient untouched (zero update).
 
     Returns:
         A ``GradientTransformationExtraArgs`` implementing GaLore.
@@ -436,6 +457,7 @@ def galore(
             projector_bits=projector_bits,
             refresh_axes=refresh_axes,
             moment_fields=moment_fields,
+            skip_nonfinite=skip_nonfinite,
         ),
         optax.add_decayed_weights(weight_decay, mask),
         optax.scale_by_learning_rate(learning_rate),

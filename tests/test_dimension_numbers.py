@@ -188,3 +188,28 @@ def test_layout_guesses_that_look_wrong_warn(name, shape):
 def test_plain_stacks_do_not_warn():
     params = {"layers": {"kernel": jnp.zeros((3, 8, 16)), "bias": jnp.zeros((3, 16))}}
     assert _caught(lambda: dimension_numbers_from_rules(params)) == []
+
+
+@pytest.mark.parametrize(
+    "rules,exc,words",
+    [
+        ([("w", (0, 1))], TypeError, r"rules\[0\].*GaLoreDimensionNumbers or None"),
+        ([("b", None), ("w", "abc")], TypeError, r"rules\[1\]"),
+        ([("w(", None)], ValueError, r"rules\[0\].*bad regex 'w\('"),
+        (["w"], TypeError, r"rules\[0\].*pair"),
+        ([(3, None)], TypeError, r"rules\[0\].*pattern must be a regex"),
+        ([("nomatch", Dims(0.5, 1))], TypeError, r"rules\[0\].*reduction_axis must be an int"),
+        ("w", TypeError, "`rules` must be a list"),
+    ],
+)
+def test_bad_rules_name_the_rule(rules, exc, words):
+    params = {"w": jnp.zeros((4, 3)), "b": jnp.zeros(3)}
+    with pytest.raises(exc, match=words) as err:
+        dimension_numbers_from_rules(params, rules)
+    assert "\n" not in str(err.value)
+
+
+def test_rule_with_float_axis_names_the_path_when_matched_at_shape_check():
+    params = {"w": jnp.zeros((4, 3))}
+    dims = dimension_numbers_from_rules(params, [(r"w", Dims(np.int64(0), (1,)))])
+    assert MatrixView.of((4, 3), dims["w"]).m == 4

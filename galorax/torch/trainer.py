@@ -48,7 +48,7 @@ class LayerwiseOptimizer(Optimizer):
     Args:
         optimizer: the GaLore optimizer to drive (``GaLoreAdamW``, ``GaLoreAdamW8bit``,
             ``GaLoreAdafactor``).
-        accumulation_steps, max_grad_norm, accumulate: as
+        **layerwise: ``accumulation_steps``, ``max_grad_norm``, ``accumulate``: as
             :class:`~galorax.torch.LayerwiseGaLore` (memory: gradients accumulate low-rank
             unless clipping).
 
@@ -57,14 +57,9 @@ class LayerwiseOptimizer(Optimizer):
         optimizer: the inner optimizer (whose ``param_groups``/``state`` these are).
     """
 
-    def __init__(
-        self,
-        optimizer: GaLoreOptimizer,
-        accumulation_steps: int = 1,
-        max_grad_norm: float | None = None,
-        accumulate: str = "auto",
-    ):
-        self.layerwise = LayerwiseGaLore(optimizer, accumulation_steps, max_grad_norm, accumulate)
+    def __init__(self, optimizer: GaLoreOptimizer, **layerwise: Any):
+        # The keywords are LayerwiseGaLore's (accumulation_steps, max_grad_norm, accumulate).
+        self.layerwise = LayerwiseGaLore(optimizer, **layerwise)
         self.optimizer = optimizer
         # Optimizer.__init__ wants parameters: it gets a placeholder, whose group and state
         # the properties below drop; from then on they are the inner optimizer's (schedulers
