@@ -37,7 +37,7 @@ _EXPORTS = {
     "GaLoreDimensionNumbers": "galorax.dimension_numbers",
     "MatrixView": "galorax.dimension_numbers",
     "default_dimension_numbers": "galorax.dimension_numbers",
-    "dimension_numbers_from_rules": "galorax.dimension_numbers",
+    "dimension_numbers_from_rules": "galorax.rules",
     # refresh options and their math
     "Randomized": "galorax.subspace",
     "captured_energy": "galorax.subspace",
@@ -84,7 +84,6 @@ if TYPE_CHECKING:
         GaLoreDimNumsOrFn,
         MatrixView,
         default_dimension_numbers,
-        dimension_numbers_from_rules,
     )
     from galorax.quantization import (
         QuantizedArray,
@@ -95,6 +94,7 @@ if TYPE_CHECKING:
         quantize_projector,
     )
     from galorax.residual import Residual
+    from galorax.rules import dimension_numbers_from_rules
     from galorax.schedule import AdaptiveRefresh, RefreshSchedule, subspace_overlap
     from galorax.subspace import Randomized, captured_energy, exact_basis, randomized_basis
     from galorax.transform import GaLoreState, galore, scale_by_galore

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple, TypeGuard
@@ -61,12 +60,13 @@ except ImportError:  # older optax without contrib.galore
     _DIMS_TYPES = (GaLoreDimensionNumbers,)
 
 
-def _is_dims(x: Any) -> bool:
+def is_dims(x: Any) -> bool:
+    """Whether ``x`` is a dimension-numbers value (ours or optax's)."""
     return isinstance(x, _DIMS_TYPES)
 
 
 def _is_dim_nums_leaf(x: Any) -> bool:
-    return x is None or _is_dims(x)
+    return x is None or is_dims(x)
 
 
 def _as_ours(x: Any) -> GaLoreDimensionNumbers | None:
@@ -97,7 +97,7 @@ def warn_once(message: str) -> None:
         warnings.warn(message, UserWarning, stacklevel=3)
 
 
-def _raw_axes(axes: Any, what: str) -> tuple[int, ...]:
+def raw_axes(axes: Any, what: str) -> tuple[int, ...]:
     """``axes`` (an int or a sequence of ints, numpy's too) as a tuple of Python ints,
     else a ``TypeError`` naming the field."""
     is_int = lambda a: isinstance(a, int | np.integer) and not isinstance(a, bool | np.bool_)
@@ -112,7 +112,7 @@ def _raw_axes(axes: Any, what: str) -> tuple[int, ...]:
 
 
 def _as_axes(axes: Sequence[int] | int, ndim: int, what: str) -> tuple[int, ...]:
-    raw = _raw_axes(axes, what)
+    raw = raw_axes(axes, what)
     if not raw:
         raise ValueError(f"GaLoreDimensionNumbers.{what} is empty; name at least one axis.")
     for ax in raw:
@@ -228,7 +228,7 @@ def resolve_dimension_numbers(params: Any, weight_dimension_numbers: GaLoreDimNu
     check_array_leaves(params)
     leaves, treedef = jax.tree.flatten(params, is_leaf=is_masked)
     spec = weight_dimension_numbers
-    if spec is None or _is_dims(spec):
+    if spec is None or is_dims(spec):
         default = GaLoreDimensionNumbers() if spec is None else _as_ours(spec)
         want = (lambda p: p.ndim == 2) if spec is None else (lambda p: p.ndim >= 2)
         if spec is None:
@@ -264,7 +264,7 @@ def check_array_leaves(tree: Any) -> None:
     for path, leaf in jax.tree.leaves_with_path(tree, is_leaf=is_masked):
         if not is_masked(leaf) and not (hasattr(leaf, "shape") and hasattr(leaf, "dtype")):
             raise TypeError(
-                f"GaLore takes a tree of arrays, but the leaf at {_path_str(path) or 'the root'!r} "
+                f"GaLore takes a tree of arrays, but the leaf at {path_str(path) or 'the root'!r} "
                 f"is a {type(leaf).__name__} ({leaf!r}); make it an array (jnp.asarray) or "
                 "leave it out with optax.masked."
             )
@@ -284,8 +284,8 @@ def check_same_tree(updates: Any, reference: Any) -> None:
     except (ValueError, TypeError) as err:
         detail = str(err).strip().splitlines()[0] if str(err).strip() else ""
     is_leaf = lambda x: is_masked(x) or hasattr(x, "shape")
-    mine = {_path_str(p) for p, _ in jax.tree.leaves_with_path(updates, is_leaf=is_masked)}
-    theirs = {_path_str(p) for p, _ in jax.tree.leaves_with_path(reference, is_leaf=is_leaf)}
+    mine = {path_str(p) for p, _ in jax.tree.leaves_with_path(updates, is_leaf=is_masked)}
+    theirs = {path_str(p) for p, _ in jax.tree.leaves_with_path(reference, is_leaf=is_leaf)}
     missing, extra = sorted(theirs - mine), sorted(mine - theirs)
     if missing or extra:
         detail = f"missing {missing[:5]}, unexpected {extra[:5]}"
@@ -298,7 +298,7 @@ def check_same_tree(updates: Any, reference: Any) -> None:
 def _warn_unprojected(params: Any) -> None:
     """With the drop-in default, say that stacked (3+-axis) leaves stay unprojected."""
     big = [
-        f"{_path_str(path)} {tuple(leaf.shape)}"
+        f"{path_str(path)} {tuple(leaf.shape)}"
         for path, leaf in jax.tree.leaves_with_path(params, is_leaf=is_masked)
         if not is_masked(leaf) and len(leaf.shape) >= 3
     ]
@@ -312,7 +312,7 @@ def _warn_unprojected(params: Any) -> None:
         )
 
 
-def _path_str(path: Any) -> str:
+def path_str(path: Any) -> str:
     """``path`` joined by ``/``, without a trailing ``.value`` (``nnx.Param``,
     ``nn.Partitioned``), so a boxed tree and its arrays decide alike."""
     if path and path[-1] == jax.tree_util.GetAttrKey("value"):
@@ -342,119 +342,3 @@ DEFAULT_RULES: tuple[tuple[str, GaLoreDimensionNumbers | None], ...] = (
     # Equinox names them `weight` (LayerNorm, RMSNorm, Embedding): the module's name tells.
     (r"(^|/)([^/]*(embed|norm)[^/]*|ln(_?[^/]*)?)/(weight|embedding)$", None),
 )
-
-
-def dimension_numbers_from_rules(
-    params: Any,
-    rules: Sequence[tuple[str, GaLoreDimensionNumbers | None]] = DEFAULT_RULES,
-    *,
-    default: Callable[[int], GaLoreDimensionNumbers | None] = default_dimension_numbers,
-) -> Any:
-    """Builds a ``weight_dimension_numbers`` tree from parameter paths and shapes.
-
-    Each leaf's path (keys joined by ``/``, e.g. ``layers/attn/wq``) is matched with
-    ``re.search`` against ``rules`` in order; the first match gives its dimension numbers
-    (None leaves it unprojected). Unmatched leaves get ``default(ndim)``.
-
-    Args:
-        params: The parameter tree (arrays or ``jax.ShapeDtypeStruct``).
-        rules: ``(regex, GaLoreDimensionNumbers | None)`` pairs. The default leaves any
-            leaf whose last path element contains ``embed``, ``norm``, ``bias`` or
-            ``scale`` unprojected, and a ``weight`` or ``embedding`` whose module's name
-            contains ``embed`` or ``norm`` or starts with ``ln`` (Equinox's naming). A
-            trailing ``.value`` (``nnx.Param``, ``nn.Partitioned``) is not part of the path.
-        default: Rule for unmatched leaves, from their number of axes.
-
-    Returns:
-        A tree like ``params`` (boxes removed) with a ``GaLoreDimensionNumbers`` or None
-        at each leaf (and at its ``optax.MaskedNode`` leaves).
-
-    Raises:
-        TypeError: ``params`` is a scalar array: the step count that
-            ``optax.inject_hyperparams`` gives a callable it takes for a schedule.
-
-    Example:
-        MaxText-style stacks with the layer axis second:
-
-        >>> import jax, jax.numpy as jnp
-        >>> params = {'embed': jnp.zeros((256, 16)), 'mlp': {'wi': jnp.zeros((16, 4, 64))},
-        ...           'norm': jnp.zeros(16)}
-        >>> dims = dimension_numbers_from_rules(
-        ...     params, [(r'mlp/', GaLoreDimensionNumbers(0, 2))] + list(DEFAULT_RULES))
-        >>> dims['embed'] is None, dims['mlp']['wi'], dims['norm'] is None
-        (True, GaLoreDimensionNumbers(reduction_axis=0, output_axis=2), True)
-    """
-    if isinstance(params, jax.Array) and params.ndim == 0:  # the step count
-        raise TypeError(
-            "dimension_numbers_from_rules got a scalar, not a params tree: under "
-            "optax.inject_hyperparams, pass static_args=('weight_dimension_numbers',) so "
-            "the callable is not taken for a schedule."
-        )
-    compiled = _compile_rules(rules)
-
-    def pick(path: Any, leaf: Any) -> GaLoreDimensionNumbers | None:
-        if is_masked(leaf):  # left out by optax.partition / masked
-            return None
-        name = _path_str(path)
-        for pattern, dims in compiled:
-            if pattern.search(name):
-                if dims is not None:
-                    try:  # fail early, naming the path
-                        MatrixView.of(leaf.shape, dims)
-                    except (TypeError, ValueError) as err:
-                        raise type(err)(f"dimension_numbers_from_rules: {name!r}: {err}") from None
-                return dims
-        dims = default(len(leaf.shape))
-        if dims is not None and len(leaf.shape) >= 3:
-            _check_layout(name, leaf.shape, dims)
-        return dims
-
-    return jax.tree_util.tree_map_with_path(pick, unbox(params), is_leaf=is_masked)
-
-
-def _compile_rules(rules: Any) -> list[tuple[re.Pattern[str], Any]]:
-    """``rules`` with compiled patterns, else an error naming the bad rule."""
-    if isinstance(rules, str | bytes) or not isinstance(rules, Sequence):
-        raise TypeError(
-            "dimension_numbers_from_rules: `rules` must be a list of (regex, "
-            f"GaLoreDimensionNumbers | None) pairs, got {rules!r}."
-        )
-    compiled = []
-    for i, rule in enumerate(rules):
-        where = f"dimension_numbers_from_rules: rules[{i}]={rule!r}"
-        if not isinstance(rule, tuple | list) or len(rule) != 2:
-            raise TypeError(f"{where} must be a (regex, GaLoreDimensionNumbers | None) pair.")
-        pattern, dims = rule
-        if not isinstance(pattern, str | re.Pattern):
-            raise TypeError(f"{where}: the pattern must be a regex string, got {pattern!r}.")
-        try:
-            regex = re.compile(pattern)
-        except re.error as err:
-            raise ValueError(f"{where}: bad regex {pattern!r}: {err}.") from None
-        if dims is not None and not _is_dims(dims):
-            raise TypeError(
-                f"{where}: the second item must be a GaLoreDimensionNumbers or None, got "
-                f"{dims!r}; e.g. GaLoreDimensionNumbers(0, 1)."
-            )
-        if dims is not None:
-            try:
-                _raw_axes(dims.reduction_axis, "reduction_axis")
-                _raw_axes(dims.output_axis, "output_axis")
-            except TypeError as err:
-                raise TypeError(f"{where}: {err}") from None
-        compiled.append((regex, dims))
-    return compiled
-
-
-def _check_layout(name: str, shape: Sequence[int], dims: GaLoreDimensionNumbers) -> None:
-    """Warn when the default's layout guess looks wrong: more slices than rows or columns
-    (an attention kernel ``(embed, heads, head_dim)``, a MaxText stack ``(embed, layers,
-    mlp)``), so projectors as large as the weight, or layers mixed inside each matrix."""
-    view = MatrixView.of(shape, dims)
-    if math.prod(view.batch_shape) > min(view.m, view.n):
-        warn_once(
-            f"dimension_numbers_from_rules: {name!r} {tuple(shape)} defaults to "
-            f"{math.prod(view.batch_shape)} matrices of {view.m}x{view.n}: likely not its "
-            "layout (attention (embed, heads, head_dim)? layers on another axis?). Give it "
-            "a rule, e.g. (r'attn/query', GaLoreDimensionNumbers(0, (1, 2)))."
-        )

@@ -113,7 +113,7 @@ def test_rules_see_through_nnx_variables():
 
 
 def test_path_names_drop_a_trailing_value_attribute():
-    from galorax.dimension_numbers import _path_str
+    from galorax.dimension_numbers import path_str as _path_str
 
     key, attr = jax.tree_util.DictKey, jax.tree_util.GetAttrKey
     assert _path_str((key("layers"), key("bias"), attr("value"))) == "layers/bias"
