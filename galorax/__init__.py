@@ -47,6 +47,11 @@ _EXPORTS = {
     "RefreshSchedule": "galorax.schedule",
     "subspace_overlap": "galorax.schedule",
     "Residual": "galorax.residual",
+    # per-layer weight updates for scanned layer stacks
+    "PerLayerState": "galorax.per_layer",
+    "PerLayerTransformation": "galorax.per_layer",
+    "per_layer": "galorax.per_layer",
+    "per_layer_step": "galorax.per_layer",
     # 8-bit Adam
     "ScaleByAdam8bitState": "galorax.adam8bit",
     "adamw_8bit": "galorax.adam8bit",
@@ -92,6 +97,12 @@ if TYPE_CHECKING:
         quantize_blockwise,
         quantize_like,
         quantize_projector,
+    )
+    from galorax.per_layer import (
+        PerLayerState,
+        PerLayerTransformation,
+        per_layer,
+        per_layer_step,
     )
     from galorax.residual import Residual
     from galorax.rules import dimension_numbers_from_rules

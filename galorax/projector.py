@@ -259,14 +259,15 @@ class LeafProjector:
         return self.view.from_matrix(full), new_norm if with_norm else norm
 
     def sketch(self, shape: tuple[int, ...], count: Any) -> jax.Array | None:
-        """The range finder's random test matrix for gradients ``shape`` (None: SVD); drawn
-        for the whole stack, so a chunked refresh uses the same one."""
+        """The range finder's random test matrix for gradients ``shape`` (None: SVD): one
+        matrix that every slice of a stacked leaf shares, so a chunk of the slices, or one
+        layer updated on its own (:mod:`galorax.per_layer`), draws the same one."""
         rf = self.options.subspace
         if rf is None:
             return None
         key = jax.random.fold_in(jax.random.fold_in(jax.random.key(rf.seed), self.index), count)
-        *batch, m, n = shape
-        a = jax.ShapeDtypeStruct((*batch, m, n) if self.left else (*batch, n, m), jnp.float32)
+        m, n = shape[-2:]
+        a = jax.ShapeDtypeStruct((m, n) if self.left else (n, m), jnp.float32)
         return subspace.sketch(key, a, self.rank, rf.oversample)  # type: ignore[arg-type]
 
     def candidate(self, g2: jax.Array, old_c: jax.Array, omega: Any, fresh: jax.Array):
@@ -328,19 +329,23 @@ class LeafProjector:
         split_seen: list[bool] = []
 
         def body(bufs: Any, reads: Any) -> Any:
-            (parts, _, _), (g2, due, omega, fresh) = bufs, reads
+            (parts, _, _), (g2, due, fresh) = bufs, reads
+            # The shared test matrix, as each slice's (a chunk's batch axes are flat).
+            omega_c = (
+                None if omega is None else jnp.broadcast_to(omega, (*g2.shape[:-2], *omega.shape))
+            )
             old_c: Any = parts
             if is_quantized(old):
                 shape = (*parts[0].shape[: parts[0].ndim - old.codes.ndim + nb], *old.shape[nb:])
                 old_c = dataclasses.replace(old, codes=parts[0], scales=parts[1], shape=shape)
-            new, accept, overlap, split = self.attempt(g2, old_c, due, omega, fresh)
+            new, accept, overlap, split = self.attempt(g2, old_c, due, omega_c, fresh)
             split_seen.append(split)
             parts = (new.codes, new.scales) if is_quantized(new) else new
             return parts, accept, jnp.zeros(accept.shape) if overlap is None else overlap
 
         parts = (old.codes, old.scales) if is_quantized(old) else old
         bufs = (parts, jnp.zeros(due.shape, bool), jnp.zeros(due.shape))
-        reads = (g2, due, omega if omega is not None else jnp.zeros(due.shape), fresh)
+        reads = (g2, due, fresh)
         parts, accept, overlap = map_slices(body, bufs, reads, nb, size)
         new = parts
         if is_quantized(old):
