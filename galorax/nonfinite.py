@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from galorax.dimension_numbers import is_masked
+from galorax.quantization.blockwise import is_quantized
 
 
 def keep_nonfinite_leaves(updates: Any, old: Any, new: tuple[Any, Any]) -> tuple[Any, Any]:
@@ -28,10 +29,10 @@ def keep_nonfinite_leaves(updates: Any, old: Any, new: tuple[Any, Any]) -> tuple
     ``updates`` is not all finite given a zero update and its state from ``old``.
 
     Per leaf: the projector, schedule, residual norm and the base optimizer's per-parameter
-    fields (those laid out like the gradients: ``mu``, ``nu``, ...) keep their old values;
-    the other leaves and the count step as usual. A base field laid out otherwise (8-bit
-    moments, for one) still steps. With a single leaf the whole base state is kept, as
-    ``optax.apply_if_finite`` does.
+    fields (those laid out like the gradients: ``mu``, ``nu``, ..., a leaf's moment a float
+    array or a :class:`~galorax.quantization.QuantizedArray`, whose codes and scales are
+    kept together) keep their old values; the other leaves and the count step as usual.
+    With a single leaf the whole base state is kept, as ``optax.apply_if_finite`` does.
     """
     out, state = new
     treedef: Any = jax.tree.structure(updates, is_leaf=is_masked)
@@ -51,7 +52,7 @@ def keep_nonfinite_leaves(updates: Any, old: Any, new: tuple[Any, Any]) -> tuple
         where = functools.partial(_where, True if finite[0] is None else finite[0])
         base = jax.tree.map(where, state.base_optimizer_state, old.base_optimizer_state)
     else:  # the fields with the updates' structure (mu, nu, ...) hold one entry per leaf
-        per_param = lambda x: jax.tree.structure(x, is_leaf=is_masked) == treedef
+        per_param = lambda x: jax.tree.structure(x, is_leaf=_moment_leaf) == treedef
         base_def: Any = jax.tree.structure(state.base_optimizer_state, is_leaf=per_param)
         new_leaves = base_def.flatten_up_to(state.base_optimizer_state)
         old_leaves = base_def.flatten_up_to(old.base_optimizer_state)
@@ -66,6 +67,11 @@ def keep_nonfinite_leaves(updates: Any, old: Any, new: tuple[Any, Any]) -> tuple
         if state.residual_norm is None
         else keep(state.residual_norm, old.residual_norm),
     )
+
+
+def _moment_leaf(x: Any) -> bool:
+    """One parameter's entry of a base field: 8-bit moments are one entry, not two arrays."""
+    return is_masked(x) or is_quantized(x)
 
 
 def _where(finite: Any, new: Any, old: Any) -> Any:

@@ -114,3 +114,91 @@ def test_too_many_in_a_row_stop_with_one_line(data, monkeypatch, tmp_path, capsy
     assert f"not finite at {k} steps in a row (3-{k + 2}): stopped; lower --lr" in err[0]
     recs = [r for r in _records(out) if "loss" in r]
     assert recs[-1]["step"] == k + 2 and all(r.get("skipped") for r in recs[2:])
+
+
+@pytest.mark.parametrize("poisoned", ["w", "b"])
+def test_skip_nonfinite_keeps_8bit_base_moments(poisoned):
+    """8-bit base moments (a QuantizedArray per leaf: codes and scales) are kept whole for a
+    non-finite leaf; the other leaves step exactly as without the guard."""
+    import galorax
+    from galorax.quantization import QuantizedArray
+
+    keys = jax.random.split(jax.random.PRNGKey(0), 3)
+    params = {"w": jax.random.normal(keys[0], (32, 16)), "b": jax.random.normal(keys[1], (16,))}
+    grads = [jax.tree.map(lambda p, i=i: p * (0.5 + i), params) for i in range(3)]
+    bad = {**grads[2], poisoned: grads[2][poisoned].at[0].set(jnp.nan)}
+    kw = dict(
+        rank=4, update_proj_gap=10, base_optimizer=galorax.scale_by_adam_8bit(min_8bit_size=16)
+    )
+    on, off = galorax.scale_by_galore(skip_nonfinite=True, **kw), galorax.scale_by_galore(**kw)
+    state = on.init(params)
+    assert isinstance(state.base_optimizer_state.mu["w"], QuantizedArray)
+    for g in grads[:2]:
+        _, state = on.update(g, state, params)
+    out, after = on.update(bad, state, params)
+    ref_out, ref = off.update(bad, state, params)
+    for name in ("mu", "nu"):
+        kept = getattr(after.base_optimizer_state, name)
+        jax.tree.map(
+            np.testing.assert_array_equal,
+            kept[poisoned],
+            getattr(state.base_optimizer_state, name)[poisoned],
+        )
+        other = "b" if poisoned == "w" else "w"
+        want = getattr(ref.base_optimizer_state, name)[other]
+        jax.tree.map(np.testing.assert_array_equal, kept[other], want)
+    np.testing.assert_array_equal(out[poisoned], np.zeros_like(out[poisoned]))
+    np.testing.assert_array_equal(out["b" if poisoned == "w" else "w"], ref_out[other])
+    assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves((out, after)))
+    # Unguarded, the NaN reaches the quantized moments (what the guard prevents).
+    assert not all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(ref))
+
+
+def _checkpoint(out, step, run):
+    """Checkpoint ``step``'s metadata and the optimizer's step counts in its state."""
+    from galorax.app.checkpoint import Checkpointer
+
+    params = M.abstract_params(M.get_preset("micro", 256))
+    state = jax.eval_shape(run_optimizer(run, params).init, params)
+    ck = Checkpointer(out / "checkpoints")
+    try:
+        _, restored = ck.restore(step, params, state)
+        meta = ck.restore_meta(step)
+    finally:
+        ck.close()
+    flat = jax.tree_util.tree_flatten_with_path(restored)[0]
+    return meta, {int(v) for k, v in flat if jax.tree_util.keystr(k).endswith(".count")}
+
+
+@pytest.mark.parametrize("interrupt", [False, True])
+def test_checkpoint_label_is_the_count_plus_the_skipped_steps(
+    interrupt, data, monkeypatch, tmp_path
+):
+    """The invariant with skipped steps: label = steps done = optimizer count + skipped
+    (the count, like the rest of the state, does not move on a skipped step), recorded in
+    the checkpoint's metadata; an interrupt's checkpoint keeps it too."""
+    import os
+    import signal
+
+    from galorax.app import interrupt as I
+
+    _poison(monkeypatch, {2})
+    cfg, out = micro_config(data), tmp_path / "r"
+    if interrupt:  # Ctrl-C once step 4 is counted: checkpoint 4 (3 updates, 1 skipped)
+
+        def hook(point, step):
+            if (point, step) == ("counted", 4):
+                os.kill(os.getpid(), signal.SIGINT)
+
+        monkeypatch.setattr(I, "hook", hook)
+        with pytest.raises(I.Interrupted, match="checkpoint saved at step 4"):
+            T.train(cfg, out, **QUIET)
+        labels = [4]
+    else:
+        T.train(cfg, out, **QUIET)
+        labels = [3, 6]
+    run = C.resolve_config(cfg)
+    for label in labels:
+        meta, counts = _checkpoint(out, label, run)
+        assert meta["step"] == label and meta["skipped"] == 1
+        assert counts == {label - 1} == {meta["optimizer_count"]}

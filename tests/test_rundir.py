@@ -11,7 +11,15 @@ from test_train import make_text_dir, micro_config
 from galorax.app import cli
 from galorax.app import train as T
 from galorax.app.config import UsageError
-from galorax.app.rundir import Aside, atomic_path, atomic_write_text, check_out_dir
+from galorax.app.rundir import (
+    ASIDE_PREFIX,
+    RUN_FILES,
+    Aside,
+    atomic_path,
+    atomic_write_text,
+    check_out_dir,
+    recover_asides,
+)
 
 
 def snapshot(root):
@@ -176,3 +184,126 @@ def test_resume_of_a_run_without_a_finished_checkpoint_starts_over(old, data, ca
     text = capsys.readouterr().out
     assert "no finished checkpoint: starting the run over" in text and "removed 3.orbax" in text
     assert s["val_loss"] == ref["val_loss"] and not stale.exists()
+
+
+# ---- a SIGKILL during --overwrite: the next command finishes the job -------------------
+
+
+def _orphan(aside):
+    """``aside``'s folder as a killed process leaves it: its lock released by the kernel,
+    nothing committed or restored (the same pid: as a reused pid would be)."""
+    aside._unlock()
+    return aside.folder
+
+
+def _killed_overwrite(out, *, moved=None, done=False):
+    """``out`` as a process SIGKILLed during ``--overwrite`` leaves it: the old run in the
+    Aside folder (its owner gone), the new run's first files in place."""
+    import json
+    import shutil
+
+    folder = _orphan(Aside(out, RUN_FILES))
+    manifest = json.loads((folder / ".galorax-aside.json").read_text())
+    for name in set(manifest["names"]) - set(moved or manifest["names"]):
+        os.rename(folder / name, out / name)  # killed while moving: these never left
+    if moved is None:  # the new run had begun writing
+        (out / "config.json").write_text('{"train": {}}')
+        (out / "metrics.jsonl").write_text('{"step": 0, "val_loss": 9.0}\n')
+        (out / "checkpoints" / "1.orbax-checkpoint-tmp-7").mkdir(parents=True)
+    if done:  # killed while deleting the old run, once the new one was under way
+        folder = folder.rename(folder.with_name(folder.name + ".done"))
+        shutil.rmtree(folder / "checkpoints")
+    return folder
+
+
+@pytest.mark.parametrize("command", ["resume", "overwrite", "plain"])
+def test_next_command_restores_a_run_a_killed_overwrite_set_aside(command, old, data, capsys):
+    before = snapshot(old)
+    folder = _killed_overwrite(old)
+    assert snapshot(old) != before
+    argv = ["train", *MICRO, "--data", str(data), "--out", str(old)]
+    if command == "resume":  # the old run is back, and finished: nothing to do
+        assert cli.main(["train", "--out", str(old), "--resume", "--no-progress"]) == 0
+        assert snapshot(old) == before
+    elif command == "plain":  # back, and refused as any run is
+        assert cli.main(argv) == 2
+        assert snapshot(old) == before
+    else:  # back, then replaced as asked
+        assert cli.main([*argv, "--overwrite", "--steps", "3"]) == 0
+        assert (old / "notes.txt").read_text() == "mine"
+    out = capsys.readouterr().out.splitlines()
+    said = [line for line in out if folder.name in line]
+    assert len(said) == 1 and "restored the run an interrupted --overwrite" in said[0]
+    assert not [p for p in old.iterdir() if p.name.startswith(".")]
+
+
+def test_a_kill_while_moving_restores_what_was_moved(old):
+    before = snapshot(old)
+    _killed_overwrite(old, moved=["config.json", "metrics.jsonl"])
+    assert not (old / "config.json").exists() and (old / "checkpoints").exists()
+    logged = []
+    recover_asides(old, log=logged.append)
+    assert snapshot(old) == before and len(logged) == 1
+
+
+@pytest.mark.parametrize("how", ["deleting", "checkpoint"])
+def test_a_kill_once_the_new_run_was_under_way_finishes_the_replacement(how, old):
+    folder = _killed_overwrite(old, done=how == "deleting")
+    if how == "checkpoint":  # the new run saved a checkpoint; the aside was never deleted
+        (old / "checkpoints" / "3").mkdir()
+    new = {k: v for k, v in snapshot(old).items() if not k.startswith(".")}
+    logged = []
+    recover_asides(old, log=logged.append)
+    assert snapshot(old) == new and not folder.exists()
+    assert (
+        len(logged) == 1 and "removed" in logged[0] and folder.name.split(".done")[0] in logged[0]
+    )
+
+
+def test_a_live_owners_aside_is_left_alone(old):
+    aside = Aside(old, RUN_FILES)  # this process's: still running
+    logged = []
+    recover_asides(old, log=logged.append)
+    assert aside.folder.exists() and len(logged) == 1 and "still running" in logged[0]
+    aside.restore()
+
+
+def test_a_real_sigkill_during_overwrite_is_recovered(old, data, tmp_path, capsys):
+    """A real SIGKILL at the last point before the new run's first step (the test hook)."""
+    import signal
+    import subprocess
+    import sys
+
+    before = snapshot(old)
+    argv = ["train", *MICRO, "--data", str(data), "--out", str(old), "--overwrite"]
+    code = (
+        "import os, signal, sys; from galorax.app import cli, interrupt\n"
+        "interrupt.hook = lambda point, step: point == 'ready' and "
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+        f"sys.exit(cli.main({argv!r}))\n"
+    )
+    env = {**os.environ, "XLA_FLAGS": os.environ.get("XLA_FLAGS", "")}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
+    assert [p.name for p in old.iterdir() if p.name.startswith(ASIDE_PREFIX)]
+    assert snapshot(old) != before
+    assert cli.main(["train", "--out", str(old), "--resume", "--no-progress"]) == 0
+    assert snapshot(old) == before
+    assert "restored the run an interrupted --overwrite" in capsys.readouterr().out
+
+
+def test_a_killed_compare_overwrite_is_restored(data, tmp_path, capsys):
+    from galorax.app.compare import COMPARE_FILES
+
+    out = tmp_path / "cmp"
+    argv = ["compare", *MICRO, "--data", str(data), "--out", str(out), "--runs", "adamw:lr=1e-2"]
+    assert cli.main(argv) == 0
+    before = snapshot(out)
+    _orphan(Aside(out, COMPARE_FILES))  # as a SIGKILL leaves it
+    (out / "runs").mkdir()  # the new comparison had begun
+    capsys.readouterr()
+    assert cli.main([*argv, "--resume"]) == 0
+    assert "reusing" in capsys.readouterr().out  # the old runs are back, and reused
+    assert {k: v for k, v in snapshot(out).items() if not k.startswith("compare.")} == {
+        k: v for k, v in before.items() if not k.startswith("compare.")
+    }

@@ -36,7 +36,7 @@ import jax
 import galorax
 from galorax.app import compare, distributed, memory
 from galorax.app.checkpoint import CheckpointError
-from galorax.app.config import UsageError
+from galorax.app.config import EIGHT_BIT, GALORE_DEFAULTS, UsageError
 from galorax.app.data import DataError, cache_dir
 from galorax.app.flags import (
     add_model_arguments,
@@ -116,9 +116,43 @@ def _default_out(prefix: str) -> str:
     return f"runs/{prefix}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
+#: The ``TrainConfig`` fields only the GaLore optimizers use (``--rank`` ... ``--adaptive``).
+GALORE_ONLY = ("rank", "update_proj_gap", "scale", *GALORE_DEFAULTS)
+
+
+def check_galore_only(flags: dict[str, object]) -> None:
+    """Rejects GaLore-only flags the user set for an AdamW run (they would be ignored).
+
+    Args:
+        flags: The fields set on the command line (:func:`~galorax.app.flags.given_flags`).
+
+    Raises:
+        UsageError: naming the flags and the fix.
+
+    Example:
+        >>> check_galore_only({"optimizer": "galore", "rank": 4})  # GaLore takes it
+        >>> check_galore_only({"optimizer": "adamw", "rank": 4})
+        Traceback (most recent call last):
+        ...
+        galorax.app.config.UsageError: --rank applies to GaLore optimizers; drop it or use ...
+    """
+    optimizer = str(flags.get("optimizer", ""))
+    if EIGHT_BIT.get(optimizer, optimizer) != "adamw":
+        return
+    given = ["--" + k.replace("_", "-") for k in GALORE_ONLY if k in flags]
+    if given:
+        them = ("it", "applies") if len(given) == 1 else ("them", "apply")
+        galore = "galore8bit" if optimizer in EIGHT_BIT else "galore"
+        raise UsageError(
+            f"{', '.join(given)} {them[1]} to GaLore optimizers; drop {them[0]} or use "
+            f"--optimizer {galore}"
+        )
+
+
 def _run_train(args: argparse.Namespace) -> int:
     # Before anything else touches a device: joins the other processes, if any.
     distributed.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+    check_galore_only(given_flags(args))
     cfg = config_from_args(args)
     if args.out is None and args.resume:
         raise UsageError("--resume needs --out DIR: the run to continue")

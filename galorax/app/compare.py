@@ -50,7 +50,7 @@ from galorax.app.flags import (
     parse_bool,
 )
 from galorax.app.interrupt import Interrupted
-from galorax.app.rundir import Aside, MetricsLog, atomic_write_text
+from galorax.app.rundir import Aside, MetricsLog, atomic_write_text, recover_asides
 from galorax.app.train import train
 
 #: What a comparison writes into ``--out`` (``--overwrite`` replaces these only).
@@ -271,6 +271,7 @@ def _open_out(args: argparse.Namespace, out: pathlib.Path) -> Aside | None:
     """Checks ``--out``; an old comparison is moved aside for ``--overwrite``."""
     if args.resume and args.overwrite:
         raise UsageError("--resume and --overwrite contradict each other")
+    recover_asides(out, COMPARE_FILES)  # a killed --overwrite's old comparison comes back
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file, not a directory; choose another --out")
     held = any((out / f).exists() for f in COMPARE_FILES)

@@ -102,6 +102,21 @@ def sync_processes(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
+def any_process(flag: bool) -> bool:
+    """Whether ``flag`` is true on any process, the same answer on all of them (an
+    all-gather of one integer per process; alone, ``flag`` itself). Every process must
+    call it at the same point, as any collective.
+
+    Example:
+        >>> any_process(True), any_process(False)
+        (True, False)
+    """
+    if jax.process_count() == 1:
+        return bool(flag)
+    flags = multihost_utils.process_allgather(np.int32(bool(flag)))
+    return bool(np.any(flags))
+
+
 class Targets(NamedTuple):
     """A run's arrays as placed ``jax.ShapeDtypeStruct``s: what a checkpoint restores onto
     and what the step's outputs are pinned to.

@@ -1,6 +1,7 @@
 """Ctrl-C on step boundaries: the first SIGINT asks the loop to stop after the current step
-(with a checkpoint whose label is the optimizer's count); a second one aborts at once,
-writing nothing more.
+(with a checkpoint labelled with the steps done: the optimizer's count, plus any steps
+skipped for non-finite gradients, see :func:`galorax.app.train.run_loop`); a second one
+aborts at once, writing nothing more.
 
 The loop calls :func:`at` at each of its points (:data:`POINTS`); :data:`hook` is called
 there too, so tests deliver an interrupt deterministically at any point instead of racing
@@ -60,12 +61,19 @@ class StopRequest:
     """While entered, SIGINT sets :attr:`requested`; a second SIGINT raises
     ``KeyboardInterrupt`` (abort). Outside the main thread it installs nothing.
 
+    Under ``jax.distributed`` each process has its own flag (a Ctrl-C may reach one
+    process, or each at another time); :meth:`agree` turns them into one decision at a
+    step boundary, so every process stops after the same step and saves the same
+    checkpoint instead of waiting in a collective for a peer that stopped.
+
     Attributes:
-        requested: Whether a stop was asked for.
+        requested: Whether a stop was asked for (in this process).
+        agreed: Whether the processes agreed to stop (:meth:`agree`).
     """
 
     def __init__(self, message: str = "stopping after this step (Ctrl-C again to abort)") -> None:
         self.requested = False
+        self.agreed = False
         self.message = message
         self._previous: Any = None
         self._installed = False
@@ -76,6 +84,24 @@ class StopRequest:
             raise KeyboardInterrupt
         self.requested = True
         print(f"\ninterrupt: {self.message}", file=sys.stderr, flush=True)
+
+    def agree(self, any_process: Callable[[bool], bool] = bool) -> bool:
+        """Whether to stop now, the same answer on every process: a stop requested in
+        any of them (``any_process``, an all-reduce such as
+        :func:`galorax.app.distributed.any_process`; the default: this process alone).
+        Once agreed it stays so, without another collective. Call it at the same points
+        on every process (the loop: before each step).
+
+        Example:
+            >>> stop = StopRequest()
+            >>> stop.agree(), stop.agree(lambda mine: True)  # a peer was interrupted
+            (False, True)
+            >>> stop.requested  # not here: this process's first Ctrl-C would not abort
+            False
+        """
+        if not self.agreed and any_process(self.requested):
+            self.agreed = True
+        return self.agreed
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         self.request()

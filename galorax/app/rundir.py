@@ -17,6 +17,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import pathlib
@@ -81,13 +82,23 @@ def check_out_dir(out: pathlib.Path, resume: bool, overwrite: bool) -> None:
         )
 
 
+#: The hidden folder of ``--out`` an :class:`Aside` moves an old run into (``<prefix><pid>``).
+ASIDE_PREFIX = ".galorax-replaced-"
+#: Inside it: what was there (written before anything moves), locked by the owner process
+#: while it runs (``flock``: the kernel drops a dead process's lock, SIGKILL included).
+_MANIFEST = ".galorax-aside.json"
+#: The folder's suffix once the new run is under way (its deletion may not have finished).
+_DONE = ".done"
+
+
 class Aside:
     """A run's files moved out of the way while a new run starts in their place.
 
-    The named entries of ``out`` are renamed into a hidden folder of ``out`` (nothing is
-    copied or deleted); :meth:`commit` deletes them once the new run is under way,
-    :meth:`restore` puts them back (and removes what the new run wrote, and the folders
-    it created) if it fails first.
+    The named entries of ``out`` are renamed into a hidden folder of ``out``
+    (:data:`ASIDE_PREFIX`; nothing is copied or deleted); :meth:`commit` deletes them once
+    the new run is under way, :meth:`restore` puts them back (and removes what the new run
+    wrote, and the folders it created) if it fails first. A process killed in between
+    leaves the folder; :func:`recover_asides` finishes the job at the next command.
 
     Args:
         out: The directory.
@@ -99,41 +110,146 @@ class Aside:
         self.names = tuple(names)
         self.created = [p for p in (out, *out.parents) if not p.exists()]
         out.mkdir(parents=True, exist_ok=True)
-        self.folder = out / f".galorax-replaced-{os.getpid()}"
-        self.moved: list[str] = []
+        self.folder = out / f"{ASIDE_PREFIX}{os.getpid()}"
         self.done = False
+        self._lock: int | None = None
         present = [n for n in self.names if (out / n).exists()]
         if not present:
             return
         self.folder.mkdir()
-        try:
+        try:  # the manifest first: a kill while moving leaves a folder that says what was where
+            write_json(self.folder / _MANIFEST, {"pid": os.getpid(), "names": present})
+            self._lock = os.open(self.folder / _MANIFEST, os.O_RDONLY)
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held until commit/restore
             for name in present:
                 os.rename(out / name, self.folder / name)
-                self.moved.append(name)
         except BaseException:
             self.restore()
             raise
+
+    def _unlock(self) -> None:
+        if self._lock is not None:
+            os.close(self._lock)  # releases the flock
+            self._lock = None
 
     def commit(self) -> None:
         """The new run is under way: deletes the old files (idempotent)."""
         if not self.done:
             self.done = True
-            shutil.rmtree(self.folder, ignore_errors=True)
+            _finish(self.folder)
+            self._unlock()
 
     def restore(self) -> None:
         """The new run failed before it was under way: the old files come back."""
         if self.done:
             return
         self.done = True
-        for name in self.names:
-            _remove(self.out / name)
-        for name in self.moved:
-            os.rename(self.folder / name, self.out / name)
+        self._unlock()
         if self.folder.exists():
-            self.folder.rmdir()
+            _put_back(self.out, self.folder, self.names)
+        else:  # nothing was there: what the new run wrote goes
+            for name in self.names:
+                _remove(self.out / name)
         for d in self.created:  # deepest first: only the folders this run made, if empty
             with contextlib.suppress(OSError):
                 d.rmdir()
+
+
+def _finish(folder: pathlib.Path) -> None:
+    """Deletes a set-aside run: renamed ``.done`` first, so a kill while deleting is told
+    from a kill before the new run was under way."""
+    if folder.exists():
+        done = folder.with_name(folder.name + _DONE)
+        shutil.rmtree(done, ignore_errors=True)  # a stale one of a reused pid
+        os.rename(folder, done)
+        shutil.rmtree(done, ignore_errors=True)
+
+
+def _manifest(folder: pathlib.Path) -> dict[str, Any]:
+    try:
+        found = json.loads((folder / _MANIFEST).read_text())
+        return found if isinstance(found, dict) else {}
+    except (OSError, ValueError):
+        return {}  # killed while writing it: nothing was moved yet
+
+
+def _put_back(out: pathlib.Path, folder: pathlib.Path, names: Sequence[str]) -> None:
+    """Moves the old run in ``folder`` back into ``out``, in place of the new run's files.
+
+    Entries the manifest lists but the folder lacks were never moved (a kill while moving):
+    they stay. The new run's others are removed.
+    """
+    old = set(_manifest(folder).get("names", []))
+    for name in names:
+        if (folder / name).exists() or (name not in old and (folder / _MANIFEST).exists()):
+            _remove(out / name)
+        if (folder / name).exists():
+            os.rename(folder / name, out / name)
+    (folder / _MANIFEST).unlink(missing_ok=True)
+    folder.rmdir()
+
+
+def _owner_alive(folder: pathlib.Path) -> bool:
+    """Whether the process that set ``folder`` aside still runs: it holds the manifest's
+    lock (no pid to be reused, in this process too). No manifest: it died before writing it."""
+    try:
+        fd = os.open(folder / _MANIFEST, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # and with it the lock just taken
+    return False
+
+
+def _new_checkpoint(out: pathlib.Path, folder: pathlib.Path) -> bool:
+    """Whether ``out/checkpoints`` is the new run's (the old one's is aside, or it had none)
+    and holds a finished checkpoint (orbax's ``<step>`` folder)."""
+    ckpts = out / "checkpoints"
+    old = _manifest(folder).get("names")
+    theirs = (folder / "checkpoints").exists() or (old is not None and "checkpoints" not in old)
+    return theirs and ckpts.is_dir() and any(p.name.isdigit() for p in ckpts.iterdir())
+
+
+def recover_asides(
+    out: pathlib.Path, names: Sequence[str] = RUN_FILES, log: Callable[[str], None] = print
+) -> None:
+    """Finishes an ``--overwrite`` whose process was killed (SIGKILL, power loss).
+
+    An :class:`Aside` folder of ``out`` whose owner is gone means: the new run was not
+    under way yet (the old run comes back, what the new one wrote goes), or its deletion
+    was cut short (``.done``, or the new run already holds a finished checkpoint: the
+    deletion is finished). One line says which. A live owner's folder is left alone.
+
+    Example:
+        >>> import pathlib, tempfile
+        >>> recover_asides(pathlib.Path(tempfile.mkdtemp()))  # nothing set aside: no-op
+    """
+    if not out.is_dir():
+        return
+    for folder in sorted(out.glob(ASIDE_PREFIX + "*")):
+        if not folder.is_dir():
+            continue
+        if folder.name.endswith(_DONE):
+            shutil.rmtree(folder, ignore_errors=True)
+            log(f"{out}: removed {folder.name}, the rest of a run --overwrite replaced")
+        elif _owner_alive(folder):
+            log(f"note: {folder} holds a run set aside by a process still running; left as is")
+        elif _new_checkpoint(out, folder):
+            _finish(folder)
+            log(
+                f"{out}: removed {folder.name}, the run an interrupted --overwrite replaced "
+                "(the new run had saved a checkpoint)"
+            )
+        else:
+            _put_back(out, folder, names)
+            log(
+                f"{out}: restored the run an interrupted --overwrite had set aside in "
+                f"{folder.name} (its process is gone; the new run had not started)"
+            )
 
 
 def _remove(p: pathlib.Path) -> None:
