@@ -32,6 +32,7 @@ import numpy as np
 from galorax.accounting import tree_bytes
 from galorax.app import checkpoint as ckpt_lib
 from galorax.app import data as data_lib
+from galorax.app import distributed
 from galorax.app import interrupt as interrupt_lib
 from galorax.app import model as model_lib
 from galorax.app.build import (
@@ -45,7 +46,7 @@ from galorax.app.build import (
 from galorax.app.config import RunConfig, TrainConfig
 from galorax.app.interrupt import Interrupted, StopRequest
 from galorax.app.report import plot_curves
-from galorax.app.rundir import RunDir
+from galorax.app.rundir import RunDir, recover_asides
 from galorax.app.step import CompiledStep, adamw_reference, compile_step, step_memory
 from galorax.app.summary import LoopResult, Throughput, finished_summary, summarize
 
@@ -129,9 +130,16 @@ def _timed_step(setup: Setup, state: TrainState, step_fn: Any) -> tuple[float, f
     return loss, time.perf_counter() - t, time.process_time() - c
 
 
-def _save(setup: Setup, ckpt: ckpt_lib.Checkpointer, state: TrainState) -> None:
+def _save(setup: Setup, ckpt: ckpt_lib.Checkpointer, state: TrainState, skips: Skips) -> None:
+    """Checkpoint ``state.step``: its label is the steps done (batches drawn); its ``meta``
+    says how many were skipped and the optimizer's count, ``step - skipped``."""
     interrupt_lib.at("saving", state.step)
-    meta = {"step": state.step, "model": dataclasses.asdict(setup.model)}
+    meta = {
+        "step": state.step,
+        "skipped": skips.total,
+        "optimizer_count": state.step - skips.total,
+        "model": dataclasses.asdict(setup.model),
+    }
     ckpt.save(state.step, state.params, state.opt_state, meta)
     interrupt_lib.at("saved", state.step)
 
@@ -140,7 +148,7 @@ def _plot(setup: Setup, rundir: RunDir, log: Callable[[str], None]) -> None:
     try:
         if rundir.primary:
             plot_curves(
-                {setup.run.optimizer: rundir.metrics.read()},
+                {setup.run.name: rundir.metrics.read()},
                 rundir.path / "loss_curve.png",
                 f"{setup.run.preset} ({setup.corpus.source})",
             )
@@ -226,7 +234,9 @@ def run_loop(
 
     A stop requested through ``interrupt`` (the first Ctrl-C) ends the loop on a step
     boundary: the step in flight completes (count, metrics line), then a checkpoint
-    labelled with the optimizer's count is written and :class:`Interrupted` raised.
+    labelled with the steps done (the optimizer's count plus the skipped non-finite steps,
+    which leave the whole state as it was; :func:`_save`) is written and :class:`Interrupted`
+    raised. The processes of a ``jax.distributed`` run agree on the stop before each step.
     """
     run, start = setup.run, state.step
     interrupt = interrupt or StopRequest()
@@ -236,7 +246,8 @@ def run_loop(
     pbar, aborted = _progress(setup, start, stop, progress), True
     interrupt_lib.at("ready", start)
     try:
-        while state.step < stop and not interrupt.requested:
+        # The stop decision is shared: every process stops after the same step.
+        while state.step < stop and not interrupt.agree(distributed.any_process):
             interrupt_lib.at("start", state.step)
             rec = _step_record(setup, state, step_fn, result, start, skips)
             step, loss = rec["step"], rec["loss"]
@@ -259,9 +270,9 @@ def run_loop(
                 more = {"skipped": skips.total} if skips.total else {}
                 pbar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}", **more)
             if run.checkpoint_every and step % run.checkpoint_every == 0:
-                _save(setup, ckpt, state)
+                _save(setup, ckpt, state, skips)
         if state.step > start:  # at stop, or where the interrupt landed (no-op if saved)
-            _save(setup, ckpt, state)
+            _save(setup, ckpt, state, skips)
         aborted = False
     finally:
         if pbar is not None:
@@ -269,7 +280,7 @@ def run_loop(
         rundir.metrics.close()
         if not aborted:  # a second Ctrl-C writes nothing more
             _plot(setup, rundir, log)
-    if interrupt.requested and state.step < stop:  # at stop the run simply ends
+    if interrupt.agreed and state.step < stop:  # at stop the run simply ends
         raise _interrupted(state, start, rundir)
     return result
 
@@ -311,7 +322,8 @@ def train(
 
     A finished run is not resumed again: its summary comes back and nothing is written.
     Before the run is under way, ``out`` is as it was if anything fails: an ``overwrite``n
-    run comes back, a new run's files and folders are removed.
+    run comes back, a new run's files and folders are removed; after a SIGKILL, the next
+    call on ``out`` does it (:func:`~galorax.app.rundir.recover_asides`).
 
     Raises:
         UsageError: bad flags or output directory (nothing is modified then).
@@ -323,6 +335,7 @@ def train(
         Interrupted: a Ctrl-C stopped the run on a step boundary (checkpoint written).
     """
     out = pathlib.Path(out)
+    _recover(out, log)
     run, rundir = open_run(
         cfg, out, resume=resume, overwrite=overwrite, init_from=init_from, flags=flags
     )
@@ -348,6 +361,13 @@ def train(
             f"--out {out}"
         )
     return summary
+
+
+def _recover(out: pathlib.Path, log: Callable[[str], None]) -> None:
+    """A killed ``--overwrite`` in ``out`` is finished first: the checks see the real run."""
+    if distributed.is_primary():
+        recover_asides(out, log=log)
+    distributed.sync_processes("galorax train: out dir recovered")
 
 
 def _run(
