@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple, TypeGuard
@@ -228,6 +229,8 @@ def resolve_dimension_numbers(params: Any, weight_dimension_numbers: GaLoreDimNu
     check_array_leaves(params)
     leaves, treedef = jax.tree.flatten(params, is_leaf=is_masked)
     spec = weight_dimension_numbers
+    if not _is_function(spec):  # a function's own arguments may be numbers
+        check_not_a_schedule(spec)
     if spec is None or is_dims(spec):
         default = GaLoreDimensionNumbers() if spec is None else _as_ours(spec)
         want = (lambda p: p.ndim == 2) if spec is None else (lambda p: p.ndim >= 2)
@@ -236,6 +239,7 @@ def resolve_dimension_numbers(params: Any, weight_dimension_numbers: GaLoreDimNu
         return [None if is_masked(p) or not want(p) else default for p in leaves]
     if _is_function(spec):
         spec = spec(params)
+        check_not_a_schedule(spec)
     none_or_masked = lambda x: x is None or is_masked(x)
     with_none, full_def = jax.tree.flatten(unbox(params), is_leaf=none_or_masked)
     dims, dims_def = jax.tree.flatten(unbox(spec, _is_spec_leaf), is_leaf=_is_spec_leaf)
@@ -252,6 +256,34 @@ def resolve_dimension_numbers(params: Any, weight_dimension_numbers: GaLoreDimNu
         for p, d in zip(with_none, dims, strict=True)
         if p is not None
     ]
+
+
+def check_not_a_schedule(spec: Any) -> None:
+    """A ``TypeError`` if ``spec`` (``weight_dimension_numbers``) holds an array or a
+    number where dimension numbers belong: what ``optax.inject_hyperparams`` makes of a
+    callable it takes for a schedule (called with the step count, maybe traced).
+
+    Example:
+        >>> check_not_a_schedule({'w': GaLoreDimensionNumbers(), 'b': None})
+    """
+
+    def numeric(x: Any) -> bool:
+        return isinstance(x, jax.Array | np.ndarray | np.generic | int | float | complex)
+
+    for leaf in jax.tree.leaves(spec, is_leaf=_is_spec_leaf):
+        fields = jax.tree.leaves(tuple(leaf)) if is_dims(leaf) else []
+        if is_dims(leaf) and any(isinstance(f, jax.Array) for f in fields):
+            what = f"a {type(leaf).__name__} with array axes"
+        elif numeric(leaf):
+            what = f"a {type(leaf).__name__} of shape {np.shape(leaf)}"
+        else:
+            continue
+        raise TypeError(
+            f"weight_dimension_numbers holds {what}, not dimension numbers: "
+            "optax.inject_hyperparams took the callable for a schedule "
+            "and called it with the step count; pass "
+            "static_args=('weight_dimension_numbers',) to inject_hyperparams."
+        )
 
 
 def check_array_leaves(tree: Any) -> None:
@@ -296,20 +328,37 @@ def check_same_tree(updates: Any, reference: Any) -> None:
 
 
 def _warn_unprojected(params: Any) -> None:
-    """With the drop-in default, say that stacked (3+-axis) leaves stay unprojected."""
-    big = [
-        f"{path_str(path)} {tuple(leaf.shape)}"
-        for path, leaf in jax.tree.leaves_with_path(params, is_leaf=is_masked)
-        if not is_masked(leaf) and len(leaf.shape) >= 3
-    ]
-    if big:
-        warn_once(
-            f"weight_dimension_numbers=None projects 2-D leaves only (as optax): {len(big)} "
-            f"leaves with 3+ axes stay unprojected ({', '.join(big[:3])}"
-            f"{', ...' if len(big) > 3 else ''}). Pass "
-            "weight_dimension_numbers=galorax.dimension_numbers_from_rules for one "
-            "projector per layer."
+    """With the drop-in default (optax's rule: 2-D leaves only), say once that stacked
+    (3+-axis) leaves stay unprojected and stacked vectors (2-D norms, biases) are
+    projected as matrices."""
+    big, vectors = [], []
+    for path, leaf in jax.tree.leaves_with_path(params, is_leaf=is_masked):
+        name = path_str(path)
+        if not is_masked(leaf) and len(leaf.shape) >= 3:
+            big.append(f"{name} {tuple(leaf.shape)}")
+        elif not is_masked(leaf) and len(leaf.shape) == 2 and _VECTOR_NAME.search(name):
+            vectors.append(f"{name} {tuple(leaf.shape)}")
+    if not big and not vectors:
+        return
+    shown = lambda xs: ", ".join(xs[:3]) + (", ..." if len(xs) > 3 else "")
+    warn_once(
+        "weight_dimension_numbers=None projects 2-D leaves only (as optax): "
+        + (f"{len(big)} leaves with 3+ axes stay unprojected ({shown(big)}); " if big else "")
+        + (
+            f"{len(vectors)} stacked norms/biases are projected ({shown(vectors)}); "
+            if vectors
+            else ""
         )
+        + "pass weight_dimension_numbers=galorax.dimension_numbers_from_rules for one "
+        "projector per layer (under optax.inject_hyperparams, with "
+        "static_args=('weight_dimension_numbers',))."
+    )
+
+
+# A leaf named as a vector (norm scale, bias) even when stacked into 2-D.
+_VECTOR_NAME = re.compile(
+    r"(^|/)[^/]*(norm|bias|scale)[^/]*$|(^|/)(ln[^/]*|[^/]*norm[^/]*)/weight$"
+)
 
 
 def path_str(path: Any) -> str:

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import optax
 
 from galorax import placement
-from galorax.compat import as_plain, rebox
+from galorax.compat import as_plain, box_moments, rebox, restore_boxes, unbox
 from galorax.dimension_numbers import GaLoreDimNumsOrFn, check_same_tree, is_masked
 from galorax.moments import Transition, check_moments, moment_kinds, rotate_moments
 from galorax.nonfinite import keep_nonfinite_leaves
@@ -231,9 +231,12 @@ def scale_by_galore(
     kinds = moment_kinds(opts.moment_fields)
 
     def init_fn(params: optax.Params) -> GaLoreState:
-        params = as_plain(params)  # no nnx.Param, no None: a state nnx round-trips
-        projectors = make_projectors(params, weight_dimension_numbers, opts)
-        return _init(params, projectors, opts, base_tx, kinds)
+        plain = as_plain(params)  # no nnx.Param, no None: a state nnx round-trips
+        projectors = make_projectors(plain, weight_dimension_numbers, opts)
+        state = _init(plain, projectors, opts, base_tx, kinds)
+        # Unprojected moments boxed like their params (an nnx.Param's sharding), as optax's.
+        base = box_moments(params, state.base_optimizer_state, state.projector)
+        return state._replace(base_optimizer_state=base)
 
     def update_fn(
         updates: optax.Updates,
@@ -242,12 +245,12 @@ def scale_by_galore(
         **extra_args: Any,
     ) -> tuple[optax.Updates, GaLoreState]:
         del params
-        plain = as_plain(updates)
+        plain, boxed, state = as_plain(updates), state, unbox(state)
         check_same_tree(plain, state.projector)
         projectors = make_projectors(plain, weight_dimension_numbers, opts)
         new = _update(plain, state, projectors, opts, base_tx, kinds, extra_args)
         out, state = keep_nonfinite_leaves(plain, state, new) if opts.skip_nonfinite else new
-        return rebox(updates, out), state
+        return rebox(updates, out), restore_boxes(boxed, state)
 
     # Explicit-axes meshes: the update body runs with automatic axes (see placement.py).
     return optax.GradientTransformationExtraArgs(init_fn, placement.auto_axes_update(update_fn))

@@ -12,6 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import galorax
 from galorax import GaLoreDimensionNumbers as Dims
 from galorax import MatrixView, dimension_numbers_from_rules
 from galorax.dimension_numbers import resolve_dimension_numbers
@@ -172,17 +173,16 @@ def test_drop_in_default_warns_once_about_stacked_leaves():
     assert _caught(lambda: resolve_dimension_numbers({"w": jnp.zeros((4, 5))}, None)) == []
 
 
-@pytest.mark.parametrize(
-    ("name", "shape"),
-    [("attn/query/kernel", (64, 4, 16)), ("mlp/wi_0", (32, 3, 48))],
-)
-def test_layout_guesses_that_look_wrong_warn(name, shape):
-    """NNX MHA query kernels and MaxText stacks (layers second) under the default."""
-    outer, inner = name.rsplit("/", 1)
-    params = {outer: {inner: jnp.zeros(shape)}}
-    messages = _caught(lambda: dimension_numbers_from_rules(params))
-    assert len(messages) == 1 and f"{name!r} {shape}" in messages[0]
-    assert "rule" in messages[0]
+def test_layout_guesses_that_look_wrong_warn():
+    """Under the number-of-axes default, NNX MHA query kernels and MaxText stacks (layers
+    second) warn; the default layouts get them right (tests/test_rules.py)."""
+    for name, shape in [("attn/query/kernel", (64, 4, 16)), ("mlp/wi_0", (32, 3, 48))]:
+        outer, inner = name.rsplit("/", 1)
+        params = {outer: {inner: jnp.zeros(shape)}}
+        by_ndim = galorax.default_dimension_numbers
+        messages = _caught(lambda p=params, d=by_ndim: dimension_numbers_from_rules(p, default=d))
+        assert len(messages) == 1 and f"{name!r} {shape}" in messages[0]
+        assert "rule" in messages[0]
 
 
 def test_plain_stacks_do_not_warn():
