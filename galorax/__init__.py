@@ -48,10 +48,10 @@ _EXPORTS = {
     "subspace_overlap": "galorax.schedule",
     "Residual": "galorax.residual",
     # per-layer weight updates for scanned layer stacks
-    "PerLayerState": "galorax.per_layer",
-    "PerLayerTransformation": "galorax.per_layer",
-    "per_layer": "galorax.per_layer",
-    "per_layer_step": "galorax.per_layer",
+    "PerLayerState": "galorax.layer_updates",
+    "PerLayerTransformation": "galorax.layer_updates",
+    "per_layer": "galorax.layer_updates",
+    "per_layer_step": "galorax.layer_updates",
     # 8-bit Adam
     "ScaleByAdam8bitState": "galorax.adam8bit",
     "adamw_8bit": "galorax.adam8bit",
@@ -98,7 +98,7 @@ if TYPE_CHECKING:
         quantize_like,
         quantize_projector,
     )
-    from galorax.per_layer import (
+    from galorax.layer_updates import (
         PerLayerState,
         PerLayerTransformation,
         per_layer,

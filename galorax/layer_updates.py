@@ -75,7 +75,8 @@ class PerLayerState(NamedTuple):
         layers: Its state for the stack (everything else masked); per-layer arrays have the
             layer axis first.
         grad_norm: Global norm of the last step's gradients (f32; 0 before the first step),
-            what the next step clips by.
+            what the next step clips by; not finite if some of its gradients were not (the
+            next step is then not clipped).
     """
 
     outer: optax.OptState
@@ -135,8 +136,10 @@ def clip_scale(prev_norm: jax.Array, max_grad_norm: float | None) -> jax.Array:
     """
     if max_grad_norm is None:
         return jnp.ones([], jnp.float32)
-    safe = jnp.maximum(prev_norm, jnp.finfo(jnp.float32).tiny)
-    return jnp.where(prev_norm > max_grad_norm, max_grad_norm / safe, 1.0).astype(jnp.float32)
+    # A non-finite norm (its step's non-finite layers were kept) does not clip.
+    clip = jnp.isfinite(prev_norm) & (prev_norm > max_grad_norm)
+    safe = jnp.where(clip, prev_norm, 1.0)
+    return jnp.where(clip, max_grad_norm / safe, 1.0).astype(jnp.float32)
 
 
 def _scaled(tree: Any, scale: jax.Array) -> Any:
@@ -273,6 +276,29 @@ def per_layer(
     return out
 
 
+def as_bits(tree: Any) -> Any:
+    """16-bit float leaves as ``uint16`` bits (free), others as they are.
+
+    The stack travels through the layer loops as bits: XLA on CPU runs 16-bit float dots
+    in f32 and would otherwise keep a whole f32 copy of every low-precision stack.
+
+    Example:
+        >>> as_bits({"w": jnp.ones(2, jnp.bfloat16)})["w"].dtype
+        dtype('uint16')
+    """
+    return jax.tree.map(
+        lambda a: jax.lax.bitcast_convert_type(a, jnp.uint16) if a.dtype.itemsize == 2 else a,
+        tree,
+    )
+
+
+def from_bits(tree: Any, dtypes: Any) -> Any:
+    """The inverse of :func:`as_bits`, given the leaves' ``dtypes``."""
+    return jax.tree.map(
+        lambda a, d: jax.lax.bitcast_convert_type(a, d) if a.dtype != d else a, tree, dtypes
+    )
+
+
 def _all_finite(tree: Any) -> jax.Array:
     ok = jnp.array(True)
     for x in jax.tree.leaves(tree):
@@ -314,18 +340,20 @@ def per_layer_step(
 
     def step(params: Any, state: PerLayerState, batch: Any) -> tuple[jax.Array, Any, PerLayerState]:
         outer = {k: v for k, v in params.items() if k != stack}
-        layers = params[stack]
+        dtypes = jax.tree.map(lambda a: a.dtype, params[stack])
+        bits = as_bits(params[stack])
         x0, embed_vjp = jax.vjp(lambda o: embed_fn(o, batch), outer)
-        x, inputs = jax.lax.scan(lambda h, lp: (layer_fn(lp, h), h), x0, layers)
+        forward = lambda h, lp: (layer_fn(from_bits(lp, dtypes), h), h)  # noqa: E731
+        x, inputs = jax.lax.scan(forward, x0, bits)
         loss, head_vjp = jax.vjp(lambda o, h: head_fn(o, h, batch), outer, x)
         grads_head, dx = head_vjp(jnp.ones_like(loss))
         scale, ok = clip_scale(state.grad_norm, tx.max_grad_norm), jnp.isfinite(loss)
         masked_outer = _masked(outer)
 
         def backward(carry: Any, xs: Any) -> tuple[Any, None]:
-            layers, layer_state, dx, _, sq = carry
+            bits, layer_state, dx, _, sq = carry
             x_in, i = xs
-            p1 = take_layer(layers, i)
+            p1 = from_bits(take_layer(bits, i), dtypes)
             _, layer_vjp = jax.vjp(layer_fn, jax.tree.map(lambda a: a[0], p1), x_in)
             g, dx = layer_vjp(dx)
             g1 = jax.tree.map(lambda a: a[None], _scaled(g, scale))
@@ -335,7 +363,7 @@ def per_layer_step(
             p1_new = _keep_if(good, optax.apply_updates(p1, upd[stack]), p1)
             layer_state = put_layer(layer_state, i, _keep_if(good, s1_new, s1))
             return (
-                put_layer(layers, i, p1_new),
+                put_layer(bits, i, as_bits(p1_new)),
                 layer_state,
                 dx,
                 s1_new,
@@ -343,10 +371,11 @@ def per_layer_step(
             ), None
 
         first = take_layer(state.layers, 0)
-        carry = (layers, state.layers, dx, first, jnp.zeros([]))
-        n = _n_layers(layers)
+        carry = (bits, state.layers, dx, first, jnp.zeros([]))
+        n = _n_layers(bits)
         carry, _ = jax.lax.scan(backward, carry, (inputs, jnp.arange(n)), reverse=True)
-        layers, layer_state, dx, last, sq = carry
+        bits, layer_state, dx, last, sq = carry
+        layers = from_bits(bits, dtypes)
         # The shared scalars (counts) advance once, unless the loss was not finite.
         layer_state = _shared_from(layer_state, _keep_if(ok, last, first))
         (grads_embed,) = embed_vjp(dx)
@@ -361,7 +390,7 @@ def per_layer_step(
         good = ok & _all_finite(grads)
         new_outer = optax.apply_updates(outer, {k: upd[k] for k in outer})
         new_outer, outer_state = _keep_if(good, (new_outer, outer_state), (outer, state.outer))
-        grad_norm = jnp.where(ok & jnp.isfinite(norm), norm, state.grad_norm)
+        grad_norm = jnp.where(ok, norm, state.grad_norm)
         return (
             loss,
             {**new_outer, stack: layers},

@@ -261,7 +261,7 @@ class LeafProjector:
     def sketch(self, shape: tuple[int, ...], count: Any) -> jax.Array | None:
         """The range finder's random test matrix for gradients ``shape`` (None: SVD): one
         matrix that every slice of a stacked leaf shares, so a chunk of the slices, or one
-        layer updated on its own (:mod:`galorax.per_layer`), draws the same one."""
+        layer updated on its own (:mod:`galorax.layer_updates`), draws the same one."""
         rf = self.options.subspace
         if rf is None:
             return None

@@ -257,6 +257,25 @@ def test_train_cli_on_mesh(tmp_path):
     assert '"mesh": "data=2,fsdp=4"' in config
 
 
+def test_per_layer_updates_on_mesh(tmp_path):
+    """``--per-layer-updates`` on ``--mesh data=2,fsdp=4``: the losses of the unsharded
+    plain step (clipping off: the per-layer step clips by the previous step's norm)."""
+    from test_train import make_text_dir, micro_config
+
+    from galorax.app import train as T
+
+    data = make_text_dir(tmp_path / "data")
+    settings = dict(steps=4, batch_size=8, eval_every=2, update_proj_gap=2, grad_clip=0.0)
+    T.train(micro_config(data, **settings), tmp_path / "plain", progress=False, adamw_ref=False)
+    cfg = micro_config(data, per_layer_updates=True, mesh="data=2,fsdp=4", **settings)
+    T.train(cfg, tmp_path / "mesh", progress=False, adamw_ref=False)
+    plain, mesh = _metrics(tmp_path / "plain"), _metrics(tmp_path / "mesh")
+    assert len(mesh) == len(plain) == 5
+    for a, b in zip(plain, mesh, strict=True):
+        for k in a:
+            np.testing.assert_allclose(b[k], a[k], rtol=1e-4, err_msg=f"step {a['step']}: {k}")
+
+
 @pytest.mark.parametrize("method", ["householder", "gram", "svd"])
 def test_decompositions_run_matrix_by_matrix_on_shared_cpu_pool(method):
     """Simulated CPU devices share one thread pool, where jaxlib's batched LAPACK kernels

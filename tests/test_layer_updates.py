@@ -1,4 +1,4 @@
-"""galorax.per_layer: per-layer updates equal the plain update; clipping, non-finite, errors."""
+"""galorax.layer_updates: per-layer updates equal the plain update; clipping, non-finite, errors."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import galorax
-from galorax.per_layer import (
+from galorax.layer_updates import (
     check_layer_state,
     clip_scale,
     per_layer,

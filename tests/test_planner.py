@@ -167,3 +167,36 @@ def test_table_columns_say_their_units():
     assert len(head) == len(rule) and row.split()[1].endswith("M")  # parameters in millions
     # Each number sits under its header: the total column ends where its header ends.
     assert row.rstrip().endswith(row.split()[-1]) and len(row.rstrip()) == len(head)
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--optimizer", "galore"],
+        ["--optimizer", "galore8bit", "--projector-bits", "8", "--per-layer-updates"],
+    ],
+    ids=["galore", "galore8bit-int8-per-layer"],
+)
+def test_planner_compiles_the_step_train_runs(flags, capsys, tmp_path):
+    """``galorax memory --xla --json``'s step peak == what ``galorax train`` reports."""
+    import json
+
+    from test_train import make_text_dir, micro_config
+
+    from galorax.app import train as T
+
+    data = make_text_dir(tmp_path / "data")
+    extra: dict = {"per_layer_updates": "--per-layer-updates" in flags}
+    if "--projector-bits" in flags:
+        extra["projector_bits"] = 8
+    cfg = micro_config(data, steps=1, optimizer=flags[1], **extra)
+    summary = T.train(cfg, tmp_path / "run", progress=False, adamw_ref=False)
+    argv = ["--preset", "micro", "--vocab-size", "256", "--dtype", "float32", "--rank", "8"]
+    argv += ["--batch-size", "4", "--seq-len", "32", "--xla", "--json", *flags]
+    assert _run(argv) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.strip()]
+    want = {"model", "optimizer", "rank", "projector_bits", "per_layer_updates", "state_bytes"}
+    assert rows and all(want | {"total_bytes", "step_peak_bytes"} <= set(r) for r in rows)
+    (row,) = [r for r in rows if r["projector_bits"] == extra.get("projector_bits")]
+    assert row["per_layer_updates"] == extra["per_layer_updates"]
+    assert row["step_peak_bytes"] == summary["step_memory"]["peak"]

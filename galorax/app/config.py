@@ -112,6 +112,9 @@ class TrainConfig:
             galore: :func:`galorax.scale_by_adam_8bit` as the base optimizer).
         projector_bits: galore only: store projectors in 8 or 4 bits (None: f32).
         remat: Recompute activations in the backward pass (less memory, more compute).
+        per_layer_updates: Update each layer as its gradient is ready, one layer's gradient
+            alive at a time (:func:`galorax.per_layer_step`; implies remat of the layers;
+            ``grad_clip`` then clips by the previous step's global norm).
         mesh: Shard the run over a device mesh, e.g. ``data=2,fsdp=4`` (all processes'
             devices): params and optimizer state FSDP over ``fsdp``, the batch's rows over
             ``data`` and ``fsdp`` (:class:`galorax.app.distributed.TrainPlacement`); GaLore's
@@ -145,6 +148,7 @@ class TrainConfig:
     state_bits: int = 32
     projector_bits: int | None = None
     remat: bool = False
+    per_layer_updates: bool = False
     mesh: str | None = None
 
 
@@ -185,6 +189,7 @@ class RunConfig:
     state_bits: int
     projector_bits: int
     remat: bool
+    per_layer_updates: bool
     mesh: str
 
     @property
@@ -227,6 +232,11 @@ def _check_choices(cfg: TrainConfig) -> None:
         raise UsageError(f"--state-bits {cfg.state_bits}: choose 32 or 8")
     if cfg.projector_bits not in (None, 8, 4):
         raise UsageError(f"--projector-bits {cfg.projector_bits}: choose 8 or 4 (or leave out)")
+    if cfg.per_layer_updates and cfg.optimizer == "optax-galore":
+        raise UsageError(
+            "--per-layer-updates: optax-galore shares one projector across the layers; "
+            "use --optimizer galore"
+        )
     if cfg.optimizer == "galore":
         return
     given = [k for k in GALORE_DEFAULTS if getattr(cfg, k) not in (None, False)]

@@ -197,6 +197,13 @@ def _add_schedule_arguments(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--eval-batches", type=positive_int, help="validation batches (default: 8)")
     g.add_argument("--remat", action="store_true", default=None, help="recompute activations")
+    g.add_argument(
+        "--per-layer-updates",
+        action="store_true",
+        default=None,
+        help="update each layer as its gradient is ready (one layer's gradient alive at a "
+        "time; --grad-clip then clips by the previous step's norm)",
+    )
 
 
 def _add_galore_arguments(p: argparse.ArgumentParser) -> None:

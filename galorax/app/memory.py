@@ -16,6 +16,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from typing import Any
 
@@ -26,6 +27,7 @@ from galorax.app.planner import (
     ASSUMPTIONS,
     MemoryEstimate,
     compiled_step_memory,
+    divergence_note,
     format_table,
     gb,
     parse_bytes,
@@ -83,6 +85,8 @@ def add_memory_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add_option(g, "--batch-size", default=4)
     add_option(g, "--seq-len", default=256)
+    g.add_argument("--remat", action="store_true", help="recompute activations (as train's)")
+    parser.add_argument("--json", action="store_true", help="one JSON object per row")
 
 
 def _parse_config(text: str, vocab_size: int) -> model_lib.ModelConfig:
@@ -154,21 +158,64 @@ def _print_fits(
             print(f"    -> largest GaLore rank that fits: {best.rank} ({best.option})")
 
 
-def _print_xla(args: argparse.Namespace, models: list[tuple[str, model_lib.ModelConfig]]) -> None:
-    print("XLA memory analysis of the compiled train step (f32 params, donated state), GB:")
-    print(f"  batch {args.batch_size} x seq {args.seq_len}")
-    for name, cfg in models:
-        if model_lib.count_params(model_lib.abstract_params(cfg)) > args.xla_max_params:
+def _xla_peak(args: argparse.Namespace, cfg: model_lib.ModelConfig, e: MemoryEstimate) -> int:
+    """The compiled step's peak for one row: ``galorax train``'s step with these flags."""
+    option, _, bits = e.option.partition("+int")
+    m = compiled_step_memory(
+        cfg,
+        option,
+        e.rank or 128,
+        dtype=DTYPES[args.dtype],
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        remat=args.remat,
+        per_layer_updates=args.per_layer_updates,
+        projector_bits=int(bits.rstrip("P")) if bits else None,
+        side=args.side,
+    )
+    return m["peak"]
+
+
+def _compiles(args: argparse.Namespace, cfg: model_lib.ModelConfig) -> bool:
+    return model_lib.count_params(model_lib.abstract_params(cfg)) <= args.xla_max_params
+
+
+def _print_xla(
+    args: argparse.Namespace, rows: list[tuple[str, MemoryEstimate]], cfgs: dict
+) -> None:
+    print(f"XLA memory analysis of the compiled train step ({args.dtype} params, donated state,")
+    print(f"batch {args.batch_size} x seq {args.seq_len}, remat {args.remat}, per-layer updates ")
+    print(f"{args.per_layer_updates}: the step galorax train compiles with these flags), GB:")
+    for name, e in rows:
+        if not _compiles(args, cfgs[name]):
+            print(f"  {name:<8} {e.option:<18} not compiled (over --xla-max-params)")
             continue
-        for option in args.optimizer:
-            rank = (args.rank or [_default_rank(name, cfg)])[0]
-            m = compiled_step_memory(
-                cfg, option, rank, batch_size=args.batch_size, seq_len=args.seq_len
-            )
-            print(
-                f"  {name:<8} {option:<12} args {gb(m['argument'])}  temp {gb(m['temp'])}"
-                f"  alias {gb(m['alias'])}  peak {gb(m['peak'])}"
-            )
+        peak = _xla_peak(args, cfgs[name], e)
+        note = divergence_note(e, peak)
+        print(f"  {name:<8} {e.option:<18} peak {gb(peak)}  planner {gb(e.total)}  {note}")
+
+
+def _print_json(
+    args: argparse.Namespace, rows: list[tuple[str, MemoryEstimate]], cfgs: dict
+) -> None:
+    """One JSON object per row (with ``--xla``, the compiled step's peak too)."""
+    for name, e in rows:
+        option, _, bits = e.option.partition("+int")
+        row: dict[str, Any] = {
+            "model": name,
+            "optimizer": option,
+            "rank": e.rank,
+            "projector_bits": int(bits.rstrip("P")) if bits else None,
+            "per_layer_updates": args.per_layer_updates,
+            "weights_bytes": e.weights,
+            "grads_bytes": e.grads,
+            "state_bytes": e.state,
+            "total_bytes": e.total,
+        }
+        if args.xla and _compiles(args, cfgs[name]):
+            row["step_peak_bytes"] = peak = _xla_peak(args, cfgs[name], e)
+            row["note"] = divergence_note(e, peak)
+        print(json.dumps(row), flush=True)
 
 
 def run_memory(args: argparse.Namespace) -> int:
@@ -179,13 +226,17 @@ def run_memory(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise UsageError(f"--max-memory: {e}") from None
     rows = _plan_rows(args, models, sweep=budget is not None)
+    cfgs = dict(models)
+    if args.json:
+        _print_json(args, rows, cfgs)
+        return 0
     print(format_table(rows, budget))
     print()
     print(ASSUMPTIONS)
     if budget is not None:
         _print_fits(rows, [name for name, _ in models], budget, args.max_memory)
     if args.xla:
-        _print_xla(args, models)
+        _print_xla(args, rows, cfgs)
     return 0
 
 

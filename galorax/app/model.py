@@ -213,6 +213,29 @@ def _block(cfg: ModelConfig, x: jax.Array, lp: Params) -> jax.Array:
     return x + (jax.nn.silu(h @ lp["w_gate"]) * (h @ lp["w_up"])) @ lp["w_down"]
 
 
+def embed_tokens(outer: Params, tokens: jax.Array) -> jax.Array:
+    """The residual stream's input: the embeddings of ``tokens`` (batch, time)."""
+    return outer["embed"][tokens]
+
+
+def block(cfg: ModelConfig, lp: Params, x: jax.Array) -> jax.Array:
+    """One decoder layer (``lp``: one layer's slice of ``params["layers"]``)."""
+    return _block(cfg, x, lp)
+
+
+def head_logits(outer: Params, x: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """Logits (f32) of the last layer's output ``x``: final norm, then the head."""
+    x = _rms_norm(x, outer["final_norm"], cfg.norm_eps)
+    return (x @ outer["head"]).astype(jnp.float32)
+
+
+def head_loss(outer: Params, x: jax.Array, tokens: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """Mean next-token cross-entropy of the last layer's output ``x`` for ``tokens``
+    (batch, time + 1)."""
+    logits = head_logits(outer, x, cfg)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
+
+
 def forward(params: Params, tokens: jax.Array, cfg: ModelConfig, remat: bool = False) -> jax.Array:
     """Logits (f32) of shape ``tokens.shape + (vocab,)`` for integer ``tokens`` (batch, time).
 
@@ -222,16 +245,14 @@ def forward(params: Params, tokens: jax.Array, cfg: ModelConfig, remat: bool = F
         cfg: The architecture.
         remat: Recompute each layer's activations in the backward pass (less memory).
     """
-    x = params["embed"][tokens]
 
     def body(x: jax.Array, lp: Params) -> tuple[jax.Array, None]:
-        return _block(cfg, x, lp), None
+        return block(cfg, lp, x), None
 
     if remat:
         body = jax.checkpoint(body)
-    x, _ = jax.lax.scan(body, x, params["layers"])
-    x = _rms_norm(x, params["final_norm"], cfg.norm_eps)
-    return (x @ params["head"]).astype(jnp.float32)
+    x, _ = jax.lax.scan(body, embed_tokens(params, tokens), params["layers"])
+    return head_logits(params, x, cfg)
 
 
 def loss_fn(params: Params, tokens: jax.Array, cfg: ModelConfig, remat: bool = False) -> jax.Array:

@@ -193,16 +193,22 @@ def run_optimizer(
         params: The (real or abstract) parameters.
         schedule: The run's learning-rate schedule (default: :func:`run_schedule`).
         refresh_axes: Mesh axes GaLore's refreshes split the layers over.
+
+    With ``run.per_layer_updates``, :func:`galorax.per_layer` of it (for
+    :func:`galorax.app.step.per_layer_train_step`).
     """
     galore = {k: getattr(run, k) for k in GALORE_SETTINGS}
     if refresh_axes is not None:
         galore["refresh_axes"] = refresh_axes
-    return make_optimizer(
+    opt = make_optimizer(
         run.name,
         params,
         learning_rate=run_schedule(run) if schedule is None else schedule,
         weight_decay=run.weight_decay,
-        grad_clip=run.grad_clip,
+        grad_clip=0.0 if run.per_layer_updates else run.grad_clip,
         seed=run.seed,
         **galore,
     )
+    if run.per_layer_updates:  # clipping by the previous step's global norm
+        return galorax.per_layer(opt, max_grad_norm=run.grad_clip or None)
+    return opt

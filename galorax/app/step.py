@@ -26,10 +26,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
+import galorax
 from galorax.accounting import tree_bytes
 from galorax.app import model as model_lib
 from galorax.app.checkpoint import with_shardings
-from galorax.app.config import RunConfig
+from galorax.app.config import DTYPES, RunConfig
 from galorax.app.distributed import TrainPlacement
 from galorax.app.optimizers import run_optimizer
 
@@ -46,9 +47,41 @@ def make_train_step(
     state come back unchanged (its count included) and the loss returned is not finite
     (NaN if only the gradients were). The caller tells a skipped step by its loss.
 
-    On a mesh, ``out_shardings`` (params', state's, loss's) pins the outputs to the inputs'
-    shardings, so every step runs the same compiled program.
+    With a :class:`galorax.PerLayerTransformation` (``--per-layer-updates``) it is
+    :func:`per_layer_train_step`. On a mesh, ``out_shardings`` (params', state's, loss's)
+    pins the outputs to the inputs' shardings, so every step runs the same compiled program.
     """
+
+    if isinstance(opt, galorax.PerLayerTransformation):
+        step = per_layer_train_step(mcfg, opt)
+    else:
+        step = plain_train_step(mcfg, opt, remat)
+    if out_shardings is not None:
+        return jax.jit(step, donate_argnums=(0, 1), out_shardings=out_shardings)
+    return jax.jit(step, donate_argnums=(0, 1))
+
+
+def per_layer_train_step(mcfg: model_lib.ModelConfig, opt: Any) -> Any:
+    """The model's step under :func:`galorax.per_layer_step` (its layers rematerialized):
+    one layer's gradient alive at a time; a non-finite loss changes nothing and a
+    non-finite gradient leaves the layers it reaches as they were."""
+    step = galorax.per_layer_step(
+        opt,
+        lambda outer, batch: model_lib.embed_tokens(outer, batch[:, :-1]),
+        lambda lp, x: model_lib.block(mcfg, lp, x),
+        lambda outer, x, batch: model_lib.head_loss(outer, x, batch, mcfg),
+    )
+
+    def train_step(params: Any, opt_state: Any, batch: jax.Array) -> tuple[Any, Any, jax.Array]:
+        loss, params, opt_state = step(params, opt_state, batch)
+        finite = jnp.isfinite(loss) & jnp.isfinite(opt_state.grad_norm)
+        return params, opt_state, jnp.where(finite | ~jnp.isfinite(loss), loss, jnp.nan)
+
+    return train_step
+
+
+def plain_train_step(mcfg: model_lib.ModelConfig, opt: Any, remat: bool) -> Any:
+    """The whole-gradient step (unjitted) of :func:`make_train_step`."""
 
     def step(params: Any, opt_state: Any, batch: jax.Array) -> tuple[Any, Any, jax.Array]:
         loss, grads = jax.value_and_grad(model_lib.loss_fn)(params, batch, mcfg, remat)
@@ -63,9 +96,7 @@ def make_train_step(
         loss = jnp.where(finite | ~jnp.isfinite(loss), loss, jnp.nan)
         return keep(new_params, params), keep(new_state, opt_state), loss
 
-    if out_shardings is not None:
-        return jax.jit(step, donate_argnums=(0, 1), out_shardings=out_shardings)
-    return jax.jit(step, donate_argnums=(0, 1))
+    return step
 
 
 def compile_step(
@@ -121,6 +152,17 @@ def step_memory(compiled: Any) -> StepMemory | None:
         alias=int(m.alias_size_in_bytes),
         temp=int(m.temp_size_in_bytes),
     )
+
+
+def run_step_memory(run: RunConfig, mcfg: model_lib.ModelConfig) -> StepMemory | None:
+    """XLA's memory record of the step ``galorax train`` compiles for ``run`` on one
+    device (the same optimizer factory and step builder), compiled on abstract inputs:
+    nothing is allocated, so any size compiles on CPU."""
+    abstract = model_lib.abstract_params(mcfg, DTYPES[run.dtype])
+    opt = run_optimizer(run, abstract)
+    state = jax.eval_shape(opt.init, abstract)
+    batch = jax.ShapeDtypeStruct((run.batch_size, run.seq_len + 1), jnp.int32)
+    return step_memory(compile_step(mcfg, opt, abstract, state, batch, run.remat))
 
 
 @dataclasses.dataclass(frozen=True)
