@@ -5,9 +5,13 @@ allocated) for AdamW, 8-bit AdamW, GaLore and 8-bit GaLore, and prints peak, tem
 argument bytes of each, beside the figures recorded before the chunked GaLore update and
 chunked 8-bit moments (issue 13's table).
 
+Rows named ``...+pl`` use per-layer updates (``--per-layer-updates``), ``+int8P`` int8
+projectors. Every row compiles the step ``galorax train`` runs with those flags
+(:func:`galorax.app.planner.compiled_step_memory`, gradient clipping included).
+
 Run:
-    python benchmarks/step_memory.py                    # 350m (f32, 4 x 256) and 1b
-    python benchmarks/step_memory.py --presets 350m     # one preset
+    python benchmarks/step_memory.py                    # 350m (f32, 4 x 256), 1b and 7b
+    python benchmarks/step_memory.py --presets 1b       # one preset
     python benchmarks/step_memory.py --json             # one JSON object per row
 """
 
@@ -34,9 +38,21 @@ BEFORE_GB: dict[str, dict[str, float]] = {
 SETTINGS: dict[str, dict[str, Any]] = {
     "350m": dict(dtype=jnp.float32, remat=False, batch_size=4, seq_len=256, rank=256),
     "1b": dict(dtype=jnp.bfloat16, remat=True, batch_size=1, seq_len=256, rank=512),
+    "7b": dict(dtype=jnp.bfloat16, remat=True, batch_size=1, seq_len=256, rank=1024),
 }
 
-OPTIMIZERS = ("adamw", "adamw8bit", "galore", "galore8bit")
+#: Rows: ``optimizer[+pl][+int8P]`` (per-layer updates, int8 projectors).
+OPTIMIZERS = (
+    "adamw",
+    "adamw8bit",
+    "galore",
+    "galore8bit",
+    "galore+pl",
+    "galore8bit+pl",
+    "galore8bit+pl+int8P",
+)
+#: The rows each preset compiles by default (7b: the paper's per-layer 8-bit run and AdamW).
+DEFAULT_ROWS = {"7b": ("adamw", "galore8bit+pl+int8P")}
 
 
 def measure(preset: str, option: str, vocab_size: int = 32000) -> dict[str, Any]:
@@ -46,12 +62,14 @@ def measure(preset: str, option: str, vocab_size: int = 32000) -> dict[str, Any]
     start = time.perf_counter()
     mem = compiled_step_memory(
         cfg,
-        option,
+        option.split("+")[0],
         s["rank"],
         dtype=s["dtype"],
         batch_size=s["batch_size"],
         seq_len=s["seq_len"],
         remat=s["remat"],
+        per_layer_updates="+pl" in option,
+        projector_bits=8 if "+int8P" in option else None,
     )
     return {
         "preset": preset,
@@ -65,18 +83,18 @@ def measure(preset: str, option: str, vocab_size: int = 32000) -> dict[str, Any]
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--presets", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
-    parser.add_argument("--optimizers", nargs="+", default=list(OPTIMIZERS), choices=OPTIMIZERS)
+    parser.add_argument("--optimizers", nargs="+", choices=OPTIMIZERS, help="default: all")
     parser.add_argument("--json", action="store_true", help="one JSON object per row")
     args = parser.parse_args()
     print(f"# {platform.node()} {platform.processor() or platform.machine()}, compile only (CPU)")
     if not args.json:
         print(
-            f"{'preset':<6} {'optimizer':<11} {'before':>7} {'peak':>7} {'temp':>7} "
+            f"{'preset':<6} {'optimizer':<20} {'before':>7} {'peak':>7} {'temp':>7} "
             f"{'argument':>8} {'vs adamw':>8} {'compile s':>9}"
         )
     for preset in args.presets:
         adamw = None
-        for option in args.optimizers:
+        for option in args.optimizers or DEFAULT_ROWS.get(preset, OPTIMIZERS):
             row = measure(preset, option)
             if option == "adamw":
                 adamw = row["peak"]
@@ -86,7 +104,7 @@ def main() -> None:
             before = row["before_peak_gb"]
             ratio = "" if adamw is None else f"{row['peak'] / adamw:.0%}"
             print(
-                f"{preset:<6} {option:<11} {'-' if before is None else f'{before:.2f}':>7} "
+                f"{preset:<6} {option:<20} {'-' if before is None else f'{before:.2f}':>7} "
                 f"{row['peak'] / 1e9:>7.2f} {row['temp'] / 1e9:>7.2f} "
                 f"{row['argument'] / 1e9:>8.2f} {ratio:>8} {row['compile_s']:>9}",
                 flush=True,
