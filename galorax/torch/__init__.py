@@ -7,11 +7,13 @@ ImportError that says what to install.
 
 The modules, bottom up:
 
-* :mod:`~galorax.torch.projector`: subspace finding (SVD, randomized), projection, rotations.
+* :mod:`~galorax.torch.projector`: subspace finding (SVD, randomized), projection, rotations;
+  :mod:`~galorax.torch.sketch`: the randomized finder's Gaussian sketch (a counter-based hash).
 * :mod:`~galorax.torch.dtensor`: parameters as local tensors (FSDP2 ``Shard(0)`` DTensors).
 * :mod:`~galorax.torch.groups`: the GaLore param-group keys, defaults and checks.
 * :mod:`~galorax.torch.base`: :class:`~galorax.torch.base.GaLoreOptimizer`, the refresh and
-  state machinery every optimizer shares.
+  state machinery every optimizer shares; :mod:`~galorax.torch.nonfinite`: its
+  ``skip_nonfinite`` option.
 * :mod:`~galorax.torch.adamw` (:class:`GaLoreAdamW`, :class:`GaLoreAdamW8bit`, whose moments
   :mod:`~galorax.torch.blockwise` quantizes) and :mod:`~galorax.torch.adafactor`
   (:class:`GaLoreAdafactor`).
@@ -54,7 +56,9 @@ _SUBMODULES = (
     "groups",
     "layerwise",
     "migrate",
+    "nonfinite",
     "projector",
+    "sketch",
     "targets",
     "trainer",
 )

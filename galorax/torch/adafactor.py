@@ -12,7 +12,7 @@ Example:
     >>> w.grad = torch.randn(16, 8)
     >>> opt.step()
     >>> tuple(opt.state[w]["exp_avg_sq_row"].shape), tuple(opt.state[w]["exp_avg_sq_col"].shape)
-    ((2,), (8,))
+    ((16,), (2,))
 """
 
 from __future__ import annotations
@@ -23,9 +23,10 @@ from typing import Any
 
 import torch
 
-from galorax.torch.base import GaLoreOptimizer, rotate_coordinates, write_param
-from galorax.torch.dtensor import is_dtensor
+from galorax.torch.base import GaLoreOptimizer
+from galorax.torch.dtensor import is_dtensor, write_param
 from galorax.torch.groups import check_galore_keys
+from galorax.torch.projector import rotate_coordinates
 
 __all__ = ["GaLoreAdafactor"]
 
@@ -53,7 +54,8 @@ class GaLoreAdafactor(GaLoreOptimizer):
         scale_parameter: scale the learning rate by the parameter's RMS.
         relative_step: time-dependent learning rate.
         warmup_init: warm-up for the relative step.
-        **galore: defaults for the GaLore keys of every group.
+        **galore: defaults for the GaLore keys of every group (``skip_nonfinite=True`` as in
+            :class:`~galorax.torch.GaLoreAdamW`).
 
     Example:
         >>> w = torch.nn.Parameter(torch.ones(20, 10))
@@ -61,7 +63,7 @@ class GaLoreAdafactor(GaLoreOptimizer):
         >>> w.grad = torch.ones(20, 10)
         >>> opt.step()
         >>> round(float(w.detach()[0, 0]), 3)
-        0.978
+        0.968
     """
 
     def __init__(

@@ -5,10 +5,15 @@ parameters get their gradient projected on a rank-``rank`` subspace that is refr
 ``update_proj_gap`` steps; everything else is updated full-rank (the machinery is
 :class:`~galorax.torch.base.GaLoreOptimizer`'s). On top of galore-torch:
 
-* ``subspace='randomized'`` (default): a randomized range finder instead of a full SVD;
+* ``subspace='randomized'`` (default): a randomized range finder instead of a full SVD (the
+  default side is galore-torch's ``'std'``; ``side='auto'`` keeps the least state, at a cost
+  in loss measured in BENCHMARKS.md, "Small Llama in PyTorch");
 * ``moments='align'|'rotate'``: moments follow the subspace when it changes;
 * ``stagger=True``: refreshes spread over the gap instead of all on the same step;
-* guards: a refresh on a non-finite or all-zero gradient keeps the previous projector;
+* guards: a refresh on a non-finite or all-zero gradient keeps the previous projector, and
+  ``skip_nonfinite=True`` (opt-in, per parameter) leaves a parameter whose gradient is not all
+  finite, its moments and projector as they were (:mod:`galorax.torch.nonfinite`);
+* ``torch.compile(opt.step, fullgraph=True)``: no host read in a step, refreshes included;
 * projectors and moments in float32 whatever the parameter dtype;
 * ``state_dict()`` of tensors and plain numbers (``torch.load(weights_only=True)``), DDP and
   FSDP2 (``fully_shard``) support.
@@ -27,8 +32,8 @@ Example:
     ...     opt.step()
     >>> sorted(opt.state[model.weight])
     ['exp_avg', 'exp_avg_sq', 'projector', 'refresh_offset', 'refreshes', 'retry', 'step']
-    >>> tuple(opt.state[model.weight]["exp_avg"].shape)
-    (16, 4)
+    >>> tuple(opt.state[model.weight]["exp_avg"].shape)  # side 'std': 16 < 32, left, r x n
+    (4, 32)
 """
 
 from __future__ import annotations
@@ -40,10 +45,11 @@ from typing import Any
 
 import torch
 
-from galorax.torch.base import GaLoreOptimizer, rotate_coordinates, write_param
+from galorax.torch.base import GaLoreOptimizer
 from galorax.torch.blockwise import dequantize_blockwise, quantize_blockwise
-from galorax.torch.dtensor import local_tensor
+from galorax.torch.dtensor import local_tensor, write_param
 from galorax.torch.groups import check_galore_keys
+from galorax.torch.projector import rotate_coordinates
 
 __all__ = ["GaLoreAdamW", "GaLoreAdamW8bit"]
 
@@ -67,7 +73,9 @@ class GaLoreAdamW(GaLoreOptimizer):
         no_deprecation_warning: galore-torch's switch for its deprecation warning; accepted for
             compatibility (galorax issues none).
         **galore: defaults for the GaLore keys of every group (e.g. ``rank=128`` makes every group
-            a GaLore group).
+            a GaLore group). ``skip_nonfinite=True``: per parameter, a gradient that is not all
+            finite leaves the parameter, its moments and its projector unchanged (branch-free,
+            so it compiles; the step count still advances, as the JAX API's ``count``).
 
     Example:
         >>> w = torch.nn.Parameter(torch.ones(20, 10))
@@ -196,7 +204,7 @@ class GaLoreAdamW8bit(GaLoreAdamW):
         >>> opt.step()
         >>> st = opt.state[w]
         >>> st["exp_avg"].dtype, tuple(st["exp_avg"].shape), tuple(st["exp_avg_absmax"].shape)
-        (torch.uint8, (32, 128), (16,))
+        (torch.uint8, (512, 32), (64,))
     """
 
     def __init__(

@@ -19,7 +19,7 @@ Example:
     >>> w.grad = torch.ones(8, 4)
     >>> opt.step()
     >>> tuple(opt.state[w]["projector"].shape), round(float(w.detach()[0, 0]), 3)
-    ((8, 2), 0.5)
+    ((4, 2), 0.5)
 """
 
 from __future__ import annotations
@@ -35,44 +35,25 @@ from galorax.torch.dtensor import LocalView, local_tensor
 from galorax.torch.groups import (
     GALORE_DEFAULTS,
     check_group,
+    check_moment_shapes,
     check_real,
     check_saved_groups,
     normalize_group,
 )
 from galorax.torch.migrate import from_galore_torch
+from galorax.torch.nonfinite import update_or_keep
 from galorax.torch.projector import (
     align_signs,
     fallback_basis,
     find_subspace,
-    gradient_is_usable,
     project,
     project_back,
     resolve_side,
     rotation,
+    usable_flag,
 )
 
-__all__ = ["GaLoreOptimizer", "rotate_coordinates", "write_param"]
-
-
-def rotate_coordinates(t: torch.Tensor, c: torch.Tensor, side: str) -> torch.Tensor:
-    """Coordinates in the old basis -> the new one: left (r x n): C @ t; right (m x r): t @ C.T.
-
-    Example:
-        >>> flip = torch.tensor([[0.0, 1.0], [1.0, 0.0]])
-        >>> rotate_coordinates(torch.tensor([[1.0, 2.0], [3.0, 4.0]]), flip, "right")
-        tensor([[2., 1.],
-                [4., 3.]])
-    """
-    return c @ t if side == "left" else t @ c.T
-
-
-def write_param(p_local: torch.Tensor, p32: torch.Tensor) -> None:
-    """Store the f32 working copy ``p32`` into the (local) parameter, rounding to its dtype.
-
-    (For an f32 parameter ``p32`` *is* the parameter, updated in place already.)
-    """
-    if p32 is not p_local:
-        p_local.copy_(p32)
+__all__ = ["GaLoreOptimizer"]
 
 
 class GaLoreOptimizer(Optimizer):
@@ -184,7 +165,7 @@ class GaLoreOptimizer(Optimizer):
         """
         check_saved_groups(state_dict, self.param_groups)
         state_dict = from_galore_torch(state_dict, self.param_groups)
-        self._check_moment_shapes(state_dict)
+        check_moment_shapes(state_dict, self.param_groups, self.is_projected)
         super().load_state_dict(state_dict)
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
@@ -202,28 +183,6 @@ class GaLoreOptimizer(Optimizer):
             check_group(group)
         self._meta_cache = None
         self.__dict__["_group_cache"] = None
-
-    def _check_moment_shapes(self, state_dict: dict[str, Any]) -> None:
-        """Raise ``ValueError`` naming the first parameter whose saved first moment cannot be
-        its own: full-rank ones must have its shape, projected ones share a side with it."""
-        saved_groups = state_dict["param_groups"]
-        for gi, (saved, group) in enumerate(zip(saved_groups, self.param_groups, strict=True)):
-            for pi, (pid, p) in enumerate(zip(saved["params"], group["params"], strict=True)):
-                m = (state_dict["state"].get(pid) or {}).get("exp_avg")
-                if not torch.is_tensor(m):
-                    continue
-                shape, got = tuple(local_tensor(p).shape), tuple(m.shape)
-                if self.is_projected(p, {**group, **saved}) and len(got) == 2:
-                    fits = all(a <= b for a, b in zip(got, shape, strict=True))
-                    fits = fits and (got[0] == shape[0] or got[1] == shape[1])
-                else:
-                    fits = got == shape
-                if not fits:
-                    raise ValueError(
-                        f"param_groups[{gi}]['params'][{pi}] has shape {shape} but its saved "
-                        f"exp_avg {got}: the state dict is another model's (or in another "
-                        "parameter order)"
-                    )
 
     # ------------------------------------------------------------------------ stepping
     @torch.no_grad()
@@ -245,8 +204,17 @@ class GaLoreOptimizer(Optimizer):
                 if p.grad is None:
                     continue
                 g = self.prepare(p, group, p.grad)
-                self.update_param(p, group, g)
+                self.apply_update(p, group, g)
         return loss
+
+    def apply_update(self, p: torch.Tensor, group: dict[str, Any], grad: torch.Tensor) -> None:
+        """:meth:`update_param`; with the group's ``skip_nonfinite``, a ``grad`` that is not all
+        finite leaves ``p`` and its state tensors as they were
+        (:func:`~galorax.torch.nonfinite.update_or_keep`: no host read)."""
+        if group.get("skip_nonfinite"):
+            update_or_keep(lambda g: self.update_param(p, group, g), p, self.state[p], grad)
+        else:
+            self.update_param(p, group, grad)
 
     @torch.no_grad()
     def prepare(self, p: torch.Tensor, group: dict[str, Any], grad: torch.Tensor) -> torch.Tensor:
@@ -295,7 +263,7 @@ class GaLoreOptimizer(Optimizer):
             >>> due
             [True, False, False, True]
             >>> tuple(opt.project_gradient(w, opt.param_groups[0], torch.ones(8, 4)).shape)
-            (2, 4)
+            (8, 2)
         """
         if not self.is_projected(p, group):
             return False
@@ -329,8 +297,7 @@ class GaLoreOptimizer(Optimizer):
     def _refresh(
         self, group: dict[str, Any], state: dict[str, Any], loc: LocalView, side: str, index: int
     ) -> None:
-        m, n = loc.shape
-        rank = min(int(group["rank"]), m, n)
+        rank = min(int(group["rank"]), *loc.shape)
         old = state.get("projector")
         assert loc.grad is not None
         if loc.reduce is not None and group["subspace"] == "svd":
@@ -340,36 +307,61 @@ class GaLoreOptimizer(Optimizer):
                 "on every process and runs the same SVD everywhere; subspace='randomized' works "
                 "on the shards with small all-reduces only",
             )
-        new: torch.Tensor | None
-        if gradient_is_usable(loc.grad, loc.reduce):
-            new = find_subspace(
-                loc.grad,
-                rank,
-                side,
-                group["subspace"],
-                power_iters=int(group["power_iters"]),
-                oversample=int(group["oversample"]),
-                warm=old if group["warm_start"] else None,
-                seed=int(group["seed"]),
-                index=index,
-                refresh=int(state["refreshes"]),
-                reduce=loc.reduce,
-            )
-            state["refreshes"] = int(state["refreshes"]) + 1
-            state["retry"] = 0
-        else:
-            # Non-finite or all-zero gradient: an SVD of it would be NaN or arbitrary. Keep the
-            # previous projector (or, at the first step, the orthonormal placeholder eye(rows, r),
-            # as the JAX API does) and try again next step.
+        # Eager, an unusable (non-finite or all-zero) gradient is not refreshed on: keep the
+        # previous projector (or, at the first step, the orthonormal placeholder eye(rows, r),
+        # as the JAX API does) and retry next step. Under torch.compile there is no host read:
+        # the refresh runs on the zeroed gradient (an SVD of NaN can raise) and torch.where
+        # keeps the previous basis, without a retry (docs/torch.md, "torch.compile").
+        traced = torch.compiler.is_compiling()
+        ok = usable_flag(loc.grad, loc.reduce)
+        placeholder = lambda: fallback_basis(  # noqa: E731
+            loc.shape, rank, side, reduce=loc.reduce, device=loc.grad.device
+        )
+        if not traced and not bool(ok.item()):
             state["retry"] = 1
             if old is not None:
                 return
-            new = fallback_basis(loc.shape, rank, side, reduce=loc.reduce, device=loc.grad.device)
+            new = placeholder()
+        else:
+            zero = torch.zeros((), dtype=loc.grad.dtype, device=loc.grad.device)
+            grad = torch.where(ok, loc.grad, zero) if traced else loc.grad
+            new = self._find_subspace(grad, group, state, side, index, rank, loc.reduce)
+            if traced:
+                new = torch.where(ok, new, old if old is not None else placeholder())
+            state["refreshes"] = int(state["refreshes"]) + 1
+            state["retry"] = 0
         if old is not None and group["moments"] != "keep":
             new = align_signs(new, old, loc.reduce, side)
             if group["moments"] == "rotate":
-                self.rotate_moments(state, rotation(new, old, loc.reduce, side), side)
+                c = rotation(new, old, loc.reduce, side)
+                if traced:  # a kept basis must not move the moments by C = old.T @ old's rounding
+                    c = torch.where(ok, c, torch.eye(c.shape[0], dtype=c.dtype, device=c.device))
+                self.rotate_moments(state, c, side)
         state["projector"] = new
+
+    @staticmethod
+    def _find_subspace(
+        grad: torch.Tensor,
+        group: dict[str, Any],
+        state: dict[str, Any],
+        side: str,
+        index: int,
+        rank: int,
+        reduce: Any,
+    ) -> torch.Tensor:
+        return find_subspace(
+            grad,
+            rank,
+            side,
+            group["subspace"],
+            power_iters=int(group["power_iters"]),
+            oversample=int(group["oversample"]),
+            warm=state.get("projector") if group["warm_start"] else None,
+            seed=int(group["seed"]),
+            index=index,
+            refresh=int(state["refreshes"]),
+            reduce=reduce,
+        )
 
     def full_rank_update(
         self, p: torch.Tensor, group: dict[str, Any], update: torch.Tensor

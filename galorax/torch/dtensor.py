@@ -26,7 +26,7 @@ try:
 except ImportError:  # pragma: no cover - torch built without distributed
     DTensor = Replicate = Shard = None  # type: ignore[assignment,misc]
 
-__all__ = ["LocalView", "is_dtensor", "local_tensor"]
+__all__ = ["LocalView", "is_dtensor", "local_tensor", "write_param"]
 
 
 def is_dtensor(t: torch.Tensor) -> bool:
@@ -77,3 +77,12 @@ class LocalView:
             self.reduce = _row_reduce(p, self.shape)
         self.param = local_tensor(p)
         self.grad = local_tensor(grad) if grad is not None else None
+
+
+def write_param(p_local: torch.Tensor, p32: torch.Tensor) -> None:
+    """Store the f32 working copy ``p32`` into the (local) parameter, rounding to its dtype.
+
+    (For an f32 parameter ``p32`` *is* the parameter, updated in place already.)
+    """
+    if p32 is not p_local:
+        p_local.copy_(p32)

@@ -16,9 +16,12 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
+import torch
+
+from galorax.torch.dtensor import local_tensor
 from galorax.torch.projector import PROJ_TYPES, resolve_side
 
 __all__ = [
@@ -26,6 +29,7 @@ __all__ = [
     "MOMENTS",
     "check_galore_keys",
     "check_group",
+    "check_moment_shapes",
     "check_real",
     "check_saved_groups",
     "normalize_group",
@@ -39,7 +43,9 @@ GALORE_DEFAULTS: dict[str, Any] = {
     "update_proj_gap": 200,
     "scale": 1.0,
     "proj_type": None,  # galore-torch's name; None -> `side`
-    "side": "auto",  # galorax's name: 'auto' (least state), 'left', 'right'
+    # galorax's name for the side; 'std' (galore-torch's) trains better than 'auto' (least
+    # state) on a small Llama: BENCHMARKS.md, "Small Llama in PyTorch".
+    "side": "std",
     "subspace": "randomized",  # or 'svd'
     "power_iters": 1,
     "oversample": 8,
@@ -47,6 +53,7 @@ GALORE_DEFAULTS: dict[str, Any] = {
     "moments": "rotate",  # 'keep' (galore-torch), 'align', 'rotate'
     "stagger": True,
     "seed": 0,
+    "skip_nonfinite": False,  # True: a non-finite gradient leaves its parameter as it was
 }
 
 #: How moments follow a refreshed subspace: as galore-torch (``'keep'``), sign-aligned, rotated.
@@ -88,7 +95,7 @@ def normalize_group(group: dict[str, Any]) -> None:
         for key in ("power_iters", "oversample", "warm_start", "seed"):
             group[key] = getattr(settings, key, group[key])
         group["subspace"] = "randomized"
-    if group.get("proj_type") is not None and group.get("side") not in (None, "auto"):
+    if group.get("proj_type") is not None and group.get("side") not in (None, "std"):
         if resolve_side((2, 1), group["proj_type"]) != resolve_side((2, 1), group["side"]):
             raise ValueError("give either proj_type (galore-torch) or side (galorax), not both")
 
@@ -166,3 +173,29 @@ def check_saved_groups(saved: Any, groups: Any) -> None:
                 f"{len(g['params'])} here; build the optimizer with the parameters it was "
                 "saved with"
             )
+
+
+def check_moment_shapes(
+    state_dict: Mapping[str, Any],
+    groups: list[dict[str, Any]],
+    is_projected: Callable[[torch.Tensor, dict[str, Any]], bool],
+) -> None:
+    """Raise ``ValueError`` naming the first parameter whose saved first moment cannot be its
+    own: full-rank ones must have its shape, projected ones share a side with it."""
+    for gi, (saved, group) in enumerate(zip(state_dict["param_groups"], groups, strict=True)):
+        for pi, (pid, p) in enumerate(zip(saved["params"], group["params"], strict=True)):
+            m = (state_dict["state"].get(pid) or {}).get("exp_avg")
+            if not torch.is_tensor(m):
+                continue
+            shape, got = tuple(local_tensor(p).shape), tuple(m.shape)
+            if is_projected(p, {**group, **saved}) and len(got) == 2:
+                fits = all(a <= b for a, b in zip(got, shape, strict=True))
+                fits = fits and (got[0] == shape[0] or got[1] == shape[1])
+            else:
+                fits = got == shape
+            if not fits:
+                raise ValueError(
+                    f"param_groups[{gi}]['params'][{pi}] has shape {shape} but its saved "
+                    f"exp_avg {got}: the state dict is another model's (or in another "
+                    "parameter order)"
+                )

@@ -197,7 +197,7 @@ class LayerwiseGaLore:
             g = opt.prepare(p, group, grad)
         p.grad = None  # a projected gradient is now r x n; the full one can go
         if self.max_grad_norm is None:
-            opt.update_param(p, group, g)
+            opt.apply_update(p, group, g)
             return
         sq = float(norm_of.detach().float().square().sum().item())
         self._pending[id(p)] = (p, group, g, sq)
@@ -221,9 +221,10 @@ class LayerwiseGaLore:
         self.last_grad_norm = total
         # torch.nn.utils.clip_grad_norm_'s rule, so this equals clip-then-step.
         assert self.max_grad_norm is not None
-        coef = min(1.0, float(self.max_grad_norm) / (total + 1e-6))
+        coef = float(self.max_grad_norm) / (total + 1e-6)
+        clip = math.isnan(coef) or coef < 1.0  # clamp(max=1) keeps a NaN: every gradient NaN
         for p, group, g, _ in self._pending.values():
-            if coef < 1.0:
+            if clip:
                 g = g * coef
-            self.optimizer.update_param(p, group, g)
+            self.optimizer.apply_update(p, group, g)
         self._pending.clear()

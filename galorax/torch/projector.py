@@ -27,11 +27,12 @@ Example:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+
+from galorax.torch.sketch import gaussian, sketch_seed
 
 __all__ = [
     "PROJ_TYPES",
@@ -43,7 +44,9 @@ __all__ = [
     "project",
     "project_back",
     "resolve_side",
+    "rotate_coordinates",
     "rotation",
+    "usable_flag",
 ]
 
 #: Accepted ``proj_type``/``side`` values. 'std'/'reverse_std'/'left'/'right' are galore-torch's
@@ -126,30 +129,19 @@ def project_back(n: torch.Tensor, basis: torch.Tensor, side: str) -> torch.Tenso
     return n @ basis.T
 
 
-def gradient_is_usable(g: torch.Tensor, reduce: RowReduce | None = None) -> bool:
-    """Whether a refresh may use ``g``: finite everywhere and not all zero.
+def usable_flag(g: torch.Tensor, reduce: RowReduce | None = None) -> torch.Tensor:
+    """0-d bool tensor: a refresh may use ``g`` (its squared norm is finite and positive).
 
     A NaN gradient would give a NaN projector for a whole gap and a zero one an arbitrary
-    projector; the optimizers keep the previous projector instead and retry next step.
+    projector; the optimizers keep the previous projector instead.
     """
-    sq = g.float().square().sum().reshape(1)
-    sq = _sum(reduce)(sq)
-    v = float(sq.item())
-    return math.isfinite(v) and v > 0.0
+    sq = _sum(reduce)(g.float().square().sum().reshape(1))
+    return (torch.isfinite(sq) & (sq > 0))[0]
 
 
-def _generator_seed(seed: int, index: int, refresh: int) -> int:
-    # A fixed mix of (seed, parameter index, refresh count): deterministic across processes and
-    # across save/resume, with no RNG state to checkpoint.
-    h = (seed * 0x9E3779B97F4A7C15 + index * 0xBF58476D1CE4E5B9 + refresh * 0x94D049BB133111EB) % (
-        2**63
-    )
-    return h ^ (h >> 31)
-
-
-def _gaussian(rows: int, cols: int, seed: int, device: torch.device) -> torch.Tensor:
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    return torch.randn(rows, cols, generator=gen, dtype=torch.float32).to(device)
+def gradient_is_usable(g: torch.Tensor, reduce: RowReduce | None = None) -> bool:
+    """:func:`usable_flag` read on the host (eager refreshes branch on it and retry)."""
+    return bool(usable_flag(g, reduce).item())
 
 
 def _orth(x: torch.Tensor) -> torch.Tensor:
@@ -262,7 +254,7 @@ def find_subspace(
     n = g.shape[1]
     k = min(rank + max(oversample, 0), m_global, n)
     total = _sum(reduce)
-    gseed = _generator_seed(seed, index, refresh)
+    gseed = sketch_seed(seed, index, refresh)
 
     # The sketch always starts in the n-dimensional (column) space, which is replicated
     # across processes, so only G @ X (local) and G.T @ Y (all-reduced) are ever needed.
@@ -273,10 +265,10 @@ def find_subspace(
     else:
         start = None
     if start is None:
-        x = _gaussian(n, k, gseed, g.device)
+        x = gaussian(n, k, gseed, g.device)
     else:
         extra = k - start.shape[1]
-        x = start if extra <= 0 else torch.cat([start, _gaussian(n, extra, gseed, g.device)], 1)
+        x = start if extra <= 0 else torch.cat([start, gaussian(n, extra, gseed, g.device)], 1)
     x = _orth(x[:, :k])
 
     # Left: range of G; right: range of G.T. Alternate G and G.T with re-orthonormalization.
@@ -334,3 +326,15 @@ def rotation(
     if side == "left" and reduce is not None:
         c = reduce(c)
     return c
+
+
+def rotate_coordinates(t: torch.Tensor, c: torch.Tensor, side: str) -> torch.Tensor:
+    """Coordinates in the old basis -> the new one: left (r x n): C @ t; right (m x r): t @ C.T.
+
+    Example:
+        >>> flip = torch.tensor([[0.0, 1.0], [1.0, 0.0]])
+        >>> rotate_coordinates(torch.tensor([[1.0, 2.0], [3.0, 4.0]]), flip, "right")
+        tensor([[2., 1.],
+                [4., 3.]])
+    """
+    return c @ t if side == "left" else t @ c.T

@@ -21,7 +21,7 @@ def test_rank_clamped_and_non_matrices_full_rank():
     opt = GaLoreAdamW([w, conv], rank=128)
     w.grad, conv.grad = torch.randn(6, 3), torch.randn(4, 2, 3, 3)
     opt.step()
-    assert opt.state[w]["projector"].shape == (6, 3)
+    assert opt.state[w]["projector"].shape == (3, 3)  # side 'std': right, n x min(r, m, n)
     assert opt.state[conv]["exp_avg"].shape == conv.shape
 
 

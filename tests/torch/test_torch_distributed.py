@@ -173,10 +173,11 @@ def test_two_processes_match_one(mode, references):
             ):
                 assert torch.equal(a, b), name
         else:
-            # Row-sharded left projector (48 x 4): each rank holds its 24 rows; right ones whole.
+            # Side 'std': the 48 x 16 weight's right projector (16 x 4) is whole; the 15 x 48
+            # and 8 x 15 weights' left ones are row-sharded (rank 0 holds 8 and 4 rows).
             shapes = [tuple(p.shape) for p in results[0][name]["projectors"]]
             if name == "default":
-                assert shapes == [(24, 4), (48, 4), (15, 4)]
+                assert shapes == [(16, 4), (8, 4), (4, 4)]
                 # The randomized refresh never moves a whole gradient: its largest all-reduce
                 # is the n x k product of the 15 x 48 weight (48 x 12 = 576 elements, k = rank +
                 # oversample clamped to 12), less than that 720-element gradient.

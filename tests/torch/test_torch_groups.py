@@ -25,7 +25,14 @@ def test_defaults_and_group_keys():
     assert opt.param_groups[1]["rank"] is None  # no rank: full-rank AdamW
     w.grad, b.grad = torch.randn(30, 10), torch.randn(10)
     opt.step()
-    # side='auto': least state, m >= n -> left projector (m x r), moments r x n.
+    # side='std' (galore-torch's; it trains better, BENCHMARKS.md "Small Llama in PyTorch"):
+    # m >= n -> right projector (n x r), moments m x r.
+    assert g["side"] == "std"
+    assert opt.state[w]["projector"].shape == (10, 4)
+    assert opt.state[w]["exp_avg"].shape == (30, 4)
+    opt = GaLoreAdamW([{"params": [w], "rank": 4, "side": "auto"}])
+    w.grad = torch.randn(30, 10)
+    opt.step()  # 'auto': least state, m >= n -> left projector (m x r), moments r x n
     assert opt.state[w]["projector"].shape == (30, 4)
     assert opt.state[w]["exp_avg"].shape == (4, 10)
     assert "projector" not in opt.state[b]

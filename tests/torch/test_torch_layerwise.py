@@ -98,7 +98,10 @@ def test_layerwise_accumulation_and_clipping_equal_plain(max_norm, accumulate, s
         warnings.simplefilter("error")  # e.g. "lr_scheduler.step() before optimizer.step()"
         lw_model, lopt, lw = _layerwise(batches, max_norm, accumulate, stagger)
     for a, b in zip(plain.parameters(), lw_model.parameters(), strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        # Clipping: plain scales the full gradient then projects, layer-wise projects then
+        # scales; the f32 rounding differs, and Adam's division by sqrt(v) + eps amplifies it
+        # where v is tiny (side 'std': up to 2.4e-6 here, 1e-4 of one lr-sized step).
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 if max_norm else 1e-6)
         assert b.grad is None  # layer-wise mode drops gradients once used
     for a, b in zip(plain.parameters(), lw_model.parameters(), strict=True):
         ma, mb = popt.state[a]["exp_avg"], lopt.state[b]["exp_avg"]
