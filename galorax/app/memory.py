@@ -63,8 +63,8 @@ def add_memory_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--per-layer-updates",
         action="store_true",
-        help="count only one layer's gradient (the paper's 7B setting: weights updated "
-        "during the backward pass)",
+        help="update each layer as its gradient is ready (one layer's gradient alive at a "
+        "time; --grad-clip then clips by the previous step's norm)",
     )
     parser.add_argument(
         "--max-memory",
@@ -85,7 +85,7 @@ def add_memory_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add_option(g, "--batch-size", default=4)
     add_option(g, "--seq-len", default=256)
-    g.add_argument("--remat", action="store_true", help="recompute activations (as train's)")
+    g.add_argument("--remat", action="store_true", help="recompute activations")
     parser.add_argument("--json", action="store_true", help="one JSON object per row")
 
 
