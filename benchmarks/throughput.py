@@ -36,7 +36,10 @@ from galorax.schedule import count_refreshes
 
 def build(name: str, args: argparse.Namespace, mcfg: model_lib.ModelConfig, params, batch):
     opt_name, _, variant = name.partition("+")
-    extra = {"residual": "channel"} if variant == "residual" else {}
+    # "+residual": residual compensation; "+pl": per-layer updates (--per-layer-updates).
+    extra: dict = {"residual": {"residual": "channel"}, "pl": {"per_layer_updates": True}}.get(
+        variant, {}
+    )
     run = resolve_config(
         TrainConfig(
             preset=args.preset,

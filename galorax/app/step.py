@@ -186,7 +186,10 @@ def adamw_reference(
     ``placement``, AdamW's step is compiled sharded the same way (its memory is then per
     device).
     """
-    opt = run_optimizer(dataclasses.replace(run, optimizer="adamw", state_bits=32), abstract)
+    opt = run_optimizer(
+        dataclasses.replace(run, optimizer="adamw", state_bits=32, per_layer_updates=False),
+        abstract,
+    )
     state = jax.eval_shape(opt.init, abstract)
     shape = (run.batch_size, run.seq_len + 1)
     batch: Any = jax.ShapeDtypeStruct(shape, jnp.int32)
