@@ -90,6 +90,12 @@ if TYPE_CHECKING:
         MatrixView,
         default_dimension_numbers,
     )
+    from galorax.layer_updates import (
+        PerLayerState,
+        PerLayerTransformation,
+        per_layer,
+        per_layer_step,
+    )
     from galorax.quantization import (
         QuantizedArray,
         dequantize_blockwise,
@@ -97,12 +103,6 @@ if TYPE_CHECKING:
         quantize_blockwise,
         quantize_like,
         quantize_projector,
-    )
-    from galorax.layer_updates import (
-        PerLayerState,
-        PerLayerTransformation,
-        per_layer,
-        per_layer_step,
     )
     from galorax.residual import Residual
     from galorax.rules import dimension_numbers_from_rules

@@ -26,6 +26,7 @@ def _params():
     }
 
 
+@jax.jit  # one program per params structure, not a compile per eager op and shape
 def _grads(t: int, params):
     """Gradients with log-normal per-row and per-column scales plus a persistent mean, so
     each block mixes magnitudes over ~2 decades (harder than i.i.d. noise)."""
@@ -187,10 +188,10 @@ def test_orbax_roundtrip_is_bit_exact(tmp_path):
     for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state), strict=True):
         assert a.dtype == b.dtype
         np.testing.assert_array_equal(a, b)
-    # The restored state continues exactly like the original.
+    # The restored state continues exactly like the original (the step compiled above).
     g = _grads(9, params)
-    u1, _ = opt.update(g, state, params)
-    u2, _ = opt.update(g, restored, params)
+    u1, _ = jax.jit(opt.update)(g, state, params)
+    u2, _ = jax.jit(opt.update)(g, restored, params)
     for a, b in zip(jax.tree.leaves(u1), jax.tree.leaves(u2), strict=True):
         np.testing.assert_array_equal(a, b)
 
@@ -225,7 +226,9 @@ def test_chunked_8bit_steps_are_bit_identical(monkeypatch, dtype):
 
     def run():
         state, outs = opt.init(params), []
-        step = jax.jit(opt.update)
+        # A new function, traced afresh: jax.jit(opt.update) would reuse the first trace,
+        # made before CHUNK_BYTES changed, and compare the whole-leaf update with itself.
+        step = jax.jit(lambda g, s: opt.update(g, s))
         for t in range(3):
             grads = jax.tree.map(lambda g: g.astype(dtype), _grads(t, params))
             u, state = step(grads, state)

@@ -24,9 +24,7 @@ def _module_name(path: pathlib.Path) -> str:
     return ".".join(parts)
 
 
-MODULES = {
-    _module_name(p): p for p in sorted(PACKAGE.rglob("*.py")) if p.name != "conftest.py"
-}
+MODULES = {_module_name(p): p for p in sorted(PACKAGE.rglob("*.py")) if p.name != "conftest.py"}
 
 
 def _is_type_checking(node: ast.If) -> bool:

@@ -130,7 +130,9 @@ def test_clipping_uses_the_previous_steps_norm():
     assert float(optax.global_norm(u1)) == pytest.approx(float(optax.global_norm(g1)), rel=1e-6)
     u2, state = sgd.update(g2, state, params)
     scale = c / float(optax.global_norm(g1))
-    assert float(optax.global_norm(u2)) == pytest.approx(scale * float(optax.global_norm(g2)), rel=1e-5)
+    assert float(optax.global_norm(u2)) == pytest.approx(
+        scale * float(optax.global_norm(g2)), rel=1e-5
+    )
     assert float(clip_scale(jnp.float32(0.005), c)) == 1.0
 
 

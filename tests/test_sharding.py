@@ -27,6 +27,6 @@ def test_sharding_cases_on_8_devices():
     env.setdefault("OPENBLAS_NUM_THREADS", "1")
     cmd = [sys.executable, "-m", "pytest", "-o", "addopts=", "-q", "-x", "-p", "no:cacheprovider"]
     cmd += ["--rootdir", str(ROOT), str(ROOT / "tests" / "sharding_cases.py")]
-    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "18 passed" in proc.stdout, proc.stdout[-2000:]

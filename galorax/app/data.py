@@ -258,7 +258,7 @@ def load_hf_corpus(
 ) -> Corpus:
     """A Hugging Face ``datasets`` corpus (the paper's C4, a Hub dataset, local files), as bytes.
 
-    Needs ``pip install datasets`` (the ``c4`` extra). The dataset is opened with
+    Needs the ``c4`` extra (``pip install -e ".[c4]"``). The dataset is opened with
     ``datasets.load_dataset(name, config, streaming=True)``, so nothing but the documents read
     is downloaded, and the first documents of each split are taken in stream order
     (deterministic): ``train`` up to ``max_bytes`` bytes (default ``HF_MAX_BYTES``; and
@@ -291,8 +291,7 @@ def load_hf_corpus(
         import datasets  # type: ignore[import-not-found]
     except ImportError as e:
         raise DataError(
-            f"--data {label} needs the `datasets` library: pip install datasets "
-            "(or pip install -e '.[c4]')"
+            f'--data {label} needs the `datasets` library: pip install -e ".[c4]" (the c4 extra)'
         ) from e
 
     if max_bytes is None:
@@ -332,7 +331,7 @@ def load_corpus(data: str | None = None) -> Corpus:
     * None: the embedded stdlib corpus (:func:`load_stdlib_corpus`).
     * ``c4``: the paper's setting, ``allenai/c4`` config ``en`` streamed from the Hub: its
       first ``HF_MAX_BYTES`` of ``train`` and the first ``HF_MAX_BYTES / VAL_EVERY`` of
-      ``validation`` (:func:`load_hf_corpus`; needs ``pip install datasets`` and network).
+      ``validation`` (:func:`load_hf_corpus`; needs ``pip install -e ".[c4]"`` and network).
     * ``hf:NAME[:CONFIG]``: a Hugging Face Hub dataset (``hf:allenai/c4:en``), or a local
       directory of data files (``hf:./my_corpus``, with ``train.jsonl`` / ``validation.jsonl``).
     * ``hf:BUILDER:PATH`` with BUILDER one of ``json csv text parquet arrow``: local files read

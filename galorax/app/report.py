@@ -1,10 +1,13 @@
 """What a run reports: the end-of-run table (:func:`format_summary`: what the run measured,
 and its sizes beside AdamW's computed ones) and the loss curves (:func:`plot_curves`,
-``loss_curve.png``).
+``loss_curve.png``). Neither shows an AdamW figure it did not measure or compute: both point
+to ``galorax compare`` (:func:`adamw_pointer`), which trains AdamW beside.
 
 Example:
     >>> fmt_bytes(512), fmt_bytes(3 * 2**20)
     ('512 B', '3.00 MiB')
+    >>> adamw_pointer("tiny")
+    'AdamW not trained here: `galorax compare --preset tiny` trains it beside, measured'
 """
 
 from __future__ import annotations
@@ -28,6 +31,12 @@ def fmt_bytes(n: float | None) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
         n /= 1024
     return str(n)
+
+
+def adamw_pointer(preset: str | None = None) -> str:
+    """The line that says AdamW was not trained, and which command trains it beside."""
+    cmd = "galorax compare" + (f" --preset {preset}" if preset else "")
+    return f"AdamW not trained here: `{cmd}` trains it beside, measured"
 
 
 def _ratio(a: float | None, b: float | None) -> str:
@@ -75,12 +84,16 @@ def format_summary(s: dict[str, Any]) -> str:
         sizes, head = [r[:2] for r in sizes], head[:2]
     lines = [*_table(("measured", s["optimizer"]), measured), "", *_table(head, sizes)]
     if not trained:
-        lines += ["", f"AdamW trained beside it, measured: galorax compare --preset {s['preset']}"]
+        lines += ["", adamw_pointer(s["preset"])]
     return "\n".join(lines)
 
 
-def plot_curves(runs: dict[str, list[dict[str, Any]]], path: pathlib.Path, title: str = "") -> None:
-    """Train loss (smoothed) and validation loss per step for each run, to one PNG."""
+def curves_figure(runs: dict[str, list[dict[str, Any]]], title: str = "") -> Any:
+    """The figure :func:`plot_curves` saves (a matplotlib ``Figure``; close it after use).
+
+    Each run's curves are labelled with its name; without an ``adamw`` run, a caption says
+    AdamW was not trained here and which command trains it beside (:func:`adamw_pointer`).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -106,7 +119,27 @@ def plot_curves(runs: dict[str, list[dict[str, Any]]], path: pathlib.Path, title
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:  # a full disk leaves the old PNG, never a 0-byte one
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
+    if "adamw" not in runs:  # the README's figures stand beside AdamW's: say where those are
+        fig.text(0.5, 0.01, adamw_pointer(), ha="center", va="bottom", fontsize=8)
+        fig.tight_layout(rect=(0, 0.04, 1, 1))
+    else:
+        fig.tight_layout()
+    return fig
+
+
+def plot_curves(runs: dict[str, list[dict[str, Any]]], path: pathlib.Path, title: str = "") -> None:
+    """Train loss (smoothed) and validation loss per step for each run, to one PNG.
+
+    Args:
+        runs: Each run's ``metrics.jsonl`` records, by the label its curves get.
+        path: The PNG to write (atomically: a full disk leaves the old one, never a 0-byte one).
+        title: The plot's title.
+    """
+    import matplotlib.pyplot as plt
+
+    fig = curves_figure(runs, title)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=110, format="png")
+    finally:
+        plt.close(fig)

@@ -21,8 +21,6 @@ def check_bits(bits: int) -> None:
         raise ValueError(f"bits must be 4 or 8, got {bits}")
 
 
-
-
 @functools.cache
 def dynamic_code(bits: int = 8, signed: bool = True) -> np.ndarray:
     """The dynamic (dynamic-tree) quantization map of 8-bit Adam, sorted, in ``[-1, 1]``.
