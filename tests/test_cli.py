@@ -187,6 +187,7 @@ COMPARE_BAD = [
     (["--runs", "galore:rank=0"], "rank"),
     (["--runs", "galore:gap=0"], "gap"),
     (["--runs", "adamw:rank=4"], "rank"),
+    (["--runs", "adamw", "adamw8bit:label=q", "--rank", "4"], "no run in --runs is a GaLore run"),
     (["--runs", "adamw:subspace=svd"], "subspace"),
     (["--runs", "optax-galore:moments=keep"], "moments"),
     (["--runs", "galore:label=/x"], "label"),

@@ -245,6 +245,13 @@ def _check_specs(base: TrainConfig, specs: list[RunSpec]) -> None:
     labels = [s.label for s in specs]
     if len(set(labels)) != len(labels):
         raise UsageError(f"--runs: labels must differ ({labels}); add :label=NAME")
+    defaults = TrainConfig()
+    set_here = [
+        k for k in ("rank", "update_proj_gap", "scale") if getattr(base, k) != getattr(defaults, k)
+    ]
+    if set_here and all(EIGHT_BIT.get(s.optimizer, s.optimizer) == "adamw" for s in specs):
+        flags = ", ".join("--" + k.replace("_", "-") for k in set_here)
+        raise UsageError(f"{flags}: no run in --runs is a GaLore run; drop it or add one")
     for spec in specs:
         for lr in spec.lrs:
             cfg = dataclasses.replace(base, optimizer=spec.optimizer, lr=lr, **spec.overrides)
