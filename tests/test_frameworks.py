@@ -404,3 +404,20 @@ def test_docs_frameworks_recipes_run_and_train_per_layer():
     nn = pytest.importorskip("flax.linen")
     kernel = globs["ts"].params["ScanBlock_0"]["Dense_0"]["kernel"]
     assert isinstance(kernel, nn.Partitioned)  # updates kept linen's boxes
+
+
+def test_tree_get_count_is_ambiguous_as_in_optax_and_the_documented_ways_work():
+    """Issue 15, case 10: two counts, as optax.contrib.galore's layout has; the docs' ways."""
+    import optax
+
+    import galorax
+
+    params = {"w": jnp.ones((8, 4))}
+    ours = galorax.galore(1e-2, rank=2).init(params)
+    theirs = optax.contrib.galore(1e-2, rank=2).init(params)
+    for state in (ours, theirs):
+        with pytest.raises(KeyError, match="multiple values for 'count'"):
+            optax.tree_utils.tree_get(state, "count")
+    only_galore = lambda path, _: getattr(path[-1], "tuple_name", None) == "GaLoreState"  # noqa: E731
+    assert optax.tree_utils.tree_get(ours, "count", filtering=only_galore) == 0
+    assert ours[0].count == 0
