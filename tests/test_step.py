@@ -58,3 +58,16 @@ def test_per_layer_step_needs_less_memory():
     if plain is None or layered is None:
         pytest.skip("this backend reports no memory analysis")
     assert layered.peak < plain.peak
+
+
+def test_adamw_reference_is_plain_adamw_in_per_layer_mode():
+    """The summary's AdamW column is plain AdamW's step, whatever this run's mode."""
+    from galorax.app.step import adamw_reference
+
+    kw = dict(preset="micro", optimizer="galore8bit", batch_size=2, seq_len=16)
+    abstract = M.abstract_params(M.get_preset("micro"))
+    plain = adamw_reference(resolve_config(TrainConfig(**kw)), M.get_preset("micro"), abstract)
+    layered = adamw_reference(
+        resolve_config(TrainConfig(per_layer_updates=True, **kw)), M.get_preset("micro"), abstract
+    )
+    assert layered == plain
