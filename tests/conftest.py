@@ -16,4 +16,4 @@ if _LEVEL not in os.environ.get("XLA_FLAGS", ""):
 
 # Helper scripts run in their own processes (they need XLA_FLAGS or argv set first):
 # not modules for the main run, its doctest collection included.
-collect_ignore = ["distributed_worker.py", "sharding_cases.py"]
+collect_ignore = ["distributed_worker.py", "interrupt_worker.py", "sharding_cases.py"]
