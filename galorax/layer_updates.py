@@ -277,10 +277,12 @@ def per_layer(
 
 
 def as_bits(tree: Any) -> Any:
-    """16-bit float leaves as ``uint16`` bits (free), others as they are.
+    """16-bit leaves as ``uint16`` bits, others as they are.
 
     The stack travels through the layer loops as bits: XLA on CPU runs 16-bit float dots
-    in f32 and would otherwise keep a whole f32 copy of every low-precision stack.
+    in f32 and would otherwise keep a whole f32 copy of every low-precision stack. CPU XLA
+    still copies the stack once for the reinterpretation (BENCHMARKS.md, "per-layer
+    updates"), half the f32 copy's size.
 
     Example:
         >>> as_bits({"w": jnp.ones(2, jnp.bfloat16)})["w"].dtype
@@ -314,6 +316,24 @@ def _sum_squares(tree: Any) -> jax.Array:
 
 def _keep_if(ok: jax.Array, new: Any, old: Any) -> Any:
     return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+
+
+def _update_outer(
+    inner: optax.GradientTransformation,
+    stack: str,
+    grads: Any,
+    state: Any,
+    outer: Any,
+    masked_stack: Any,
+    ok: jax.Array,
+) -> tuple[Any, Any]:
+    """The parameters outside the stack, updated (unless their gradients or the loss are
+    not finite), and their state."""
+    upd, new_state = inner.update(
+        {**grads, stack: masked_stack}, state, {**outer, stack: masked_stack}
+    )
+    new_outer = optax.apply_updates(outer, {k: upd[k] for k in outer})
+    return _keep_if(ok & _all_finite(grads), (new_outer, new_state), (outer, state))
 
 
 def per_layer_step(
@@ -381,15 +401,9 @@ def per_layer_step(
         (grads_embed,) = embed_vjp(dx)
         grads = jax.tree.map(jnp.add, grads_head, grads_embed)
         norm = jnp.sqrt(sq + _sum_squares(grads))
-        masked_stack = _masked(layers)
-        upd, outer_state = inner.update(
-            {**_scaled(grads, scale), stack: masked_stack},
-            state.outer,
-            {**outer, stack: masked_stack},
+        new_outer, outer_state = _update_outer(
+            inner, stack, _scaled(grads, scale), state.outer, outer, _masked(layers), ok
         )
-        good = ok & _all_finite(grads)
-        new_outer = optax.apply_updates(outer, {k: upd[k] for k in outer})
-        new_outer, outer_state = _keep_if(good, (new_outer, outer_state), (outer, state.outer))
         grad_norm = jnp.where(ok, norm, state.grad_norm)
         return (
             loss,

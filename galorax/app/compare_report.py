@@ -17,7 +17,7 @@ from typing import Any
 import jax
 
 from galorax.app.config import RunConfig
-from galorax.app.rundir import atomic_path
+from galorax.app.report import save_figure
 
 
 def best_runs(results: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -166,11 +166,4 @@ def comparison_figure(results: list[dict[str, Any]], title: str) -> Any:
 def plot_comparison(results: list[dict[str, Any]], path: pathlib.Path, title: str) -> None:
     """One PNG (written atomically): the best runs' curves (top) and a memory/speed table
     (bottom), as :func:`comparison_figure` draws them."""
-    import matplotlib.pyplot as plt
-
-    fig = comparison_figure(results, title)
-    try:
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, dpi=110, format="png")
-    finally:
-        plt.close(fig)
+    save_figure(comparison_figure(results, title), path)

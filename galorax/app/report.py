@@ -135,9 +135,13 @@ def plot_curves(runs: dict[str, list[dict[str, Any]]], path: pathlib.Path, title
         path: The PNG to write (atomically: a full disk leaves the old one, never a 0-byte one).
         title: The plot's title.
     """
+    save_figure(curves_figure(runs, title), path)
+
+
+def save_figure(fig: Any, path: pathlib.Path) -> None:
+    """Writes ``fig`` to ``path`` as a PNG, atomically, and closes it (even on failure)."""
     import matplotlib.pyplot as plt
 
-    fig = curves_figure(runs, title)
     try:
         with atomic_path(path) as tmp:
             fig.savefig(tmp, dpi=110, format="png")
