@@ -1,33 +1,26 @@
-"""GaLore's projectors: one :class:`LeafProjector` per projected leaf, and their storage.
+"""GaLore's projectors: one :class:`LeafProjector` per projected leaf.
 
 A :class:`LeafProjector` holds the static facts of one projected leaf (its matrix view,
 side, rank, stagger slot) and the math on it: its initial state (:meth:`LeafProjector.init`),
-the projection (:meth:`~LeafProjector.project`), the refresh (:meth:`~LeafProjector.refresh`)
-and the way back (:meth:`~LeafProjector.project_back`). :func:`make_projectors` builds the
-tree of them (None where a leaf is not projected) that the transform maps over.
+the projection (:meth:`~LeafProjector.project`), the refresh (:meth:`~LeafProjector.refresh`,
+in :mod:`galorax.projector_refresh`) and the way back (:meth:`~LeafProjector.project_back`).
+:func:`make_projectors` builds the tree of them (None where a leaf is not projected) that
+the transform maps over.
 
-:func:`quantize_projector` / :func:`projector_error`: opt-in int8 / int4 storage of GaLore
-projectors (``projector_bits``), and the error measurements that decide whether it pays. A
-refresh quantizes the new basis; every use (projection, back-projection, warm start, sign
-alignment, moment rotation, residual, subspace overlap) dequantizes it first. Projector
-bytes: 1.016 (8) or 0.516 (4) per value instead of 4. Measured on the ``tiny`` model
-(``BENCHMARKS.md``): ``||Q - P|| / ||P||`` 0.85% (8) / 15% (4), error of the back-projected
-gradient 1.0% / 18%; validation loss after 400 steps (2 refreshes) within 0.003 of float32
-(8) and 0.01 below it (4).
+How projectors are stored (float, or int8 / int4 with ``projector_bits``) and what that
+costs: :mod:`galorax.projector_storage`. :func:`quantize_projector` /
+:func:`projector_error` are re-exported here.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
-from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import PartitionSpec
 
-from galorax import chunking, placement, subspace
+from galorax import chunking, placement, projector_refresh
 from galorax.chunking import map_slices
 from galorax.dimension_numbers import (
     GaLoreDimNumsOrFn,
@@ -36,7 +29,8 @@ from galorax.dimension_numbers import (
     resolve_dimension_numbers,
 )
 from galorax.options import GaLoreOptions
-from galorax.quantization.blockwise import dequantize_blockwise, is_quantized
+from galorax.projector_storage import compute_dtype, dense, quantized_spec
+from galorax.quantization.blockwise import is_quantized
 from galorax.quantization.projectors import (
     PROJECTOR_GROUP,
     ProjectorError,
@@ -46,7 +40,7 @@ from galorax.quantization.projectors import (
     select_slices,
 )
 from galorax.residual import compensation
-from galorax.schedule import RefreshSchedule, advance, subspace_overlap
+from galorax.schedule import RefreshSchedule
 
 __all__ = [
     "PROJECTOR_GROUP",
@@ -58,47 +52,6 @@ __all__ = [
     "quantize_slices",
     "select_slices",
 ]
-
-
-def quantized_spec(x: jax.Array, proj_spec: Any, n_batch: int, param: Any) -> Any:
-    """Spec of a quantized projector's codes or scales under explicit sharding.
-
-    Arrays shaped ``(*batch, rows, k)`` (8-bit codes) take the projector's spec; arrays
-    shaped ``(*batch, k)``, whose last axis runs over ``(rows, r)`` row-major (4-bit codes,
-    group scales), are split over it like the rows when it divides evenly: what sharding
-    propagation gives the refresh's output, so the update's outputs match its inputs.
-    """
-    if proj_spec is None:
-        return None
-    entries = tuple(proj_spec) + (None,) * (n_batch + 2 - len(proj_spec))
-    if x.ndim == n_batch + 2:
-        return proj_spec
-    rows = entries[n_batch]
-    names = rows if isinstance(rows, tuple) else () if rows is None else (rows,)
-    mesh = placement.explicit_mesh(param)
-    if (
-        mesh is None
-        or x.ndim != n_batch + 1
-        or x.shape[-1] % math.prod(mesh.shape[a] for a in names)
-    ):
-        rows = None
-    return PartitionSpec(*entries[:n_batch], rows)
-
-
-def dense(p: Any, dtype: Any) -> jax.Array:
-    """A stored projector as a ``dtype`` array (dequantized with ``projector_bits``).
-
-    Example:
-        >>> import jax.numpy as jnp
-        >>> dense(jnp.eye(2, dtype=jnp.bfloat16), jnp.float32).dtype
-        dtype('float32')
-    """
-    return dequantize_blockwise(p, dtype) if is_quantized(p) else p.astype(dtype)
-
-
-def compute_dtype(dtype: Any) -> Any:
-    """Projections and low-rank moments run in at least f32 (bf16 moments stall)."""
-    return jnp.promote_types(dtype, jnp.float32)
 
 
 def uses_left(side: str, m: int, n: int) -> bool:
@@ -259,104 +212,21 @@ class LeafProjector:
         return self.view.from_matrix(full), new_norm if with_norm else norm
 
     def sketch(self, shape: tuple[int, ...], count: Any) -> jax.Array | None:
-        """The range finder's random test matrix for gradients ``shape`` (None: SVD): one
-        matrix that every slice of a stacked leaf shares, so a chunk of the slices, or one
-        layer updated on its own (:mod:`galorax.layer_updates`), draws the same one."""
-        rf = self.options.subspace
-        if rf is None:
-            return None
-        key = jax.random.fold_in(jax.random.fold_in(jax.random.key(rf.seed), self.index), count)
-        m, n = shape[-2:]
-        a = jax.ShapeDtypeStruct((m, n) if self.left else (n, m), jnp.float32)
-        return subspace.sketch(key, a, self.rank, rf.oversample)  # type: ignore[arg-type]
+        """The range finder's test matrix: :func:`galorax.projector_refresh.sketch`."""
+        return projector_refresh.sketch(self, shape, count)
 
     def candidate(self, g2: jax.Array, old_c: jax.Array, omega: Any, fresh: jax.Array):
-        """A new basis for every slice of ``g2`` (``old_c``: the old one, dense), and
-        whether its slices were split over ``refresh_axes``."""
-        opts, rf = self.options, self.options.subspace
-        nb = len(self.view.batch_shape)
-        factorize: Callable[..., jax.Array]
-        if rf is None:
-            # On a mesh the SVD needs each matrix whole: gathered (with a warning).
-            factorize = lambda a: subspace.exact_basis(a, self.rank, left=self.left)  # noqa: E731
-            inputs: tuple[Any, ...] = (placement.whole_for_svd(g2),)
-        else:
-            a = g2 if self.left else jnp.swapaxes(g2, -1, -2)
-
-            def factorize(a, omega, old_c, fresh):
-                warm = old_c if rf.warm_start else None
-                return subspace.range_finder(
-                    a, omega, self.rank, warm, fresh, opts.precision, rf.qr, rf.power_iters
-                )
-
-            inputs = (a, omega.astype(a.dtype), old_c, fresh)
-        # Replicated stacked weights: each device factorizes its share of the slices.
-        return placement.spread_map(factorize, opts.refresh_axes, nb, *inputs)
+        """New bases of ``g2``'s slices: :func:`galorax.projector_refresh.candidate`."""
+        return projector_refresh.candidate(self, g2, old_c, omega, fresh)
 
     def attempt(self, g2: jax.Array, old: Any, due: jax.Array, omega: Any, fresh: jax.Array):
-        """``(new projector, accepted, overlap, split)`` of a refresh of the slices of
-        ``g2`` (any float dtype; a chunk or the whole stack). Slices whose gradient is zero
-        or non-finite, or not ``due``, keep their projector."""
-        opts = self.options
-        g2 = g2.astype(compute_dtype(g2.dtype))
-        valid = jnp.all(jnp.isfinite(g2), axis=(-2, -1)) & jnp.any(g2 != 0, axis=(-2, -1))
-        # A bad slice must not poison the batched factorization of the good ones.
-        g2 = jnp.where(valid[..., None, None], g2, 0)
-        old_c = dense(old, g2.dtype)
-        cand, split = self.candidate(g2, old_c, omega, fresh)
-        if opts.moments != "keep":  # an SVD picks signs at random: match the old ones
-            signs = jnp.sign(jnp.sum(cand * old_c, axis=-2, keepdims=True))
-            cand = cand * jnp.where(signs == 0, 1, signs)
-        overlap = subspace_overlap(cand, old_c) if opts.adaptive is not None else None
-        accept = due & valid
-        if is_quantized(old):
-            new = select_slices(
-                accept, quantize_slices(cand.astype(opts.projector_dtype), old.bits), old
-            )
-        else:
-            new = jnp.where(accept[..., None, None], cand.astype(old.dtype), old)
-        return new, accept, overlap, split
+        """A refresh of ``g2``'s due slices: :func:`galorax.projector_refresh.attempt`."""
+        return projector_refresh.attempt(self, g2, old, due, omega, fresh)
 
     def refresh(self, g2: jax.Array, old: Any, sched: RefreshSchedule, count: Any):
-        """New projectors for the due slices (stored like ``old``), the schedule after the
-        attempt, and whether any slice changed; a chunk of a stacked leaf's slices at a
-        time off a mesh when :meth:`chunk_bytes` says it pays. Slices whose gradient is zero
-        or non-finite keep their projector and retry at the next step."""
-        opts, nb = self.options, len(self.view.batch_shape)
-        due, fresh = count >= sched.next_step, sched.refreshes > 0
-        omega = self.sketch(g2.shape, count)
-        size = 0 if placement.on_several_devices(g2) else self.chunk_bytes(g2.dtype)
-        split_seen: list[bool] = []
-
-        def body(bufs: Any, reads: Any) -> Any:
-            (parts, _, _), (g2, due, fresh) = bufs, reads
-            # The shared test matrix, as each slice's (a chunk's batch axes are flat).
-            omega_c = (
-                None if omega is None else jnp.broadcast_to(omega, (*g2.shape[:-2], *omega.shape))
-            )
-            old_c: Any = parts
-            if is_quantized(old):
-                shape = (*parts[0].shape[: parts[0].ndim - old.codes.ndim + nb], *old.shape[nb:])
-                old_c = dataclasses.replace(old, codes=parts[0], scales=parts[1], shape=shape)
-            new, accept, overlap, split = self.attempt(g2, old_c, due, omega_c, fresh)
-            split_seen.append(split)
-            parts = (new.codes, new.scales) if is_quantized(new) else new
-            return parts, accept, jnp.zeros(accept.shape) if overlap is None else overlap
-
-        parts = (old.codes, old.scales) if is_quantized(old) else old
-        bufs = (parts, jnp.zeros(due.shape, bool), jnp.zeros(due.shape))
-        reads = (g2, due, fresh)
-        parts, accept, overlap = map_slices(body, bufs, reads, nb, size)
-        new = parts
-        if is_quantized(old):
-            new = dataclasses.replace(old, codes=parts[0], scales=parts[1])
-        overlap = overlap if opts.adaptive is not None else None
-        sched = advance(
-            sched, accept, count, self.offset, opts.update_proj_gap, overlap, opts.adaptive
-        )
-        if any(split_seen):  # the new state whole again, placed like the old (no recompilation)
-            new, sched = jax.tree.map(lambda x: placement.whole_slices(x, nb), (new, sched))
-        return new, sched, jnp.any(accept)
+        """New projectors for the due slices, the schedule after the attempt and whether
+        any slice changed: :func:`galorax.projector_refresh.refresh`."""
+        return projector_refresh.refresh(self, g2, old, sched, count)
 
 
 def is_projector_leaf(x: Any) -> bool:

@@ -8,25 +8,26 @@ low-precision weights and refreshes that survive zero or non-finite gradients.
 
 The pieces live in their own modules: the options and their checks in
 :mod:`galorax.options`, the per-leaf math in :mod:`galorax.projector`, the moments'
-rotation in :mod:`galorax.moments`. Here they are mapped over the parameter tree.
+rotation in :mod:`galorax.moments`, :class:`GaLoreState` and its ``init`` / ``update``
+over the parameter tree in :mod:`galorax.galore_state`. Here they become the optax
+transformation.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
-import jax.numpy as jnp
 import optax
 
 from galorax import placement
 from galorax.compat import as_plain, box_moments, rebox, restore_boxes, unbox
-from galorax.dimension_numbers import GaLoreDimNumsOrFn, check_same_tree, is_masked
-from galorax.moments import Transition, check_moments, moment_kinds, rotate_moments
+from galorax.dimension_numbers import GaLoreDimNumsOrFn, check_same_tree
+from galorax.galore_state import GaLoreState, init_state, update_state
+from galorax.moments import moment_kinds
 from galorax.nonfinite import keep_nonfinite_leaves
 from galorax.options import (
-    GaLoreOptions,
     MomentKind,
     Moments,
     Side,
@@ -34,75 +35,11 @@ from galorax.options import (
     check_base_optimizer,
     galore_options,
 )
-from galorax.projector import LeafProjector, is_projector_leaf, make_projectors
+from galorax.projector import make_projectors
 from galorax.residual import Residual
 from galorax.schedule import AdaptiveRefresh
 
 __all__ = ["GaLoreState", "galore", "scale_by_galore"]
-
-# The start of optax's message for a transform called without the params it needs
-# (``optax._src.base.NO_PARAMS_MSG``, not public).
-_NO_PARAMS = "requires the current value of parameters"
-
-
-class GaLoreState(NamedTuple):
-    """State for the GaLore optimizer.
-
-    The first three fields are ``optax.contrib.GaLoreState``'s. Leaves that are not
-    projected hold ``optax.MaskedNode()`` in ``projector`` and ``schedule`` (a leafless
-    placeholder, so orbax saves the state as it is).
-
-    Attributes:
-        count: Number of update steps taken.
-        base_optimizer_state: State for the base optimizer, operating on low-rank
-            gradients for projected params and full gradients for the others.
-        projector: Projection matrices, ``(*batch, m, r)`` for left and ``(*batch, n, r)``
-            for right projection, where ``(m, n)`` is the leaf's matrix view; with
-            ``projector_bits``, a :class:`galorax.QuantizedArray` of that shape.
-        schedule: A :class:`RefreshSchedule` per projected leaf.
-        residual_norm: With residual compensation, last step's compensation norm per
-            matrix (batch-shaped) of each projected leaf; else None.
-    """
-
-    count: jax.typing.ArrayLike  # type: ignore[assignment]  # shape=(), dtype=jnp.int32
-    base_optimizer_state: optax.OptState
-    projector: optax.Updates
-    schedule: optax.Updates = None
-    residual_norm: optax.Updates = None
-
-
-def _unzip(treedef: Any, tree: Any, n: int) -> tuple[Any, ...]:
-    """A tree of per-leaf ``n``-tuples (at ``treedef``'s leaves) as ``n`` trees."""
-    cols = list(zip(*treedef.flatten_up_to(tree), strict=True)) or [()] * n
-    return tuple(treedef.unflatten(col) for col in cols)
-
-
-def _init_leaf(proj: LeafProjector | None, param: Any) -> tuple[Any, ...]:
-    """``(projector, low-rank proxy, schedule, residual norm, low)`` of one leaf; ``low``:
-    the proxy where projected, else masked (what rotation would touch)."""
-    masked = optax.MaskedNode()
-    if proj is not None:
-        p, proxy, schedule, norm = proj.init(param)
-        return p, proxy, schedule, norm, proxy
-    proxy = (
-        param if is_masked(param) else placement.like(jnp.zeros(param.shape, param.dtype), param)
-    )
-    return masked, proxy, masked, masked, masked
-
-
-def _project_leaf(proj: LeafProjector | None, g: Any, old: Any, sched: Any, count: Any):
-    """``(low-rank gradient, projector, schedule, transition, carry)`` of one leaf."""
-    if proj is None:
-        return g, old, sched, None, None
-    low, new, sched, changed, carry = proj.step(g, old, sched, count)
-    rotate = proj.options.moments == "rotate"
-    transition = Transition(changed, new, old, proj.left, proj.low_shape) if rotate else None
-    return low, new, sched, transition, carry
-
-
-def _back_leaf(proj: LeafProjector | None, g: Any, carry: Any, u: Any, norm: Any):
-    """One leaf's update in parameter space and its new residual norm."""
-    return (u, norm) if proj is None else proj.finish(g, carry, u, norm)
 
 
 def scale_by_galore(
@@ -174,7 +111,7 @@ def scale_by_galore(
             linear code, one ``float32`` scale per group of 256 values, never across two
             slices of a stacked leaf), a :class:`galorax.QuantizedArray` in
             ``state.projector``; every use dequantizes it to the compute dtype first.
-            3.9x / 7.8x fewer projector bytes; what it costs: :mod:`galorax.projector`.
+            3.9x / 7.8x fewer projector bytes; what it costs: :mod:`galorax.projector_storage`.
         refresh_axes: Mesh axes (a name or a tuple) over which the weights are
             replicated, typically the data-parallel ones, e.g. ``"data"``. A refresh of
             a stacked weight then splits its slices (layers) over these axes: each device
@@ -233,7 +170,7 @@ def scale_by_galore(
     def init_fn(params: optax.Params) -> GaLoreState:
         plain = as_plain(params)  # no nnx.Param, no None: a state nnx round-trips
         projectors = make_projectors(plain, weight_dimension_numbers, opts)
-        state = _init(plain, projectors, opts, base_tx, kinds)
+        state = init_state(plain, projectors, opts, base_tx, kinds)
         # Unprojected moments boxed like their params (an nnx.Param's sharding), as optax's.
         base = box_moments(params, state.base_optimizer_state, state.projector)
         return state._replace(base_optimizer_state=base)
@@ -248,89 +185,12 @@ def scale_by_galore(
         plain, boxed, state = as_plain(updates), state, unbox(state)
         check_same_tree(plain, state.projector)
         projectors = make_projectors(plain, weight_dimension_numbers, opts)
-        new = _update(plain, state, projectors, opts, base_tx, kinds, extra_args)
+        new = update_state(plain, state, projectors, opts, base_tx, kinds, extra_args)
         out, state = keep_nonfinite_leaves(plain, state, new) if opts.skip_nonfinite else new
         return rebox(updates, out), restore_boxes(boxed, state)
 
     # Explicit-axes meshes: the update body runs with automatic axes (see placement.py).
     return optax.GradientTransformationExtraArgs(init_fn, placement.auto_axes_update(update_fn))
-
-
-def _init(
-    params: Any, projectors: Any, opts: GaLoreOptions, base_tx: Any, kinds: Mapping[str, str]
-) -> GaLoreState:
-    """``init`` of :func:`scale_by_galore` for the tree of projectors of ``params``."""
-    treedef: Any = jax.tree.structure(projectors, is_leaf=is_projector_leaf)
-    per_leaf = jax.tree.map(_init_leaf, projectors, params, is_leaf=is_projector_leaf)
-    projector, proxies, schedule, norms, low = _unzip(treedef, per_leaf, 5)
-    base_state = base_tx.init(proxies)
-    if opts.moments == "rotate":
-        check_moments(base_state, low, kinds)
-    return GaLoreState(
-        count=jnp.zeros([], jnp.int32),
-        base_optimizer_state=base_state,
-        projector=projector,
-        schedule=schedule,
-        residual_norm=norms if opts.residual is not None else None,
-    )
-
-
-def _update(
-    updates: Any,
-    state: GaLoreState,
-    projectors: Any,
-    opts: GaLoreOptions,
-    base_tx: Any,
-    kinds: Mapping[str, str],
-    extra_args: dict[str, Any],
-) -> tuple[Any, GaLoreState]:
-    """``update`` of :func:`scale_by_galore`: refresh and project each leaf, rotate the
-    moments, run the base optimizer, project back."""
-    count = state.count
-    treedef: Any = jax.tree.structure(projectors, is_leaf=is_projector_leaf)
-    per_leaf = jax.tree.map(
-        lambda proj, g, old, sched: _project_leaf(proj, g, old, sched, count),
-        projectors,
-        updates,
-        state.projector,
-        state.schedule,
-        is_leaf=is_projector_leaf,
-    )
-    lows, projector, schedule, transitions, carry = _unzip(treedef, per_leaf, 5)
-    base_state = state.base_optimizer_state
-    flat_transitions = treedef.flatten_up_to(transitions)
-    if any(t is not None for t in flat_transitions):
-        base_state = rotate_moments(base_state, flat_transitions, kinds)
-    low_updates, base_state = _base_update(base_tx, lows, base_state, extra_args)
-    with_residual = opts.residual is not None
-    none = treedef.unflatten([None] * treedef.num_leaves)
-    norms = state.residual_norm if with_residual else none
-    per_leaf = jax.tree.map(
-        _back_leaf, projectors, updates, carry, low_updates, norms, is_leaf=is_projector_leaf
-    )
-    out, new_norms = _unzip(treedef, per_leaf, 2)
-    return out, GaLoreState(
-        count=optax.safe_int32_increment(count),
-        base_optimizer_state=base_state,
-        projector=projector,
-        schedule=schedule,
-        residual_norm=new_norms if with_residual else None,
-    )
-
-
-def _base_update(base_tx: Any, lows: Any, base_state: Any, extra_args: dict[str, Any]):
-    """The base optimizer's step on the low-rank gradients (it gets no params)."""
-    try:
-        return base_tx.update(lows, base_state, None, **extra_args)
-    except ValueError as err:
-        if _NO_PARAMS not in str(err):
-            raise
-        raise ValueError(
-            "GaLore's base_optimizer runs on low-rank gradients without params, but this "
-            "one needs params (adamw, lamb, lars, add_decayed_weights...). Use a gradient-"
-            "only transform such as optax.scale_by_adam() and pass weight decay through "
-            "galorax.galore(..., weight_decay=...)."
-        ) from err
 
 
 def galore(

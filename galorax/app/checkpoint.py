@@ -6,10 +6,8 @@ it when complete, so a process killed mid-write leaves only a temporary director
 :class:`Checkpointer` ignores: the previous checkpoint stays the latest one.
 
 The optimizer state is stored as its flat list of leaves, keyed by position, and rebuilt from
-the structure of a freshly initialized state. That keeps any pytree node type (NamedTuples,
-``optax.MaskedNode``) out of the files and sidesteps leaves orbax cannot write: zero-size
-placeholders (``optax.contrib.galore`` keeps ``zeros((0, 0))`` for unprojected leaves) are
-not stored at all, and typed PRNG keys are stored as their raw key data.
+the structure of a freshly initialized state (:mod:`galorax.app.flat_state`): no pytree node
+type in the files, no zero-size placeholder stored, typed PRNG keys as their raw key data.
 
 Sharded arrays (``NamedSharding`` over a mesh, one process or several under
 ``jax.distributed``) are written shard by shard, each process writing its own. A restore
@@ -52,7 +50,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
 
 from galorax.app import model as model_lib
 from galorax.app.checksums import (
@@ -63,85 +60,12 @@ from galorax.app.checksums import (
     named,
     verify_sums,
 )
+from galorax.app.flat_state import abstract_leaf, flatten_state, unflatten_state, with_shardings
+
+__all__ = ["CheckpointError", "Checkpointer", "load_params", "model_config_of", "with_shardings"]
 
 # orbax logs every save at INFO through absl; keep the progress bar readable.
 logging.getLogger("absl").setLevel(logging.WARNING)
-
-
-def _is_key(x: Any) -> bool:
-    return hasattr(x, "dtype") and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
-
-
-def _flatten_state(state: Any) -> dict[str, Any]:
-    """Non-empty leaves of ``state`` keyed by zero-padded position (keys as raw data)."""
-    # The leaf count doubles as a structure check and keeps an empty state a valid item.
-    # Host values are numpy: a jax array made by one process alone lives on that process's
-    # device only, and orbax refuses such arrays under jax.distributed.
-    flat: dict[str, Any] = {"n_leaves": np.asarray(len(jax.tree.leaves(state)), np.int32)}
-    for i, leaf in enumerate(jax.tree.leaves(state)):
-        if _is_key(leaf):
-            leaf = jax.random.key_data(leaf)
-        if np.size(leaf) == 0:
-            continue
-        flat[f"{i:06d}"] = leaf if isinstance(leaf, jax.Array) else np.asarray(leaf)
-    return flat
-
-
-def _key_data_sharding(sharding: Any) -> Any:
-    """The sharding of a key array's raw data (one trailing, unsharded axis more)."""
-    if isinstance(sharding, NamedSharding):
-        return NamedSharding(sharding.mesh, PartitionSpec(*sharding.spec))
-    if isinstance(sharding, SingleDeviceSharding):
-        return sharding
-    return None  # let orbax choose (the sharding the array was saved with)
-
-
-def _abstract(x: Any) -> Any:
-    """``x``'s shape, dtype and sharding (if any) as a ``ShapeDtypeStruct`` (keys: raw data)."""
-    sharding = getattr(x, "sharding", None)
-    if _is_key(x):
-        sharding = _key_data_sharding(sharding)
-        x = jax.eval_shape(jax.random.key_data, jax.ShapeDtypeStruct(x.shape, x.dtype))
-    return jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding)
-
-
-def with_shardings(tree: Any, shardings: Any) -> Any:
-    """``tree``'s leaves as ``jax.ShapeDtypeStruct``s placed on ``shardings``: a restore target.
-
-    Args:
-        tree: Arrays or ``ShapeDtypeStruct``s (e.g. from ``jax.eval_shape``).
-        shardings: A tree like ``tree`` of ``jax.sharding.Sharding`` (e.g. from
-            :func:`galorax.sharding.state_shardings`), or one sharding for every leaf.
-
-    Example:
-        >>> import jax, jax.numpy as jnp
-        >>> one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        >>> with_shardings({"w": jnp.zeros(3)}, one)["w"].sharding == one
-        True
-    """
-    if isinstance(shardings, jax.sharding.Sharding):
-        return jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=shardings), tree
-        )
-    return jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings
-    )
-
-
-def _unflatten_state(flat: dict[str, Any], template: Any) -> Any:
-    leaves, treedef = jax.tree.flatten(template)
-    out = []
-    for i, t in enumerate(leaves):
-        key = f"{i:06d}"
-        if key not in flat:  # an empty placeholder: rebuild it from the template
-            out.append(jnp.zeros(t.shape, t.dtype, device=getattr(t, "sharding", None)))
-        elif _is_key(t):
-            # Abstract templates carry the impl only on the dtype (jax has no public getter).
-            impl = getattr(t.dtype, "_impl", None)
-            out.append(jax.random.wrap_key_data(flat[key], impl=impl))
-        else:
-            out.append(flat[key])
-    return jax.tree.unflatten(treedef, out)
 
 
 class CheckpointError(ValueError):
@@ -207,7 +131,7 @@ class Checkpointer:
         if step in self._mgr.all_steps():
             return
         args = self._ocp.args
-        flat = _flatten_state(opt_state)
+        flat = flatten_state(opt_state)
         self._mgr.save(
             step,
             args=args.Composite(
@@ -281,12 +205,12 @@ class Checkpointer:
         """
         leaves = jax.tree.leaves(opt_state_template)
         abstract_flat = {
-            f"{i:06d}": _abstract(leaf)
+            f"{i:06d}": abstract_leaf(leaf)
             for i, leaf in enumerate(leaves)
-            if np.prod(_abstract(leaf).shape) != 0
+            if np.prod(abstract_leaf(leaf).shape) != 0
         }
         abstract_flat["n_leaves"] = jax.ShapeDtypeStruct((), jnp.int32)
-        abstract_params = jax.tree.map(_abstract, params_template)
+        abstract_params = jax.tree.map(abstract_leaf, params_template)
         restored = self._verified(step, {"params": abstract_params, "opt_state": abstract_flat})
         params = jax.tree.map(
             lambda x, t: x if x.dtype == t.dtype else x.astype(t.dtype),
@@ -299,7 +223,7 @@ class Checkpointer:
                 f"checkpoint {step} in {self.directory} holds another optimizer's state; "
                 "resume with the run's own settings"
             )
-        return params, _unflatten_state(flat, opt_state_template)
+        return params, unflatten_state(flat, opt_state_template)
 
     def restore_latest(
         self, params_template: Any, opt_state_template: Any, log: Callable[[str], None] = print
@@ -338,7 +262,7 @@ class Checkpointer:
         Raises:
             CheckpointError: the checkpoint is damaged.
         """
-        items = {"params": jax.tree.map(_abstract, params_template)}
+        items = {"params": jax.tree.map(abstract_leaf, params_template)}
         return self._verified(step, items).params
 
     def restore_meta(self, step: int) -> dict[str, Any]:

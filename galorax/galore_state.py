@@ -1,0 +1,193 @@
+"""GaLore's state and its two transitions over the parameter tree: ``init`` and ``update``.
+
+:class:`GaLoreState` is what :func:`galorax.scale_by_galore` keeps. :func:`init_state`
+and :func:`update_state` map the per-leaf math of :mod:`galorax.projector` over the tree
+of :class:`~galorax.projector.LeafProjector` (None where a leaf is not projected), rotate
+the base optimizer's moments at a refresh (:mod:`galorax.moments`) and run the base
+optimizer on the low-rank gradients. :mod:`galorax.transform` wraps them in the optax
+transformation (boxing, checks, non-finite skipping, placement).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from galorax import placement
+from galorax.dimension_numbers import is_masked
+from galorax.moments import Transition, check_moments, rotate_moments
+from galorax.options import GaLoreOptions
+from galorax.projector import LeafProjector, is_projector_leaf
+
+__all__ = ["GaLoreState", "init_state", "update_state"]
+
+# The start of optax's message for a transform called without the params it needs
+# (``optax._src.base.NO_PARAMS_MSG``, not public).
+_NO_PARAMS = "requires the current value of parameters"
+
+
+class GaLoreState(NamedTuple):
+    """State for the GaLore optimizer.
+
+    The first three fields are ``optax.contrib.GaLoreState``'s. Leaves that are not
+    projected hold ``optax.MaskedNode()`` in ``projector`` and ``schedule`` (a leafless
+    placeholder, so orbax saves the state as it is).
+
+    Attributes:
+        count: Number of update steps taken.
+        base_optimizer_state: State for the base optimizer, operating on low-rank
+            gradients for projected params and full gradients for the others.
+        projector: Projection matrices, ``(*batch, m, r)`` for left and ``(*batch, n, r)``
+            for right projection, where ``(m, n)`` is the leaf's matrix view; with
+            ``projector_bits``, a :class:`galorax.QuantizedArray` of that shape.
+        schedule: A :class:`RefreshSchedule` per projected leaf.
+        residual_norm: With residual compensation, last step's compensation norm per
+            matrix (batch-shaped) of each projected leaf; else None.
+    """
+
+    count: jax.typing.ArrayLike  # type: ignore[assignment]  # shape=(), dtype=jnp.int32
+    base_optimizer_state: optax.OptState
+    projector: optax.Updates
+    schedule: optax.Updates = None
+    residual_norm: optax.Updates = None
+
+
+def _unzip(treedef: Any, tree: Any, n: int) -> tuple[Any, ...]:
+    """A tree of per-leaf ``n``-tuples (at ``treedef``'s leaves) as ``n`` trees."""
+    cols = list(zip(*treedef.flatten_up_to(tree), strict=True)) or [()] * n
+    return tuple(treedef.unflatten(col) for col in cols)
+
+
+def _init_leaf(proj: LeafProjector | None, param: Any) -> tuple[Any, ...]:
+    """``(projector, low-rank proxy, schedule, residual norm, low)`` of one leaf; ``low``:
+    the proxy where projected, else masked (what rotation would touch)."""
+    masked = optax.MaskedNode()
+    if proj is not None:
+        p, proxy, schedule, norm = proj.init(param)
+        return p, proxy, schedule, norm, proxy
+    proxy = (
+        param if is_masked(param) else placement.like(jnp.zeros(param.shape, param.dtype), param)
+    )
+    return masked, proxy, masked, masked, masked
+
+
+def _project_leaf(proj: LeafProjector | None, g: Any, old: Any, sched: Any, count: Any):
+    """``(low-rank gradient, projector, schedule, transition, carry)`` of one leaf."""
+    if proj is None:
+        return g, old, sched, None, None
+    low, new, sched, changed, carry = proj.step(g, old, sched, count)
+    rotate = proj.options.moments == "rotate"
+    transition = Transition(changed, new, old, proj.left, proj.low_shape) if rotate else None
+    return low, new, sched, transition, carry
+
+
+def _back_leaf(proj: LeafProjector | None, g: Any, carry: Any, u: Any, norm: Any):
+    """One leaf's update in parameter space and its new residual norm."""
+    return (u, norm) if proj is None else proj.finish(g, carry, u, norm)
+
+
+def init_state(
+    params: Any, projectors: Any, opts: GaLoreOptions, base_tx: Any, kinds: Mapping[str, str]
+) -> GaLoreState:
+    """``init`` of :func:`galorax.scale_by_galore` for the tree of projectors of ``params``.
+
+    Args:
+        params: The parameters, plain (no boxes, no None leaves).
+        projectors: :func:`galorax.projector.make_projectors` of ``params``.
+        opts: The transform's options.
+        base_tx: The base optimizer (with extra-args support).
+        kinds: How each base-state field moves at a refresh
+            (:func:`galorax.moments.moment_kinds`).
+
+    Returns:
+        The initial :class:`GaLoreState`; its moments are checked against ``kinds`` when
+        ``opts.moments == "rotate"``.
+    """
+    treedef: Any = jax.tree.structure(projectors, is_leaf=is_projector_leaf)
+    per_leaf = jax.tree.map(_init_leaf, projectors, params, is_leaf=is_projector_leaf)
+    projector, proxies, schedule, norms, low = _unzip(treedef, per_leaf, 5)
+    base_state = base_tx.init(proxies)
+    if opts.moments == "rotate":
+        check_moments(base_state, low, kinds)
+    return GaLoreState(
+        count=jnp.zeros([], jnp.int32),
+        base_optimizer_state=base_state,
+        projector=projector,
+        schedule=schedule,
+        residual_norm=norms if opts.residual is not None else None,
+    )
+
+
+def update_state(
+    updates: Any,
+    state: GaLoreState,
+    projectors: Any,
+    opts: GaLoreOptions,
+    base_tx: Any,
+    kinds: Mapping[str, str],
+    extra_args: dict[str, Any],
+) -> tuple[Any, GaLoreState]:
+    """``update`` of :func:`galorax.scale_by_galore`: refresh and project each leaf, rotate
+    the moments, run the base optimizer, project back.
+
+    Args:
+        updates: The gradients, plain (no boxes).
+        state: The current state, unboxed.
+        projectors: :func:`galorax.projector.make_projectors` of ``updates``.
+        opts: The transform's options.
+        base_tx: The base optimizer (with extra-args support).
+        kinds: How each base-state field moves at a refresh.
+        extra_args: Extra arguments for the base optimizer's update.
+
+    Returns:
+        ``(updates in parameter space, new state)``.
+    """
+    count = state.count
+    treedef: Any = jax.tree.structure(projectors, is_leaf=is_projector_leaf)
+    per_leaf = jax.tree.map(
+        lambda proj, g, old, sched: _project_leaf(proj, g, old, sched, count),
+        projectors,
+        updates,
+        state.projector,
+        state.schedule,
+        is_leaf=is_projector_leaf,
+    )
+    lows, projector, schedule, transitions, carry = _unzip(treedef, per_leaf, 5)
+    base_state = state.base_optimizer_state
+    flat_transitions = treedef.flatten_up_to(transitions)
+    if any(t is not None for t in flat_transitions):
+        base_state = rotate_moments(base_state, flat_transitions, kinds)
+    low_updates, base_state = _base_update(base_tx, lows, base_state, extra_args)
+    with_residual = opts.residual is not None
+    none = treedef.unflatten([None] * treedef.num_leaves)
+    norms = state.residual_norm if with_residual else none
+    per_leaf = jax.tree.map(
+        _back_leaf, projectors, updates, carry, low_updates, norms, is_leaf=is_projector_leaf
+    )
+    out, new_norms = _unzip(treedef, per_leaf, 2)
+    return out, GaLoreState(
+        count=optax.safe_int32_increment(count),
+        base_optimizer_state=base_state,
+        projector=projector,
+        schedule=schedule,
+        residual_norm=new_norms if with_residual else None,
+    )
+
+
+def _base_update(base_tx: Any, lows: Any, base_state: Any, extra_args: dict[str, Any]):
+    """The base optimizer's step on the low-rank gradients (it gets no params)."""
+    try:
+        return base_tx.update(lows, base_state, None, **extra_args)
+    except ValueError as err:
+        if _NO_PARAMS not in str(err):
+            raise
+        raise ValueError(
+            "GaLore's base_optimizer runs on low-rank gradients without params, but this "
+            "one needs params (adamw, lamb, lars, add_decayed_weights...). Use a gradient-"
+            "only transform such as optax.scale_by_adam() and pass weight decay through "
+            "galorax.galore(..., weight_decay=...)."
+        ) from err

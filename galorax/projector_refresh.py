@@ -1,0 +1,169 @@
+"""A projector refresh: new bases for the due slices of one projected leaf.
+
+:func:`refresh` is what :meth:`galorax.projector.LeafProjector.refresh` runs when a slice
+is due (:mod:`galorax.schedule`): it draws the range finder's test matrix
+(:func:`sketch`), factorizes the gradient's slices (:func:`candidate`: an exact SVD or the
+randomized range finder of :mod:`galorax.subspace`, split over ``refresh_axes`` on a
+mesh), aligns the new columns' signs with the old ones and keeps the old projector where
+a slice's gradient is unusable (:func:`attempt`), a chunk of a stacked leaf's slices at a
+time, then advances the schedule.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import jax
+import jax.numpy as jnp
+
+from galorax import placement, subspace
+from galorax.chunking import map_slices
+from galorax.projector_storage import compute_dtype, dense
+from galorax.quantization.blockwise import is_quantized
+from galorax.quantization.projectors import quantize_slices, select_slices
+from galorax.schedule import RefreshSchedule, advance, subspace_overlap
+
+if TYPE_CHECKING:
+    from galorax.projector import LeafProjector
+
+__all__ = ["attempt", "candidate", "refresh", "sketch"]
+
+
+def sketch(leaf: LeafProjector, shape: tuple[int, ...], count: Any) -> jax.Array | None:
+    """The range finder's random test matrix for gradients ``shape`` (None: SVD): one
+    matrix that every slice of a stacked leaf shares, so a chunk of the slices, or one
+    layer updated on its own (:mod:`galorax.layer_updates`), draws the same one.
+
+    Args:
+        leaf: The projected leaf (its options, index, side and rank).
+        shape: Shape of the leaf's gradients as matrices, ``(*batch, m, n)``.
+        count: The step (folded into the key).
+    """
+    rf = leaf.options.subspace
+    if rf is None:
+        return None
+    key = jax.random.fold_in(jax.random.fold_in(jax.random.key(rf.seed), leaf.index), count)
+    m, n = shape[-2:]
+    a = jax.ShapeDtypeStruct((m, n) if leaf.left else (n, m), jnp.float32)
+    return subspace.sketch(key, a, leaf.rank, rf.oversample)  # type: ignore[arg-type]
+
+
+def candidate(
+    leaf: LeafProjector, g2: jax.Array, old_c: jax.Array, omega: Any, fresh: jax.Array
+) -> tuple[jax.Array, bool]:
+    """A new basis for every slice of ``g2`` and whether its slices were split over
+    ``refresh_axes``.
+
+    Args:
+        leaf: The projected leaf.
+        g2: The gradient's slices as matrices, in the compute dtype.
+        old_c: The old projector, dense.
+        omega: The shared test matrix per slice (None: SVD).
+        fresh: Per slice, whether it was refreshed before (a warm start then).
+    """
+    opts, rf = leaf.options, leaf.options.subspace
+    nb = len(leaf.view.batch_shape)
+    factorize: Callable[..., jax.Array]
+    if rf is None:
+        # On a mesh the SVD needs each matrix whole: gathered (with a warning).
+        factorize = lambda a: subspace.exact_basis(a, leaf.rank, left=leaf.left)  # noqa: E731
+        inputs: tuple[Any, ...] = (placement.whole_for_svd(g2),)
+    else:
+        a = g2 if leaf.left else jnp.swapaxes(g2, -1, -2)
+
+        def factorize(a, omega, old_c, fresh):
+            warm = old_c if rf.warm_start else None
+            return subspace.range_finder(
+                a, omega, leaf.rank, warm, fresh, opts.precision, rf.qr, rf.power_iters
+            )
+
+        inputs = (a, omega.astype(a.dtype), old_c, fresh)
+    # Replicated stacked weights: each device factorizes its share of the slices.
+    return placement.spread_map(factorize, opts.refresh_axes, nb, *inputs)
+
+
+def attempt(
+    leaf: LeafProjector, g2: jax.Array, old: Any, due: jax.Array, omega: Any, fresh: jax.Array
+) -> tuple[Any, jax.Array, jax.Array | None, bool]:
+    """``(new projector, accepted, overlap, split)`` of a refresh of the slices of ``g2``
+    (any float dtype; a chunk or the whole stack). Slices whose gradient is zero or
+    non-finite, or not ``due``, keep their projector.
+
+    Args:
+        leaf: The projected leaf.
+        g2: The gradient's slices as matrices.
+        old: The stored projector of these slices (float or quantized).
+        due: Per slice, whether its refresh is due.
+        omega: The shared test matrix per slice (None: SVD).
+        fresh: Per slice, whether it was refreshed before.
+    """
+    opts = leaf.options
+    g2 = g2.astype(compute_dtype(g2.dtype))
+    valid = jnp.all(jnp.isfinite(g2), axis=(-2, -1)) & jnp.any(g2 != 0, axis=(-2, -1))
+    # A bad slice must not poison the batched factorization of the good ones.
+    g2 = jnp.where(valid[..., None, None], g2, 0)
+    old_c = dense(old, g2.dtype)
+    cand, split = candidate(leaf, g2, old_c, omega, fresh)
+    if opts.moments != "keep":  # an SVD picks signs at random: match the old ones
+        signs = jnp.sign(jnp.sum(cand * old_c, axis=-2, keepdims=True))
+        cand = cand * jnp.where(signs == 0, 1, signs)
+    overlap = subspace_overlap(cand, old_c) if opts.adaptive is not None else None
+    accept = due & valid
+    if is_quantized(old):
+        new = select_slices(
+            accept, quantize_slices(cand.astype(opts.projector_dtype), old.bits), old
+        )
+    else:
+        new = jnp.where(accept[..., None, None], cand.astype(old.dtype), old)
+    return new, accept, overlap, split
+
+
+def refresh(
+    leaf: LeafProjector, g2: jax.Array, old: Any, sched: RefreshSchedule, count: Any
+) -> tuple[Any, RefreshSchedule, jax.Array]:
+    """New projectors for the due slices (stored like ``old``), the schedule after the
+    attempt, and whether any slice changed; a chunk of a stacked leaf's slices at a
+    time off a mesh when :meth:`~galorax.projector.LeafProjector.chunk_bytes` says it
+    pays. Slices whose gradient is zero or non-finite keep their projector and retry at
+    the next step.
+
+    Args:
+        leaf: The projected leaf.
+        g2: The gradient as matrices, ``(*batch, m, n)``.
+        old: The stored projector (float or quantized).
+        sched: The leaf's refresh schedule.
+        count: The step.
+    """
+    opts, nb = leaf.options, len(leaf.view.batch_shape)
+    due, fresh = count >= sched.next_step, sched.refreshes > 0
+    omega = sketch(leaf, g2.shape, count)
+    size = 0 if placement.on_several_devices(g2) else leaf.chunk_bytes(g2.dtype)
+    split_seen: list[bool] = []
+
+    def body(bufs: Any, reads: Any) -> Any:
+        (parts, _, _), (g2, due, fresh) = bufs, reads
+        # The shared test matrix, as each slice's (a chunk's batch axes are flat).
+        omega_c = None if omega is None else jnp.broadcast_to(omega, (*g2.shape[:-2], *omega.shape))
+        old_c: Any = parts
+        if is_quantized(old):
+            shape = (*parts[0].shape[: parts[0].ndim - old.codes.ndim + nb], *old.shape[nb:])
+            old_c = dataclasses.replace(old, codes=parts[0], scales=parts[1], shape=shape)
+        new, accept, overlap, split = attempt(leaf, g2, old_c, due, omega_c, fresh)
+        split_seen.append(split)
+        parts = (new.codes, new.scales) if is_quantized(new) else new
+        return parts, accept, jnp.zeros(accept.shape) if overlap is None else overlap
+
+    parts = (old.codes, old.scales) if is_quantized(old) else old
+    bufs = (parts, jnp.zeros(due.shape, bool), jnp.zeros(due.shape))
+    reads = (g2, due, fresh)
+    parts, accept, overlap = map_slices(body, bufs, reads, nb, size)
+    new = parts
+    if is_quantized(old):
+        new = dataclasses.replace(old, codes=parts[0], scales=parts[1])
+    overlap = overlap if opts.adaptive is not None else None
+    sched = advance(sched, accept, count, leaf.offset, opts.update_proj_gap, overlap, opts.adaptive)
+    if any(split_seen):  # the new state whole again, placed like the old (no recompilation)
+        new, sched = jax.tree.map(lambda x: placement.whole_slices(x, nb), (new, sched))
+    return new, sched, jnp.any(accept)
