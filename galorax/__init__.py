@@ -12,6 +12,9 @@ neither JAX nor the training application until one is touched):
 * Refresh options and their math: :class:`Randomized`, :func:`randomized_basis`,
   :func:`exact_basis`, :func:`captured_energy`; :class:`RefreshSchedule`,
   :class:`AdaptiveRefresh`, :func:`subspace_overlap`; :class:`Residual`.
+* Scanned layer stacks: :func:`per_layer` / :func:`per_layer_step` (each layer updated as
+  its gradient is ready), :func:`scan_layers` (a rematerialized scan without whole-stack
+  copies).
 * 8-bit Adam: :func:`adamw_8bit`, :func:`scale_by_adam_8bit`, :class:`ScaleByAdam8bitState`.
 * Bytes: :func:`tree_bytes`; the planner behind ``galorax memory``: :func:`plan_memory`,
   :class:`MemoryEstimate`.
@@ -52,6 +55,7 @@ _EXPORTS = {
     "PerLayerTransformation": "galorax.layer_updates",
     "per_layer": "galorax.layer_updates",
     "per_layer_step": "galorax.layer_updates",
+    "scan_layers": "galorax.layer_stack",
     # 8-bit Adam
     "ScaleByAdam8bitState": "galorax.adam8bit",
     "adamw_8bit": "galorax.adam8bit",
@@ -90,6 +94,7 @@ if TYPE_CHECKING:
         MatrixView,
         default_dimension_numbers,
     )
+    from galorax.layer_stack import scan_layers
     from galorax.layer_updates import (
         PerLayerState,
         PerLayerTransformation,

@@ -18,7 +18,6 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 
 from galorax.quantization.blockwise import QuantizedArray, lead_axes
 
@@ -60,22 +59,22 @@ def chunk_size(n: int, slice_bytes: int, budget: int | None = None) -> int:
     return best
 
 
-def as_bits(x: jax.Array) -> jax.Array:
-    """A narrow float array (bf16, f16) as unsigned ints of its width; others as they are.
+def loop_variant(tree: Any, i: jax.Array) -> tuple[Any, jax.Array]:
+    """``tree`` and the loop index ``i`` through one optimization barrier, for reads of
+    ``tree`` inside a loop body.
+
+    CPU XLA computes bf16 slices in f32 (its bf16 normalization upcasts the whole operand
+    of a dynamic slice); for a loop-invariant stack it then hoists that upcast out of the
+    loop: a whole-stack f32 copy. Tied to ``i``, the stack is no longer loop-invariant, the
+    upcast stays in the slice's fusion and only the slice is read. Values are unchanged.
 
     Example:
         >>> import jax.numpy as jnp
-        >>> as_bits(jnp.ones(2, jnp.bfloat16)).dtype, as_bits(jnp.ones(2)).dtype
-        (dtype('uint16'), dtype('float32'))
+        >>> stack, i = loop_variant(jnp.ones((3, 2), jnp.bfloat16), jnp.int32(1))
+        >>> stack.dtype, int(i)
+        (dtype(bfloat16), 1)
     """
-    if jnp.issubdtype(x.dtype, jnp.floating) and x.dtype.itemsize < 4:
-        return jax.lax.bitcast_convert_type(x, jnp.dtype(f"uint{8 * x.dtype.itemsize}"))
-    return x
-
-
-def from_bits(x: jax.Array, dtype: Any) -> jax.Array:
-    """The inverse of :func:`as_bits` for an array that was of ``dtype``."""
-    return jax.lax.bitcast_convert_type(x, dtype) if x.dtype != dtype else x
+    return jax.lax.optimization_barrier((tree, i))
 
 
 def update_chunks(fn: Callable[[Any, Any], Any], bufs: Any, reads: Any, chunk: int) -> Any:
@@ -108,17 +107,12 @@ def update_chunks(fn: Callable[[Any, Any], Any], bufs: Any, reads: Any, chunk: i
     if n % chunk:
         raise ValueError(f"chunk {chunk} does not divide the leading axis {n}")
 
-    # XLA hoists an upcast of a loop-invariant bf16 read out of the loop (a whole-stack f32
-    # copy, the temporary this loop exists to avoid); read as same-width unsigned ints
-    # instead, it cannot.
-    dtypes = jax.tree.map(lambda x: x.dtype, reads)
-    reads = jax.tree.map(as_bits, reads)
-
     def body(i: jax.Array, bufs: Any) -> Any:
+        # Tied to i, a bf16 read is not upcast whole outside the loop (see loop_variant).
+        rs, i = loop_variant(reads, i)
         start = i * chunk
         cut = lambda x: jax.lax.dynamic_slice_in_dim(x, start, chunk)  # noqa: E731
-        rs = jax.tree.map(lambda x, d: from_bits(cut(x), d), reads, dtypes)
-        new = fn(jax.tree.map(cut, bufs), rs)
+        new = fn(jax.tree.map(cut, bufs), jax.tree.map(cut, rs))
         return jax.tree.map(
             lambda b, x: jax.lax.dynamic_update_slice_in_dim(b, x.astype(b.dtype), start, 0),
             bufs,

@@ -46,7 +46,6 @@ Example:
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -54,6 +53,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from galorax.layer_stack import n_layers, put_layer, read_layer, take_layer, unstack
 from galorax.quantization.blockwise import is_quantized, lead_axes
 
 __all__ = [
@@ -146,53 +146,6 @@ def _scaled(tree: Any, scale: jax.Array) -> Any:
     return jax.tree.map(lambda g: (g * scale).astype(g.dtype), tree)
 
 
-def _slice(x: jax.Array, i: Any) -> jax.Array:
-    return jax.lax.dynamic_slice_in_dim(x, i, 1, axis=0)
-
-
-def _put(x: jax.Array, part: jax.Array, i: Any) -> jax.Array:
-    return jax.lax.dynamic_update_slice_in_dim(x, part.astype(x.dtype), i, axis=0)
-
-
-def take_layer(tree: Any, i: Any) -> Any:
-    """Layer ``i`` of a stacked tree, keeping a layer axis of size 1; scalars as they are.
-
-    :class:`~galorax.QuantizedArray` leaves are cut along their codes and scales.
-
-    Example:
-        >>> take_layer({"w": jnp.arange(6.0).reshape(3, 2), "count": jnp.int32(7)}, 1)
-        {'count': Array(7, dtype=int32), 'w': Array([[2., 3.]], dtype=float32)}
-    """
-
-    def take(x: Any) -> Any:
-        if is_quantized(x):
-            codes, scales = _slice(x.codes, i), _slice(x.scales, i)
-            return dataclasses.replace(x, codes=codes, scales=scales, shape=(1, *x.shape[1:]))
-        return x if jnp.ndim(x) == 0 else _slice(x, i)
-
-    return jax.tree.map(take, tree, is_leaf=is_quantized)
-
-
-def put_layer(tree: Any, i: Any, part: Any) -> Any:
-    """``tree`` with layer ``i`` replaced by ``part`` (from :func:`take_layer`); scalars
-    are left as they are in ``tree``.
-
-    Example:
-        >>> w = put_layer({"w": jnp.zeros((3, 2))}, 2, {"w": jnp.ones((1, 2))})["w"]
-        >>> w.sum(axis=1).tolist()
-        [0.0, 0.0, 2.0]
-    """
-
-    def put(x: Any, p: Any) -> Any:
-        if is_quantized(x):
-            return dataclasses.replace(
-                x, codes=_put(x.codes, p.codes, i), scales=_put(x.scales, p.scales, i)
-            )
-        return x if jnp.ndim(x) == 0 else _put(x, p, i)
-
-    return jax.tree.map(put, tree, part, is_leaf=is_quantized)
-
-
 def _shared_from(tree: Any, part: Any) -> Any:
     """``tree`` with its scalars taken from ``part`` (one layer's new state)."""
     return jax.tree.map(
@@ -203,15 +156,15 @@ def _shared_from(tree: Any, part: Any) -> Any:
     )
 
 
-def check_layer_state(state: Any, n_layers: int) -> None:
+def check_layer_state(state: Any, n: int) -> None:
     """A ``ValueError`` naming a state array that is neither per layer (layer axis first)
     nor a scalar, so one layer's slice of it cannot be updated on its own."""
     for path, x in jax.tree_util.tree_leaves_with_path(state, is_leaf=is_quantized):
         shape = tuple(x.shape)
-        per_layer_ok = len(shape) >= 1 and shape[0] == n_layers
+        per_layer_ok = len(shape) >= 1 and shape[0] == n
         if is_quantized(x):
             per_layer_ok &= lead_axes(shape, x.block_size) >= 1
-        if shape and not per_layer_ok and is_quantized(x) and shape[0] == n_layers:
+        if shape and not per_layer_ok and is_quantized(x) and shape[0] == n:
             raise ValueError(
                 f"per-layer updates: the quantized state {jax.tree_util.keystr(path)} of shape "
                 f"{shape} has blocks that span layers (block_size={x.block_size}); raise the "
@@ -220,19 +173,9 @@ def check_layer_state(state: Any, n_layers: int) -> None:
         if shape and not per_layer_ok:
             raise ValueError(
                 f"per-layer updates: optimizer state {jax.tree_util.keystr(path)} has shape "
-                f"{shape}, neither a scalar nor per layer (leading axis {n_layers}); use a "
+                f"{shape}, neither a scalar nor per layer (leading axis {n}); use a "
                 "base transformation whose state follows the params' shapes."
             )
-
-
-def _n_layers(layers: Any) -> int:
-    sizes = {int(x.shape[0]) if jnp.ndim(x) else -1 for x in jax.tree.leaves(layers)}
-    if len(sizes) != 1 or -1 in sizes:
-        raise ValueError(
-            f"per-layer updates: every leaf of the stack needs the same leading layer axis; "
-            f"got leading sizes {sorted(map(str, sizes))}."
-        )
-    return next(iter(sizes))
 
 
 def per_layer(
@@ -258,7 +201,7 @@ def per_layer(
     def init_fn(params: Any) -> PerLayerState:
         outer, layers = split_stack(params, stack)
         layer_state = tx.init(layers)
-        check_layer_state(layer_state, _n_layers(params[stack]))
+        check_layer_state(layer_state, n_layers(params[stack]))
         return PerLayerState(tx.init(outer), layer_state, jnp.zeros([], jnp.float32))
 
     def update_fn(updates: Any, state: PerLayerState, params: Any = None) -> tuple[Any, Any]:
@@ -274,31 +217,6 @@ def per_layer(
     out = PerLayerTransformation(init_fn, update_fn)
     out.inner, out.stack, out.max_grad_norm = tx, stack, max_grad_norm
     return out
-
-
-def as_bits(tree: Any) -> Any:
-    """16-bit leaves as ``uint16`` bits, others as they are.
-
-    The stack travels through the layer loops as bits: XLA on CPU runs 16-bit float dots
-    in f32 and would otherwise keep a whole f32 copy of every low-precision stack. CPU XLA
-    still copies the stack once for the reinterpretation (BENCHMARKS.md, "per-layer
-    updates"), half the f32 copy's size.
-
-    Example:
-        >>> as_bits({"w": jnp.ones(2, jnp.bfloat16)})["w"].dtype
-        dtype('uint16')
-    """
-    return jax.tree.map(
-        lambda a: jax.lax.bitcast_convert_type(a, jnp.uint16) if a.dtype.itemsize == 2 else a,
-        tree,
-    )
-
-
-def from_bits(tree: Any, dtypes: Any) -> Any:
-    """The inverse of :func:`as_bits`, given the leaves' ``dtypes``."""
-    return jax.tree.map(
-        lambda a, d: jax.lax.bitcast_convert_type(a, d) if a.dtype != d else a, tree, dtypes
-    )
 
 
 def _all_finite(tree: Any) -> jax.Array:
@@ -360,21 +278,20 @@ def per_layer_step(
 
     def step(params: Any, state: PerLayerState, batch: Any) -> tuple[jax.Array, Any, PerLayerState]:
         outer = {k: v for k, v in params.items() if k != stack}
-        dtypes = jax.tree.map(lambda a: a.dtype, params[stack])
-        bits = as_bits(params[stack])
+        n = n_layers(params[stack])
         x0, embed_vjp = jax.vjp(lambda o: embed_fn(o, batch), outer)
-        forward = lambda h, lp: (layer_fn(from_bits(lp, dtypes), h), h)  # noqa: E731
-        x, inputs = jax.lax.scan(forward, x0, bits)
+        forward = lambda h, i: (layer_fn(unstack(read_layer(params[stack], i)), h), h)  # noqa: E731
+        x, inputs = jax.lax.scan(forward, x0, jnp.arange(n))
         loss, head_vjp = jax.vjp(lambda o, h: head_fn(o, h, batch), outer, x)
         grads_head, dx = head_vjp(jnp.ones_like(loss))
         scale, ok = clip_scale(state.grad_norm, tx.max_grad_norm), jnp.isfinite(loss)
         masked_outer = _masked(outer)
 
         def backward(carry: Any, xs: Any) -> tuple[Any, None]:
-            bits, layer_state, dx, _, sq = carry
+            layers, layer_state, dx, _, sq = carry
             x_in, i = xs
-            p1 = from_bits(take_layer(bits, i), dtypes)
-            _, layer_vjp = jax.vjp(layer_fn, jax.tree.map(lambda a: a[0], p1), x_in)
+            p1 = read_layer(layers, i)
+            _, layer_vjp = jax.vjp(layer_fn, unstack(p1), x_in)
             g, dx = layer_vjp(dx)
             g1 = jax.tree.map(lambda a: a[None], _scaled(g, scale))
             s1 = take_layer(layer_state, i)
@@ -383,7 +300,7 @@ def per_layer_step(
             p1_new = _keep_if(good, optax.apply_updates(p1, upd[stack]), p1)
             layer_state = put_layer(layer_state, i, _keep_if(good, s1_new, s1))
             return (
-                put_layer(bits, i, as_bits(p1_new)),
+                put_layer(layers, i, p1_new),
                 layer_state,
                 dx,
                 s1_new,
@@ -391,11 +308,9 @@ def per_layer_step(
             ), None
 
         first = take_layer(state.layers, 0)
-        carry = (bits, state.layers, dx, first, jnp.zeros([]))
-        n = _n_layers(bits)
+        carry = (params[stack], state.layers, dx, first, jnp.zeros([]))
         carry, _ = jax.lax.scan(backward, carry, (inputs, jnp.arange(n)), reverse=True)
-        bits, layer_state, dx, last, sq = carry
-        layers = from_bits(bits, dtypes)
+        layers, layer_state, dx, last, sq = carry
         # The shared scalars (counts) advance once, unless the loss was not finite.
         layer_state = _shared_from(layer_state, _keep_if(ok, last, first))
         (grads_embed,) = embed_vjp(dx)

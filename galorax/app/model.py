@@ -23,6 +23,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 from typing import Any
@@ -30,6 +31,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
+
+import galorax
 
 Params = dict[str, Any]
 
@@ -246,12 +249,12 @@ def forward(params: Params, tokens: jax.Array, cfg: ModelConfig, remat: bool = F
         remat: Recompute each layer's activations in the backward pass (less memory).
     """
 
-    def body(x: jax.Array, lp: Params) -> tuple[jax.Array, None]:
-        return block(cfg, lp, x), None
-
+    x = embed_tokens(params, tokens)
     if remat:
-        body = jax.checkpoint(body)
-    x, _ = jax.lax.scan(body, embed_tokens(params, tokens), params["layers"])
+        # One layer read at a time, no whole-stack copies (galorax.layer_stack).
+        x = galorax.scan_layers(functools.partial(block, cfg), x, params["layers"])
+    else:
+        x, _ = jax.lax.scan(lambda h, lp: (block(cfg, lp, h), None), x, params["layers"])
     return head_logits(params, x, cfg)
 
 
