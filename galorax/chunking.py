@@ -18,17 +18,21 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import optax
 
 from galorax.quantization.blockwise import QuantizedArray, lead_axes
 
-#: Largest f32 temporary (bytes) a chunk may need: 64 MiB (one 1B-model MLP layer).
-CHUNK_BYTES = 64 * 2**20
+#: Largest f32 temporary (bytes) a chunk may need: 8 MiB. A leaf's chunk holds a few such
+#: temporaries at once (moments, update, codes), so the budget is small next to any leaf
+#: worth chunking (a 1B model's embedding runs in 32 chunks; one layer of a stack at least).
+CHUNK_BYTES = 8 * 2**20
 
-#: Whether GaLore's update (projection, refresh, back-projection) of a stacked bf16 leaf
-#: runs in chunks. Off: XLA's memory analysis on CPU put the chunked 1B step at 15.54 GB
-#: against 14.41 whole (CPU normalizes bf16 dynamic slices to f32 copies); to be measured
-#: on a GPU. 8-bit moments are always chunked (13.59 GB against 26.70 for 8-bit AdamW).
-CHUNK_GALORE = False
+#: Whether GaLore's update (projection, refresh, back-projection) of a stacked low-precision
+#: leaf (or one with a residual) runs in chunks. On: XLA's memory analysis on CPU puts the
+#: 1B GaLore step at 12.16 GB chunked against 14.42 whole (BENCHMARKS.md); the chunk loop
+#: reads its bf16 inputs through :func:`loop_variant`. 8-bit moments are always chunked.
+CHUNK_GALORE = True
 
 #: A chunk size is a divisor of the leading axis; when the largest divisor under the cap
 #: would cost more than this many times the iterations of an ideal split, the leaf is
@@ -45,7 +49,7 @@ def chunk_size(n: int, slice_bytes: int, budget: int | None = None) -> int:
 
     Example:
         >>> chunk_size(24, 45 * 2**20), chunk_size(24, 2**20), chunk_size(32000, 8192)
-        (1, 24, 8000)
+        (1, 8, 1000)
         >>> chunk_size(7919, 2**20, budget=2**24)  # prime: 7919 iterations would be slow
         7919
     """
@@ -173,3 +177,85 @@ def map_slices(
     flat = lambda x: x.reshape((b, *x.shape[n_batch:]))  # noqa: E731
     out = update_chunks(fn, jax.tree.map(flat, bufs), jax.tree.map(flat, reads), chunk)
     return jax.tree.map(lambda y: y.reshape((*batch, *y.shape[1:])), out)
+
+
+def reduce_chunks(fn: Callable[[jax.Array], jax.Array], x: jax.Array) -> jax.Array:
+    """The sum of ``fn`` (a scalar per chunk) over chunks of ``x``'s leading axis.
+
+    ``fn(x)`` whole when the f32 image of ``x`` fits :data:`CHUNK_BYTES`; otherwise a
+    loop over chunks of at most that size, so a reduction of a large leaf (the squares of
+    a bf16 gradient stack, its finite mask) has one chunk's temporaries: on CPU, XLA runs
+    reductions outside the fusion that produces their input, materializing it whole.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> x = jnp.ones((64, 2**20), jnp.bfloat16)  # 256 MiB as f32: 32 chunks
+        >>> float(reduce_chunks(lambda c: jnp.sum(c.astype(jnp.float32)), x))
+        67108864.0
+    """
+    n = x.shape[0] if x.ndim else 1
+    chunk = chunk_size(n, 4 * (x.size // n)) if x.ndim else 1
+    if chunk >= n:
+        return fn(x)
+    zero = jnp.zeros((), jax.eval_shape(fn, x[:chunk]).dtype)
+
+    def body(i: jax.Array, acc: jax.Array) -> jax.Array:
+        xs, i = loop_variant(x, i)
+        return acc + fn(jax.lax.dynamic_slice_in_dim(xs, i * chunk, chunk))
+
+    return jax.lax.fori_loop(0, n // chunk, body, zero)
+
+
+def tree_sum_squares(tree: Any) -> jax.Array:
+    """The sum of squares (f32) of every leaf of ``tree``, in bounded chunks
+    (:func:`reduce_chunks`); its square root is ``optax.global_norm(tree)``.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> float(tree_sum_squares({"a": jnp.full(3, 2.0), "b": jnp.ones((2, 2), jnp.bfloat16)}))
+        16.0
+    """
+    sq = lambda c: jnp.sum(jnp.square(c.astype(jnp.float32)))  # noqa: E731
+    return sum((reduce_chunks(sq, x) for x in jax.tree.leaves(tree)), jnp.zeros([], jnp.float32))
+
+
+def tree_all_finite(tree: Any) -> jax.Array:
+    """Whether every element of every leaf of ``tree`` is finite, in bounded chunks
+    (:func:`reduce_chunks`).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> bool(tree_all_finite({"a": jnp.ones(3)})), bool(tree_all_finite([jnp.array([jnp.inf])]))
+        (True, False)
+    """
+    bad = lambda c: jnp.sum(~jnp.isfinite(c), dtype=jnp.int32) > 0  # noqa: E731
+    ok = jnp.array(True)
+    for x in jax.tree.leaves(tree):
+        ok &= reduce_chunks(lambda c: bad(c).astype(jnp.int32), x) == 0
+    return ok
+
+
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
+    """``optax.clip_by_global_norm`` with the norm taken in bounded chunks
+    (:func:`tree_sum_squares`): the same updates and state (``optax.EmptyState``), without
+    a whole f32 copy of each gradient leaf on CPU.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> tx = clip_by_global_norm(1.0)
+        >>> g, _ = tx.update({"w": jnp.array([3.0, 4.0])}, tx.init(None))
+        >>> g["w"].tolist()
+        [0.6000000238418579, 0.800000011920929]
+    """
+
+    def update_fn(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
+        del params
+        norm = jnp.sqrt(tree_sum_squares(updates))
+        keep = norm < max_norm
+
+        def clip(t: jax.Array) -> jax.Array:
+            return jax.lax.select(keep, t, (t / norm.astype(t.dtype)) * max_norm)
+
+        return jax.tree.map(clip, updates), state
+
+    return optax.GradientTransformation(lambda _: optax.EmptyState(), update_fn)

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import optax
 
 import galorax
+from galorax import chunking
 from galorax.accounting import tree_bytes
 from galorax.app import model as model_lib
 from galorax.app.checkpoint import with_shardings
@@ -86,9 +87,7 @@ def plain_train_step(mcfg: model_lib.ModelConfig, opt: Any, remat: bool) -> Any:
     def step(params: Any, opt_state: Any, batch: jax.Array) -> tuple[Any, Any, jax.Array]:
         loss, grads = jax.value_and_grad(model_lib.loss_fn)(params, batch, mcfg, remat)
         # Per leaf, not the global norm: finite gradients whose squares overflow are kept.
-        finite = jnp.isfinite(loss)
-        for g in jax.tree.leaves(grads):
-            finite &= jnp.all(jnp.isfinite(g))
+        finite = jnp.isfinite(loss) & chunking.tree_all_finite(grads)
         updates, new_state = opt.update(grads, opt_state, params)
         new_params = optax.apply_updates(params, updates)
         # A select, not a cond: the finite path computes exactly what it did unguarded.
