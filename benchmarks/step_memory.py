@@ -10,7 +10,7 @@ projectors. Every row compiles the step ``galorax train`` runs with those flags
 (:func:`galorax.app.planner.compiled_step_memory`, gradient clipping included).
 
 Run:
-    python benchmarks/step_memory.py                    # 350m (f32, 4 x 256), 1b and 7b
+    python benchmarks/step_memory.py                    # tiny..130m, 350m (f32, 4 x 256), 1b, 7b
     python benchmarks/step_memory.py --presets 1b       # one preset
     python benchmarks/step_memory.py --json             # one JSON object per row
 """
@@ -35,7 +35,11 @@ BEFORE_GB: dict[str, dict[str, float]] = {
 }
 
 #: Each preset's setting: dtype, remat, batch size, sequence length, GaLore rank.
+SMALL = dict(dtype=jnp.bfloat16, remat=True, batch_size=1, seq_len=256)
 SETTINGS: dict[str, dict[str, Any]] = {
+    "tiny": dict(SMALL, rank=64),
+    "60m": dict(SMALL, rank=128),
+    "130m": dict(SMALL, rank=256),
     "350m": dict(dtype=jnp.float32, remat=False, batch_size=4, seq_len=256, rank=256),
     "1b": dict(dtype=jnp.bfloat16, remat=True, batch_size=1, seq_len=256, rank=512),
     "7b": dict(dtype=jnp.bfloat16, remat=True, batch_size=1, seq_len=256, rank=1024),
@@ -52,7 +56,8 @@ OPTIMIZERS = (
     "galore8bit+pl+int8P",
 )
 #: The rows each preset compiles by default (7b: the paper's per-layer 8-bit run and AdamW).
-DEFAULT_ROWS = {"7b": ("adamw", "galore8bit+pl+int8P")}
+PLAIN = ("adamw", "adamw8bit", "galore", "galore8bit")
+DEFAULT_ROWS = {"tiny": PLAIN, "60m": PLAIN, "130m": PLAIN, "7b": ("adamw", "galore8bit+pl+int8P")}
 
 
 def measure(preset: str, option: str, vocab_size: int = 32000) -> dict[str, Any]:

@@ -1,7 +1,7 @@
 """Where GaLore's state and intermediates live on a mesh: the transform's placement rules.
 
-Internal to the transform (``galorax.transform``, ``galorax.projector``, ``galorax.subspace``);
-the public state-sharding API is :mod:`galorax.sharding`. Under explicit sharding a
+Internal to the transform (``galorax.galore_state``, ``galorax.projector`` and its
+``projector_refresh`` / ``projector_storage``, ``galorax.subspace``); the public state-sharding API is :mod:`galorax.sharding`. Under explicit sharding a
 projector is placed like its weight's projected (long) axis, low-rank moments like the
 remaining axis, per-slice state like the weight's batch axes. On a mesh with explicit
 axes the update body runs with automatic axes (:func:`auto_axes_update`); refreshes of
