@@ -22,7 +22,15 @@ import jax.numpy as jnp
 from galorax.chunking import loop_variant
 from galorax.quantization.blockwise import is_quantized
 
-__all__ = ["n_layers", "put_layer", "read_layer", "scan_layers", "take_layer", "unstack"]
+__all__ = [
+    "forward_layers",
+    "n_layers",
+    "put_layer",
+    "read_layer",
+    "scan_layers",
+    "take_layer",
+    "unstack",
+]
 
 
 def _slice(x: jax.Array, i: Any) -> jax.Array:
@@ -124,18 +132,28 @@ def scan_layers(layer_fn: Callable[[Any, jax.Array], jax.Array], x: jax.Array, s
     return _scan_layers(layer_fn, x, stack)
 
 
-def _forward(layer_fn: Callable[..., jax.Array], x: jax.Array, stack: Any) -> Any:
+def forward_layers(
+    layer_fn: Callable[[Any, jax.Array], jax.Array], x: jax.Array, stack: Any
+) -> tuple[jax.Array, jax.Array]:
+    """``(x_L, inputs)``: the forward pass of :func:`scan_layers` and each layer's input
+    stacked (what a rematerialized backward pass keeps), reading one layer at a time.
+
+    Example:
+        >>> y, inputs = forward_layers(lambda lp, h: h * lp, jnp.ones(2), jnp.arange(1.0, 4.0))
+        >>> y.tolist(), inputs[:, 0].tolist()
+        ([6.0, 6.0], [1.0, 1.0, 2.0])
+    """
     step = lambda h, i: (layer_fn(unstack(read_layer(stack, i)), h), h)  # noqa: E731
     return jax.lax.scan(step, x, jnp.arange(n_layers(stack)))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _scan_layers(layer_fn: Callable[..., jax.Array], x: jax.Array, stack: Any) -> jax.Array:
-    return _forward(layer_fn, x, stack)[0]
+    return forward_layers(layer_fn, x, stack)[0]
 
 
 def _scan_layers_fwd(layer_fn: Callable[..., jax.Array], x: jax.Array, stack: Any) -> Any:
-    y, inputs = _forward(layer_fn, x, stack)
+    y, inputs = forward_layers(layer_fn, x, stack)
     return y, (inputs, stack)
 
 

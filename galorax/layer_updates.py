@@ -53,7 +53,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from galorax.layer_stack import n_layers, put_layer, read_layer, take_layer, unstack
+from galorax.layer_stack import forward_layers, n_layers, put_layer, read_layer, take_layer, unstack
 from galorax.quantization.blockwise import is_quantized, lead_axes
 
 __all__ = [
@@ -280,8 +280,7 @@ def per_layer_step(
         outer = {k: v for k, v in params.items() if k != stack}
         n = n_layers(params[stack])
         x0, embed_vjp = jax.vjp(lambda o: embed_fn(o, batch), outer)
-        forward = lambda h, i: (layer_fn(unstack(read_layer(params[stack], i)), h), h)  # noqa: E731
-        x, inputs = jax.lax.scan(forward, x0, jnp.arange(n))
+        x, inputs = forward_layers(layer_fn, x0, params[stack])
         loss, head_vjp = jax.vjp(lambda o, h: head_fn(o, h, batch), outer, x)
         grads_head, dx = head_vjp(jnp.ones_like(loss))
         scale, ok = clip_scale(state.grad_norm, tx.max_grad_norm), jnp.isfinite(loss)

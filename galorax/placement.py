@@ -1,9 +1,10 @@
 """Where GaLore's state and intermediates live on a mesh: the transform's placement rules.
 
 Internal to the transform (``galorax.galore_state``, ``galorax.projector`` and its
-``projector_refresh`` / ``projector_storage``, ``galorax.subspace``); the public state-sharding API is :mod:`galorax.sharding`. Under explicit sharding a
-projector is placed like its weight's projected (long) axis, low-rank moments like the
-remaining axis, per-slice state like the weight's batch axes. On a mesh with explicit
+``projector_refresh`` / ``projector_storage``, ``galorax.subspace``); the public
+state-sharding API is :mod:`galorax.sharding`. Under explicit sharding a projector is
+placed like its weight's projected (long) axis, low-rank moments like the remaining axis,
+per-slice state like the weight's batch axes. On a mesh with explicit
 axes the update body runs with automatic axes (:func:`auto_axes_update`); refreshes of
 replicated stacked weights are split over data-parallel axes (:func:`spread_map`).
 """

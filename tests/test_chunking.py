@@ -9,7 +9,6 @@ import numpy as np
 import optax
 import pytest
 
-
 from galorax import chunking
 from galorax.chunking import (
     chunk_size,

@@ -19,8 +19,8 @@ that imports it back. Modules, in the order a run meets them:
   metrics log), :mod:`~galorax.app.interrupt` (Ctrl-C on step boundaries);
 * :mod:`~galorax.app.build` (a run's first phases: open the run, build, restore or init),
   :mod:`~galorax.app.train` (compile, the summary; :func:`~galorax.app.train.train` runs
-  every phase), :mod:`~galorax.app.loop` (the loop), :mod:`~galorax.app.summary` (``summary.json``) and
-  :mod:`~galorax.app.report` (the summary table, loss curves);
+  every phase), :mod:`~galorax.app.loop` (the loop), :mod:`~galorax.app.summary`
+  (``summary.json``) and :mod:`~galorax.app.report` (the summary table, loss curves);
 * the tools built on it: :mod:`~galorax.app.compare` (its report:
   :mod:`~galorax.app.compare_report`) and :mod:`~galorax.app.memory` (``galorax memory``;
   its planner: :mod:`~galorax.app.planner`).
