@@ -184,8 +184,12 @@ def _print_xla(
     args: argparse.Namespace, rows: list[tuple[str, MemoryEstimate]], cfgs: dict
 ) -> None:
     print(f"XLA memory analysis of the compiled train step ({args.dtype} params, donated state,")
-    print(f"batch {args.batch_size} x seq {args.seq_len}, remat {args.remat}, per-layer updates ")
-    print(f"{args.per_layer_updates}: the step galorax train compiles with these flags), GB:")
+    onoff = lambda flag: "on" if flag else "off"  # noqa: E731
+    print(
+        f"batch {args.batch_size} x seq {args.seq_len}, remat {onoff(args.remat)}, "
+        f"per-layer updates {onoff(args.per_layer_updates)}:"
+    )
+    print("the step galorax train compiles with these flags), GB:")
     for name, e in rows:
         if not _compiles(args, cfgs[name]):
             print(f"  {name:<8} {e.option:<18} not compiled (over --xla-max-params)")
