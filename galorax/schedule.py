@@ -113,13 +113,13 @@ def count_refreshes(state: Any) -> int:
     wrappers included); the initial projectors, computed at the first step, count too.
 
     Example:
-        >>> import jax.numpy as jnp, galorax
+        >>> import jax, jax.numpy as jnp, galorax
         >>> params = {"w": jnp.ones((3, 8, 4))}  # 3 slices along a batch axis
         >>> dn = {"w": galorax.GaLoreDimensionNumbers(reduction_axis=1, output_axis=2)}
         >>> tx = galorax.galore(0.1, rank=2, update_proj_gap=2, weight_dimension_numbers=dn)
-        >>> state = tx.init(params)
+        >>> state, update = tx.init(params), jax.jit(tx.update)
         >>> for _ in range(3):
-        ...     _, state = tx.update(params, state, params)
+        ...     _, state = update(params, state, params)
         >>> count_refreshes(state)  # each slice: at its first step and one gap later
         6
     """

@@ -92,11 +92,16 @@ def test_per_layer_step_equals_plain_steps(name):
     step = jax.jit(per_layer_step(tx, embed, layer, head))
     p_pl, s_pl = _params(), tx.init(_params())
     p_ref, s_ref = _params(), base.init(_params())
+
+    @jax.jit  # the plain step: one compile, not op by op (the suite is compile-bound)
+    def ref_step(p, s, batch):
+        loss, g = jax.value_and_grad(loss_fn)(p, batch)
+        u, s = base.update(g, s, p)
+        return loss, optax.apply_updates(p, u), s
+
     for t in range(5):
         loss, p_pl, s_pl = step(p_pl, s_pl, _batch(t))
-        ref_loss, g = jax.value_and_grad(loss_fn)(p_ref, _batch(t))
-        u, s_ref = base.update(g, s_ref, p_ref)
-        p_ref = optax.apply_updates(p_ref, u)
+        ref_loss, p_ref, s_ref = ref_step(p_ref, s_ref, _batch(t))
         np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
     for a, b in zip(jax.tree.leaves(p_pl), jax.tree.leaves(p_ref), strict=True):
         np.testing.assert_allclose(a, b, atol=1e-5)
@@ -108,12 +113,13 @@ def test_per_layer_step_equals_its_reference_update(max_grad_norm):
     """The step and ``per_layer(...).update`` on the whole gradient: same params and state."""
     tx = per_layer(BASES["galore"](), max_grad_norm=max_grad_norm)
     step = jax.jit(per_layer_step(tx, embed, layer, head))
+    grad, update = jax.jit(jax.grad(loss_fn)), jax.jit(tx.update)  # compiled once, not op by op
     p1 = p2 = _params()
     s1 = s2 = tx.init(p1)
     for t in range(4):
         _, p1, s1 = step(p1, s1, _batch(t))
-        g = jax.grad(loss_fn)(p2, _batch(t))
-        u, s2 = tx.update(g, s2, p2)
+        g = grad(p2, _batch(t))
+        u, s2 = update(g, s2, p2)
         p2 = optax.apply_updates(p2, u)
         np.testing.assert_allclose(s1.grad_norm, optax.global_norm(g), rtol=1e-5)
     for a, b in zip(jax.tree.leaves((p1, s1)), jax.tree.leaves((p2, s2)), strict=True):

@@ -69,6 +69,7 @@ def test_bfloat16():
     p = M.init_params(CFG, jax.random.key(0), jnp.bfloat16)
     assert p["layers"]["wq"].dtype == jnp.bfloat16
     t = jnp.zeros((2, 9), jnp.int32)
-    loss, g = jax.value_and_grad(M.loss_fn)(p, t, CFG)
+    loss_and_grad = jax.jit(jax.value_and_grad(lambda p, t: M.loss_fn(p, t, CFG)))  # one compile
+    loss, g = loss_and_grad(p, t)
     assert loss.dtype == jnp.float32 and np.isfinite(float(loss))
     assert g["layers"]["wq"].dtype == jnp.bfloat16
