@@ -8,6 +8,11 @@ each chunk's result into the buffer it replaces), so temporaries scale with a ch
 of at most :data:`CHUNK_BYTES`, not with the stack. A leaf that fits is updated whole, as
 before. The function must act slice by slice (the same result for a slice whatever
 chunk it sits in): elementwise math, batched matmuls, per-slice reductions.
+
+Reductions over large leaves (a global norm, a finite check) run the same way
+(:func:`reduce_chunks`, :func:`tree_sum_squares`, :func:`tree_all_finite`,
+:func:`clip_by_global_norm`), and a loop reading a bf16 stack ties it to the loop index
+(:func:`loop_variant`) so that CPU XLA does not upcast the whole stack outside the loop.
 """
 
 from __future__ import annotations
