@@ -198,8 +198,10 @@ def reduce_chunks(fn: Callable[[jax.Array], jax.Array], x: jax.Array) -> jax.Arr
         >>> float(reduce_chunks(lambda c: jnp.sum(c.astype(jnp.float32)), x))
         67108864.0
     """
-    n = x.shape[0] if x.ndim else 1
-    chunk = chunk_size(n, 4 * (x.size // n)) if x.ndim else 1
+    if x.ndim == 0:
+        return fn(x)
+    n = x.shape[0]
+    chunk = chunk_size(n, 4 * (x.size // n))
     if chunk >= n:
         return fn(x)
     zero = jnp.zeros((), jax.eval_shape(fn, x[:chunk]).dtype)
@@ -233,17 +235,16 @@ def tree_all_finite(tree: Any) -> jax.Array:
         >>> bool(tree_all_finite({"a": jnp.ones(3)})), bool(tree_all_finite([jnp.array([jnp.inf])]))
         (True, False)
     """
-    bad = lambda c: jnp.sum(~jnp.isfinite(c), dtype=jnp.int32) > 0  # noqa: E731
-    ok = jnp.array(True)
-    for x in jax.tree.leaves(tree):
-        ok &= reduce_chunks(lambda c: bad(c).astype(jnp.int32), x) == 0
-    return ok
+    bad = lambda c: jnp.any(~jnp.isfinite(c)).astype(jnp.int32)  # noqa: E731
+    n_bad = sum((reduce_chunks(bad, x) for x in jax.tree.leaves(tree)), jnp.zeros([], jnp.int32))
+    return n_bad == 0
 
 
 def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
     """``optax.clip_by_global_norm`` with the norm taken in bounded chunks
-    (:func:`tree_sum_squares`): the same updates and state (``optax.EmptyState``), without
-    a whole f32 copy of each gradient leaf on CPU.
+    (:func:`tree_sum_squares`): the same state (``optax.EmptyState``) and the same updates
+    (for low-precision gradients the norm is accumulated in f32, optax's in their dtype),
+    without a whole f32 copy of each gradient leaf on CPU.
 
     Example:
         >>> import jax.numpy as jnp

@@ -107,8 +107,8 @@ def n_layers(stack: Any) -> int:
     sizes = {int(x.shape[0]) if jnp.ndim(x) else -1 for x in jax.tree.leaves(stack)}
     if len(sizes) != 1 or -1 in sizes:
         raise ValueError(
-            f"per-layer updates: every leaf of the stack needs the same leading layer axis; "
-            f"got leading sizes {sorted(map(str, sizes))}."
+            f"a layer stack needs the same leading layer axis on every leaf; got leading "
+            f"sizes {sorted(map(str, sizes))}: stack only per-layer arrays under the stack key."
         )
     return next(iter(sizes))
 
