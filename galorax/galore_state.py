@@ -79,9 +79,9 @@ def _project_leaf(proj: LeafProjector | None, g: Any, old: Any, sched: Any, coun
     """``(low-rank gradient, projector, schedule, transition, carry)`` of one leaf."""
     if proj is None:
         return g, old, sched, None, None
-    low, new, sched, changed, carry = proj.step(g, old, sched, count)
+    low, new, sched, (changed, basis), carry = proj.step(g, old, sched, count)
     rotate = proj.options.moments == "rotate"
-    transition = Transition(changed, new, old, proj.left, proj.low_shape) if rotate else None
+    transition = Transition(changed, basis, proj.left, proj.low_shape) if rotate else None
     return low, new, sched, transition, carry
 
 

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 
 from galorax.chunking import can_split, chunk_size, quantized_chunk, update_chunks
 from galorax.dimension_numbers import is_masked
-from galorax.projector import dense
+from galorax.projector_storage import change_of_basis
 from galorax.quantization.blockwise import dequantize_blockwise, is_quantized, quantize_like
 
 #: Field names of known base-optimizer states and how each moves at a refresh: ``mu``
@@ -162,7 +162,8 @@ def check_moments(state: Any, like: Any, kinds: Mapping[str, str]) -> None:
 
 
 def rotate_moment(m: Any, new: Any, old: Any, *, left: bool, second: bool) -> Any:
-    """One low-rank moment carried from basis ``old`` into basis ``new``.
+    """One low-rank moment carried from basis ``old`` into basis ``new``:
+    :func:`carry_moment` by their :func:`~galorax.projector_storage.change_of_basis`.
 
     Args:
         m: The moment: ``(*batch, r, n)`` for a left projector, ``(*batch, m, r)`` for a
@@ -181,15 +182,27 @@ def rotate_moment(m: Any, new: Any, old: Any, *, left: bool, second: bool) -> An
         Array([[2.],
                [1.]], dtype=float32)
     """
-    if not is_quantized(m):
-        return _rotate(m, dense(new, m.dtype), dense(old, m.dtype), left, second)
-    pn, po = dense(new, jnp.float32), dense(old, jnp.float32)
-    n_batch = pn.ndim - 2
-    n = m.shape[0] if n_batch else 1
-    # A stacked leaf's 8-bit moment a chunk of slices at a time: never all of it in f32.
-    chunk = chunk_size(n, 4 * math.prod(m.shape[1:])) if n_batch and can_split(m) else n
+    return carry_moment(m, change_of_basis(new, old), left=left, second=second)
 
-    c = _change_of_basis(pn, po, second)  # small: whole, as without chunks
+
+def carry_moment(m: Any, c: jax.Array, *, left: bool, second: bool) -> Any:
+    """One low-rank moment carried by the change of basis ``c = P_new^T P_old``
+    (``(*batch, r, r)``, f32): ``C m`` (left) or ``m C^T`` (right); ``C * C`` for a
+    second moment. An 8-bit moment of a stacked leaf a chunk of slices at a time, so
+    never all of it in f32.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> swap = jnp.array([[0.0, 1.0], [1.0, 0.0]])
+        >>> carry_moment(jnp.array([[1.0], [2.0]]), swap, left=True, second=True).ravel()
+        Array([2., 1.], dtype=float32)
+    """
+    c = c * c if second else c
+    if not is_quantized(m):
+        return _apply(m, c.astype(m.dtype), left)
+    n_batch = c.ndim - 2
+    n = m.shape[0] if n_batch else 1
+    chunk = chunk_size(n, 4 * math.prod(m.shape[1:])) if n_batch and can_split(m) else n
 
     def body(bufs: tuple[jax.Array, jax.Array], c: jax.Array):
         x = dequantize_blockwise(quantized_chunk(m, *bufs), jnp.float32)
@@ -199,17 +212,6 @@ def rotate_moment(m: Any, new: Any, old: Any, *, left: bool, second: bool) -> An
     if chunk >= n:
         return quantize_like(_apply(dequantize_blockwise(m, jnp.float32), c, left), m)
     return quantized_chunk(m, *update_chunks(body, (m.codes, m.scales), c, chunk))
-
-
-def _change_of_basis(new: jax.Array, old: jax.Array, second: bool) -> jax.Array:
-    """``C = new^T old`` (``C * C`` for second moments)."""
-    c = jnp.matmul(jnp.swapaxes(new, -1, -2), old, precision=jax.lax.Precision.HIGHEST)
-    return c * c if second else c
-
-
-def _rotate(x: jax.Array, new: jax.Array, old: jax.Array, left: bool, second: bool):
-    """``x`` (dense) from dense basis ``old`` into dense ``new``."""
-    return _apply(x, _change_of_basis(new, old, second), left)
 
 
 def _apply(x: jax.Array, c: jax.Array, left: bool) -> jax.Array:
@@ -224,15 +226,14 @@ class Transition(NamedTuple):
 
     Attributes:
         changed: Scalar bool: whether any slice of the leaf got a new projector.
-        new: The new projector (slices that did not change equal ``old``'s).
-        old: The old projector.
+        basis: Each slice's change of basis ``P_new^T P_old`` (``(*batch, r, r)``; slices
+            that did not change: ``P_old^T P_old``).
         left: Which side the projectors project.
         low_shape: Shape of the leaf's low-rank moments.
     """
 
     changed: jax.Array
-    new: Any
-    old: Any
+    basis: jax.Array
     left: bool
     low_shape: tuple[int, ...]
 
@@ -252,8 +253,8 @@ def rotate_moments(
         >>> import optax, jax.numpy as jnp
         >>> state = optax.scale_by_adam().init({'w': jnp.zeros((2, 1))})
         >>> state = state._replace(mu={'w': jnp.array([[1.0], [2.0]])})
-        >>> old = jnp.eye(3)[:, :2]
-        >>> t = Transition(jnp.array(True), old[:, ::-1], old, True, (2, 1))
+        >>> swap = jnp.array([[0.0, 1.0], [1.0, 0.0]])
+        >>> t = Transition(jnp.array(True), swap, True, (2, 1))
         >>> rotate_moments(state, [t], moment_kinds()).mu['w'].ravel()
         Array([2., 1.], dtype=float32)
     """
@@ -268,7 +269,7 @@ def rotate_moments(
                 return m  # unprojected, or a container this rule does not know (left as is)
             return jax.lax.cond(
                 t.changed,
-                lambda: rotate_moment(m, t.new, t.old, left=t.left, second=second),
+                lambda: carry_moment(m, t.basis, left=t.left, second=second),
                 lambda: m,
             )
 

@@ -166,24 +166,27 @@ class LeafProjector:
     def step(self, g: jax.Array, old: Any, sched: RefreshSchedule, count: Any):
         """Refreshes the projector when a slice is due and projects the gradient ``g``.
 
-        Returns ``(low-rank gradient, projector, schedule, changed, carry)``: ``changed``
-        whether any slice got a new projector, ``carry`` what :meth:`finish` reuses. The
-        projection runs a chunk of a stacked leaf's slices at a time, so a low-precision
-        gradient is upcast a chunk at a time, never whole.
+        Returns ``(low-rank gradient, projector, schedule, change, carry)``: ``change``
+        the pair (whether any slice got a new projector, the slices' change of basis or
+        None: :meth:`refresh`), ``carry`` what :meth:`finish` reuses. The projection runs
+        a chunk of a stacked leaf's slices at a time, so a low-precision gradient is
+        upcast a chunk at a time, never whole.
         """
         g2 = self.view.to_matrix(g)
         if not self.chunk_bytes(g.dtype):  # whole: one f32 copy for refresh and projection
             g2 = g2.astype(compute_dtype(g.dtype))
-        new, sched, changed = jax.lax.cond(
+        rotate = self.options.moments == "rotate"
+        no_basis = jnp.zeros((*self.view.batch_shape, self.rank, self.rank)) if rotate else None
+        new, sched, *change = jax.lax.cond(
             jnp.any(count >= sched.next_step),
             lambda: self.refresh(g2, old, sched, count),
-            lambda: (old, sched, jnp.zeros((), bool)),
+            lambda: (old, sched, jnp.zeros((), bool), no_basis),
         )
         p = dense(new, compute_dtype(g.dtype))
         nb, size = len(self.view.batch_shape), self.chunk_bytes(g.dtype)
         low = jnp.zeros(self.low_shape, p.dtype)
         low = map_slices(lambda _, r: self.project(*r), low, (g2, p), nb, size)
-        return low, new, sched, changed, (g2, low, new, p)
+        return low, new, sched, tuple(change), (g2, low, new, p)
 
     def finish(self, g: jax.Array, carry: Any, u: jax.Array, norm: Any) -> tuple[jax.Array, Any]:
         """The update in ``g``'s shape and dtype from the base optimizer's output ``u``
@@ -224,8 +227,9 @@ class LeafProjector:
         return projector_refresh.attempt(self, g2, old, due, omega, fresh)
 
     def refresh(self, g2: jax.Array, old: Any, sched: RefreshSchedule, count: Any):
-        """New projectors for the due slices, the schedule after the attempt and whether
-        any slice changed: :func:`galorax.projector_refresh.refresh`."""
+        """New projectors for the due slices, the schedule after the attempt, whether
+        any slice changed and the change of basis (None unless ``moments="rotate"``):
+        :func:`galorax.projector_refresh.refresh`."""
         return projector_refresh.refresh(self, g2, old, sched, count)
 
 

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 from galorax import placement, subspace
 from galorax.chunking import map_slices
-from galorax.projector_storage import compute_dtype, dense
+from galorax.projector_storage import change_of_basis, compute_dtype, dense
 from galorax.quantization.blockwise import is_quantized
 from galorax.quantization.projectors import quantize_slices, select_slices
 from galorax.schedule import RefreshSchedule, advance, subspace_overlap
@@ -122,12 +122,17 @@ def attempt(
 
 def refresh(
     leaf: LeafProjector, g2: jax.Array, old: Any, sched: RefreshSchedule, count: Any
-) -> tuple[Any, RefreshSchedule, jax.Array]:
+) -> tuple[Any, RefreshSchedule, jax.Array, jax.Array | None]:
     """New projectors for the due slices (stored like ``old``), the schedule after the
-    attempt, and whether any slice changed; a chunk of a stacked leaf's slices at a
-    time off a mesh when :meth:`~galorax.projector.LeafProjector.chunk_bytes` says it
-    pays. Slices whose gradient is zero or non-finite keep their projector and retry at
-    the next step.
+    attempt, whether any slice changed and, with ``moments="rotate"``, each slice's
+    :func:`~galorax.projector_storage.change_of_basis` from ``old`` to the new projector
+    (else None); a chunk of a stacked leaf's slices at a time off a mesh when
+    :meth:`~galorax.projector.LeafProjector.chunk_bytes` says it pays. Slices whose
+    gradient is zero or non-finite keep their projector and retry at the next step.
+
+    The change of basis is taken here, slice by slice, so that ``old`` is dead once the
+    new projector is written over it: carrying ``old`` to the moment rotation would cost
+    a copy of every projector.
 
     Args:
         leaf: The projected leaf.
@@ -142,8 +147,10 @@ def refresh(
     size = 0 if placement.on_several_devices(g2) else leaf.chunk_bytes(g2.dtype)
     split_seen: list[bool] = []
 
+    with_basis = opts.moments == "rotate"
+
     def body(bufs: Any, reads: Any) -> Any:
-        (parts, _, _), (g2, due, fresh) = bufs, reads
+        (parts, *_), (g2, due, fresh) = bufs, reads
         # The shared test matrix, as each slice's (a chunk's batch axes are flat).
         omega_c = None if omega is None else jnp.broadcast_to(omega, (*g2.shape[:-2], *omega.shape))
         old_c: Any = parts
@@ -153,17 +160,22 @@ def refresh(
         new, accept, overlap, split = attempt(leaf, g2, old_c, due, omega_c, fresh)
         split_seen.append(split)
         parts = (new.codes, new.scales) if is_quantized(new) else new
-        return parts, accept, jnp.zeros(accept.shape) if overlap is None else overlap
+        out = parts, accept, jnp.zeros(accept.shape) if overlap is None else overlap
+        return (*out, change_of_basis(new, old_c)) if with_basis else out
 
     parts = (old.codes, old.scales) if is_quantized(old) else old
-    bufs = (parts, jnp.zeros(due.shape, bool), jnp.zeros(due.shape))
+    bufs: tuple[Any, ...] = (parts, jnp.zeros(due.shape, bool), jnp.zeros(due.shape))
+    if with_basis:
+        bufs = (*bufs, jnp.zeros((*due.shape, leaf.rank, leaf.rank)))
     reads = (g2, due, fresh)
-    parts, accept, overlap = map_slices(body, bufs, reads, nb, size)
+    parts, accept, overlap, *basis = map_slices(body, bufs, reads, nb, size)
     new = parts
     if is_quantized(old):
         new = dataclasses.replace(old, codes=parts[0], scales=parts[1])
     overlap = overlap if opts.adaptive is not None else None
     sched = advance(sched, accept, count, leaf.offset, opts.update_proj_gap, overlap, opts.adaptive)
     if any(split_seen):  # the new state whole again, placed like the old (no recompilation)
-        new, sched = jax.tree.map(lambda x: placement.whole_slices(x, nb), (new, sched))
-    return new, sched, jnp.any(accept)
+        new, sched, basis = jax.tree.map(
+            lambda x: placement.whole_slices(x, nb), (new, sched, basis)
+        )
+    return new, sched, jnp.any(accept), basis[0] if basis else None

@@ -24,7 +24,7 @@ from jax.sharding import PartitionSpec
 from galorax import placement
 from galorax.quantization.blockwise import dequantize_blockwise, is_quantized
 
-__all__ = ["compute_dtype", "dense", "quantized_spec"]
+__all__ = ["change_of_basis", "compute_dtype", "dense", "quantized_spec"]
 
 
 def quantized_spec(x: jax.Array, proj_spec: Any, n_batch: int, param: Any) -> Any:
@@ -70,6 +70,20 @@ def dense(p: Any, dtype: Any) -> jax.Array:
         dtype('float32')
     """
     return dequantize_blockwise(p, dtype) if is_quantized(p) else p.astype(dtype)
+
+
+def change_of_basis(new: Any, old: Any) -> jax.Array:
+    """``C = new^T old`` per slice, in f32: the map from coordinates in the stored
+    projector ``old``'s basis to ``new``'s (:mod:`galorax.moments` carries moments by it).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> old = jnp.eye(3)[:, :2]
+        >>> change_of_basis(old[:, ::-1], old).tolist()
+        [[0.0, 1.0], [1.0, 0.0]]
+    """
+    a, b = dense(new, jnp.float32), dense(old, jnp.float32)
+    return jnp.matmul(jnp.swapaxes(a, -1, -2), b, precision=jax.lax.Precision.HIGHEST)
 
 
 def compute_dtype(dtype: Any) -> Any:

@@ -22,6 +22,7 @@ from galorax.moments import (
     rotate_moments,
     unrecognized_fields,
 )
+from galorax.projector_storage import change_of_basis
 
 PARAMS = {"w": jnp.zeros((12, 6)), "b": jnp.zeros(6)}
 
@@ -66,7 +67,7 @@ def test_rotate_moments_only_when_changed_and_only_moment_fields():
     one = {"w": jnp.array([[1.0], [2.0]])}
     state = state._replace(mu=one, nu=one, nu_max=one)
     old = jnp.eye(3)[:, :2]
-    swap = Transition(jnp.array(True), old[:, ::-1], old, True, (2, 1))
+    swap = Transition(jnp.array(True), change_of_basis(old[:, ::-1], old), True, (2, 1))
     out = rotate_moments(state, [swap], moment_kinds())
     np.testing.assert_array_equal(out.mu["w"].ravel(), [2.0, 1.0])
     np.testing.assert_array_equal(out.nu["w"].ravel(), [2.0, 1.0])

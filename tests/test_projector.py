@@ -110,8 +110,10 @@ def test_leaf_projector_round_trip_and_refresh(left):
     assert p.shape == leaf.proj_shape and proxy.shape == leaf.low_shape
     assert schedule.next_step.shape == norm.shape == (2,)
     g2 = view.to_matrix(jax.random.normal(jax.random.key(0), view.shape))
-    new, schedule, changed = leaf.refresh(g2, p, schedule, jnp.asarray(0))
+    new, schedule, changed, basis = leaf.refresh(g2, p, schedule, jnp.asarray(0))
     assert bool(changed)
+    # The moments' change of basis new^T old, taken inside the refresh (old is dead after).
+    np.testing.assert_allclose(basis, jnp.swapaxes(new, -1, -2) @ p, atol=1e-6)
     np.testing.assert_array_equal(schedule.refreshes, [1, 1])
     eye = jnp.swapaxes(new, -1, -2) @ new
     np.testing.assert_allclose(eye, jnp.broadcast_to(jnp.eye(3), eye.shape), atol=1e-5)
