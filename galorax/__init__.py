@@ -56,6 +56,9 @@ _EXPORTS = {
     "per_layer": "galorax.layer_updates",
     "per_layer_step": "galorax.layer_updates",
     "scan_layers": "galorax.layer_stack",
+    # skipping a non-finite train step in place
+    "StepGate": "galorax.step_gate",
+    "gate_step": "galorax.step_gate",
     # 8-bit Adam
     "ScaleByAdam8bitState": "galorax.adam8bit",
     "adamw_8bit": "galorax.adam8bit",
@@ -112,5 +115,6 @@ if TYPE_CHECKING:
     from galorax.residual import Residual
     from galorax.rules import dimension_numbers_from_rules
     from galorax.schedule import AdaptiveRefresh, RefreshSchedule, subspace_overlap
+    from galorax.step_gate import StepGate, gate_step
     from galorax.subspace import Randomized, captured_energy, exact_basis, randomized_basis
     from galorax.transform import GaLoreState, galore, scale_by_galore

@@ -25,6 +25,7 @@ from galorax.quantization.blockwise import (
     quantize_like,
     quantized_zeros,
 )
+from galorax.step_gate import active_gate
 
 _DEFAULT_MIN_8BIT_SIZE = 4096
 
@@ -34,11 +35,13 @@ def chunked_8bit_step(
     g: jax.Array,
     mu: QuantizedArray,
     nu: QuantizedArray,
+    keep: jax.Array | None = None,
 ) -> tuple[jax.Array, QuantizedArray, QuantizedArray]:
     """``fn(g, m, v) -> (u, m, v)`` on the dequantized moments, requantized; a large leaf
     a chunk of its leading axis at a time (:mod:`galorax.chunking`), so at most a chunk's
     ``float32`` moments exist at once. Bit-identical to the whole-leaf step: blocks never
-    span two slices of a split axis.
+    span two slices of a split axis. With ``keep`` (a scalar bool, :mod:`galorax.step_gate`)
+    the moments are written only where it holds, chunk by chunk.
 
     Example:
         >>> import jax.numpy as jnp
@@ -63,11 +66,18 @@ def chunked_8bit_step(
     if chunk >= n:  # whole (also scalars and leaves whose blocks span slices)
         m, v = dequantize_blockwise(mu), dequantize_blockwise(nu)
         u, m, v = fn(g, m, v)
-        return u, quantize_like(m, mu), quantize_like(v, nu)
+        return u, *gated(keep, (quantize_like(m, mu), quantize_like(v, nu)), (mu, nu))
     # The update overwrites the gradient, the new codes the old: all in place.
     bufs = (g, mu.codes, mu.scales, nu.codes, nu.scales)
-    u, mc, ms, vc, vs = update_chunks(body, bufs, (), chunk)
+    u, mc, ms, vc, vs = update_chunks(body, bufs, (), chunk, keep)
     return u, quantized_chunk(mu, mc, ms), quantized_chunk(nu, vc, vs)
+
+
+def gated(keep: jax.Array | None, new: Any, old: Any) -> Any:
+    """``new`` where ``keep`` holds (always without it), else ``old``, leaf by leaf."""
+    if keep is None:
+        return new
+    return jax.tree.map(lambda n, o: jnp.where(keep, n, o), new, old)
 
 
 class ScaleByAdam8bitState(NamedTuple):
@@ -159,6 +169,8 @@ def scale_by_adam_8bit(
         updates: optax.Updates, state: ScaleByAdam8bitState, params: optax.Params | None = None
     ) -> tuple[optax.Updates, ScaleByAdam8bitState]:
         del params
+        gate = active_gate()  # a step that may be skipped: skip in place
+        keep = None if gate is None else gate.finite
         count = optax.safe_increment(state.count)
         t = count.astype(jnp.float32)
         bc1 = 1.0 - jnp.asarray(b1, jnp.float32) ** t
@@ -175,12 +187,15 @@ def scale_by_adam_8bit(
 
         def leaf(g: jax.Array, mu: Any, nu: Any) -> tuple[jax.Array, Any, Any]:
             if not is_quantized(mu):
-                return moments(g, mu, nu)
-            return chunked_8bit_step(moments, g, mu, nu)
+                u, m, v = moments(g, mu, nu)
+                return u, *gated(keep, (m, v), (mu, nu))
+            return chunked_8bit_step(moments, g, mu, nu, keep)
 
         out = jax.tree.map(leaf, updates, state.mu, state.nu)
         pick = lambda i: jax.tree.map(lambda _, o: o[i], updates, out)
-        return pick(0), ScaleByAdam8bitState(count=count, mu=pick(1), nu=pick(2))
+        count = gated(keep, count, state.count)
+        new = ScaleByAdam8bitState(count=count, mu=pick(1), nu=pick(2))
+        return pick(0), new if gate is None else gate.cover(new)
 
     return optax.GradientTransformation(init_fn, update_fn)
 

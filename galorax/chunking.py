@@ -86,7 +86,9 @@ def loop_variant(tree: Any, i: jax.Array) -> tuple[Any, jax.Array]:
     return jax.lax.optimization_barrier((tree, i))
 
 
-def update_chunks(fn: Callable[[Any, Any], Any], bufs: Any, reads: Any, chunk: int) -> Any:
+def update_chunks(
+    fn: Callable[[Any, Any], Any], bufs: Any, reads: Any, chunk: int, keep: Any = None
+) -> Any:
     """``fn(bufs, reads)`` computed ``chunk`` slices of the leading axis at a time, in place.
 
     A ``fori_loop`` over the chunks reads chunk ``i`` of ``bufs`` and ``reads`` and writes
@@ -102,6 +104,9 @@ def update_chunks(fn: Callable[[Any, Any], Any], bufs: Any, reads: Any, chunk: i
         reads: A tree of arrays with the leading size ``n``, only read.
         chunk: Slices per iteration (:func:`chunk_size`); ``fn(bufs, reads)`` once when
             it covers the axis.
+        keep: Optional scalar bool: where False, every chunk is written back as it was
+            (a skipped step, :mod:`galorax.step_gate`): the select happens chunk by chunk
+            in the loop, so the old buffers need no copy.
 
     Example:
         >>> import jax.numpy as jnp
@@ -110,9 +115,15 @@ def update_chunks(fn: Callable[[Any, Any], Any], bufs: Any, reads: Any, chunk: i
         >>> bool((out == x * 2 + 1).all())
         True
     """
+
+    def gated(new: Any, old: Any) -> Any:
+        if keep is None:
+            return new
+        return jax.tree.map(lambda x, o: jnp.where(keep, x.astype(o.dtype), o), new, old)
+
     n = jax.tree.leaves(bufs)[0].shape[0]
     if chunk >= n:
-        return fn(bufs, reads)
+        return gated(fn(bufs, reads), bufs)
     if n % chunk:
         raise ValueError(f"chunk {chunk} does not divide the leading axis {n}")
 
@@ -121,7 +132,8 @@ def update_chunks(fn: Callable[[Any, Any], Any], bufs: Any, reads: Any, chunk: i
         rs, i = loop_variant(reads, i)
         start = i * chunk
         cut = lambda x: jax.lax.dynamic_slice_in_dim(x, start, chunk)  # noqa: E731
-        new = fn(jax.tree.map(cut, bufs), jax.tree.map(cut, rs))
+        old = jax.tree.map(cut, bufs)
+        new = gated(fn(old, jax.tree.map(cut, rs)), old)
         return jax.tree.map(
             lambda b, x: jax.lax.dynamic_update_slice_in_dim(b, x.astype(b.dtype), start, 0),
             bufs,

@@ -22,6 +22,7 @@ from galorax.dimension_numbers import is_masked
 from galorax.moments import Transition, check_moments, rotate_moments
 from galorax.options import GaLoreOptions
 from galorax.projector import LeafProjector, is_projector_leaf
+from galorax.step_gate import StepGate
 
 __all__ = ["GaLoreState", "init_state", "update_state"]
 
@@ -75,11 +76,13 @@ def _init_leaf(proj: LeafProjector | None, param: Any) -> tuple[Any, ...]:
     return masked, proxy, masked, masked, masked
 
 
-def _project_leaf(proj: LeafProjector | None, g: Any, old: Any, sched: Any, count: Any):
+def _project_leaf(
+    proj: LeafProjector | None, g: Any, old: Any, sched: Any, count: Any, finite: Any
+):
     """``(low-rank gradient, projector, schedule, transition, carry)`` of one leaf."""
     if proj is None:
         return g, old, sched, None, None
-    low, new, sched, (changed, basis), carry = proj.step(g, old, sched, count)
+    low, new, sched, (changed, basis), carry = proj.step(g, old, sched, count, finite)
     rotate = proj.options.moments == "rotate"
     transition = Transition(changed, basis, proj.left, proj.low_shape) if rotate else None
     return low, new, sched, transition, carry
@@ -130,9 +133,14 @@ def update_state(
     base_tx: Any,
     kinds: Mapping[str, str],
     extra_args: dict[str, Any],
+    gate: StepGate | None = None,
 ) -> tuple[Any, GaLoreState]:
     """``update`` of :func:`galorax.scale_by_galore`: refresh and project each leaf, rotate
     the moments, run the base optimizer, project back.
+
+    With a ``gate`` (:mod:`galorax.step_gate`) the new state equals the old where the step
+    is not finite: no refresh is attempted (projectors and schedules stay in place) and
+    the base state, residual norms and count are selected here.
 
     Args:
         updates: The gradients, plain (no boxes).
@@ -142,14 +150,16 @@ def update_state(
         base_tx: The base optimizer (with extra-args support).
         kinds: How each base-state field moves at a refresh.
         extra_args: Extra arguments for the base optimizer's update.
+        gate: The train step's gate, if it may be skipped.
 
     Returns:
         ``(updates in parameter space, new state)``.
     """
-    count = state.count
+    count, finite = state.count, True if gate is None else gate.finite
+    keep = (lambda new, old: new) if gate is None else gate.keep
     treedef: Any = jax.tree.structure(projectors, is_leaf=is_projector_leaf)
     per_leaf = jax.tree.map(
-        lambda proj, g, old, sched: _project_leaf(proj, g, old, sched, count),
+        lambda proj, g, old, sched: _project_leaf(proj, g, old, sched, count, finite),
         projectors,
         updates,
         state.projector,
@@ -161,7 +171,8 @@ def update_state(
     flat_transitions = treedef.flatten_up_to(transitions)
     if any(t is not None for t in flat_transitions):
         base_state = rotate_moments(base_state, flat_transitions, kinds)
-    low_updates, base_state = _base_update(base_tx, lows, base_state, extra_args)
+    low_updates, new_base = _base_update(base_tx, lows, base_state, extra_args)
+    base_state = keep(new_base, base_state)
     with_residual = opts.residual is not None
     none = treedef.unflatten([None] * treedef.num_leaves)
     norms = state.residual_norm if with_residual else none
@@ -170,11 +181,11 @@ def update_state(
     )
     out, new_norms = _unzip(treedef, per_leaf, 2)
     return out, GaLoreState(
-        count=optax.safe_int32_increment(count),
+        count=keep(optax.safe_int32_increment(count), count),
         base_optimizer_state=base_state,
         projector=projector,
         schedule=schedule,
-        residual_norm=new_norms if with_residual else None,
+        residual_norm=keep(new_norms, norms) if with_residual else None,
     )
 
 

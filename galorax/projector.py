@@ -163,8 +163,9 @@ class LeafProjector:
         pays = compute_dtype(dtype) != dtype or self.options.residual is not None
         return 4 * self.view.m * self.view.n if pays and chunking.CHUNK_GALORE else 0
 
-    def step(self, g: jax.Array, old: Any, sched: RefreshSchedule, count: Any):
-        """Refreshes the projector when a slice is due and projects the gradient ``g``.
+    def step(self, g: jax.Array, old: Any, sched: RefreshSchedule, count: Any, finite: Any = True):
+        """Refreshes the projector when a slice is due (and the step ``finite``: a skipped
+        step leaves projector and schedule as they were, in place) and projects ``g``.
 
         Returns ``(low-rank gradient, projector, schedule, change, carry)``: ``change``
         the pair (whether any slice got a new projector, the slices' change of basis or
@@ -178,7 +179,7 @@ class LeafProjector:
         rotate = self.options.moments == "rotate"
         no_basis = jnp.zeros((*self.view.batch_shape, self.rank, self.rank)) if rotate else None
         new, sched, *change = jax.lax.cond(
-            jnp.any(count >= sched.next_step),
+            jnp.any(count >= sched.next_step) & finite,
             lambda: self.refresh(g2, old, sched, count),
             lambda: (old, sched, jnp.zeros((), bool), no_basis),
         )

@@ -38,6 +38,7 @@ from galorax.options import (
 from galorax.projector import make_projectors
 from galorax.residual import Residual
 from galorax.schedule import AdaptiveRefresh
+from galorax.step_gate import active_gate
 
 __all__ = ["GaLoreState", "galore", "scale_by_galore"]
 
@@ -185,9 +186,11 @@ def scale_by_galore(
         plain, boxed, state = as_plain(updates), state, unbox(state)
         check_same_tree(plain, state.projector)
         projectors = make_projectors(plain, weight_dimension_numbers, opts)
-        new = update_state(plain, state, projectors, opts, base_tx, kinds, extra_args)
+        gate = active_gate()  # a step that may be skipped: skip in place
+        new = update_state(plain, state, projectors, opts, base_tx, kinds, extra_args, gate)
         out, state = keep_nonfinite_leaves(plain, state, new) if opts.skip_nonfinite else new
-        return rebox(updates, out), restore_boxes(boxed, state)
+        state = restore_boxes(boxed, state)
+        return rebox(updates, out), state if gate is None else gate.cover(state)
 
     # Explicit-axes meshes: the update body runs with automatic axes (see placement.py).
     return optax.GradientTransformationExtraArgs(init_fn, placement.auto_axes_update(update_fn))

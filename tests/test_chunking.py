@@ -44,6 +44,16 @@ def test_update_chunks_equals_the_whole_call():
         jax.tree.map(np.testing.assert_array_equal, out, whole)
 
 
+@pytest.mark.parametrize("chunk", [2, 6])
+def test_update_chunks_keep_false_writes_the_old_chunks_back(chunk):
+    x = jnp.arange(12.0).reshape(6, 2)
+    fn = jax.jit(
+        lambda x, keep: update_chunks(lambda b, r: b * 2 + r, x, jnp.ones((6, 2)), chunk, keep)
+    )
+    np.testing.assert_array_equal(fn(x, jnp.asarray(False)), x)
+    np.testing.assert_array_equal(fn(x, jnp.asarray(True)), x * 2 + 1)
+
+
 def test_update_chunks_rejects_a_chunk_that_does_not_divide():
     with pytest.raises(ValueError, match="divide"):
         update_chunks(lambda b, r: b, jnp.ones((5, 2)), (), 2)

@@ -19,7 +19,6 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -34,6 +33,7 @@ from galorax.app.checkpoint import with_shardings
 from galorax.app.config import DTYPES, RunConfig
 from galorax.app.distributed import TrainPlacement
 from galorax.app.optimizers import run_optimizer
+from galorax.step_gate import gate_step
 
 
 def make_train_step(
@@ -88,12 +88,13 @@ def plain_train_step(mcfg: model_lib.ModelConfig, opt: Any, remat: bool) -> Any:
         loss, grads = jax.value_and_grad(model_lib.loss_fn)(params, batch, mcfg, remat)
         # Per leaf, not the global norm: finite gradients whose squares overflow are kept.
         finite = jnp.isfinite(loss) & chunking.tree_all_finite(grads)
-        updates, new_state = opt.update(grads, opt_state, params)
-        new_params = optax.apply_updates(params, updates)
         # A select, not a cond: the finite path computes exactly what it did unguarded.
-        keep = functools.partial(jax.tree.map, lambda new, old: jnp.where(finite, new, old))
+        # galorax's transforms skip in place under the gate (no copy of their state).
+        with gate_step(finite) as gate:
+            updates, new_state = opt.update(grads, opt_state, params)
+        new_params = optax.apply_updates(params, updates)
         loss = jnp.where(finite | ~jnp.isfinite(loss), loss, jnp.nan)
-        return keep(new_params, params), keep(new_state, opt_state), loss
+        return gate.keep(new_params, params), gate.keep(new_state, opt_state), loss
 
     return step
 
