@@ -55,6 +55,7 @@ import optax
 
 from galorax.layer_stack import forward_layers, n_layers, put_layer, read_layer, take_layer, unstack
 from galorax.quantization.blockwise import is_quantized, lead_axes
+from galorax.step_gate import gate_step
 
 __all__ = [
     "PerLayerState",
@@ -246,12 +247,13 @@ def _update_outer(
     ok: jax.Array,
 ) -> tuple[Any, Any]:
     """The parameters outside the stack, updated (unless their gradients or the loss are
-    not finite), and their state."""
-    upd, new_state = inner.update(
-        {**grads, stack: masked_stack}, state, {**outer, stack: masked_stack}
-    )
+    not finite), and their state; galorax's transforms skip in place (:mod:`galorax.step_gate`)."""
+    with gate_step(ok & _all_finite(grads)) as gate:
+        upd, new_state = inner.update(
+            {**grads, stack: masked_stack}, state, {**outer, stack: masked_stack}
+        )
     new_outer = optax.apply_updates(outer, {k: upd[k] for k in outer})
-    return _keep_if(ok & _all_finite(grads), (new_outer, new_state), (outer, state))
+    return gate.keep((new_outer, new_state), (outer, state))
 
 
 def per_layer_step(
