@@ -57,6 +57,8 @@ _EXPORTS = {
     "per_layer_step": "galorax.layer_updates",
     "scan_layers": "galorax.layer_stack",
     # skipping a non-finite train step in place
+    "adamw": "galorax.adam",
+    "scale_by_adam": "galorax.adam",
     "StepGate": "galorax.step_gate",
     "gate_step": "galorax.step_gate",
     # 8-bit Adam
@@ -89,6 +91,7 @@ __getattr__, __dir__ = lazy_exports(
 if TYPE_CHECKING:
     from galorax import quantization, sharding
     from galorax.accounting import tree_bytes
+    from galorax.adam import adamw, scale_by_adam
     from galorax.adam8bit import ScaleByAdam8bitState, adamw_8bit, scale_by_adam_8bit
     from galorax.app.planner import MemoryEstimate, plan_memory
     from galorax.dimension_numbers import (

@@ -86,6 +86,21 @@ def loop_variant(tree: Any, i: jax.Array) -> tuple[Any, jax.Array]:
     return jax.lax.optimization_barrier((tree, i))
 
 
+def buffer_after(shape: tuple[int, ...], dtype: Any, after: jax.Array) -> jax.Array:
+    """A buffer for :func:`update_chunks` to write whole, computed from ``after``'s first
+    element: XLA can neither merge it with other buffers of its shape (which costs a copy
+    per loop, allocated early) nor make it before ``after`` exists (a gradient: during the
+    backward pass, where every gradient is alive). Zeros, or NaN where that element is not
+    finite: every element must be written before it is read.
+
+    Example:
+        >>> buffer_after((2, 3), jnp.float32, jnp.ones((4, 4), jnp.bfloat16)).tolist()
+        [[0.0, 0.0, 0.0], [0.0, 0.0, 0.0]]
+    """
+    first = jax.lax.slice(after, (0,) * after.ndim, (1,) * after.ndim).reshape(())
+    return jnp.zeros(shape, dtype) + jnp.zeros((), dtype) * first.astype(dtype)
+
+
 def update_chunks(
     fn: Callable[[Any, Any], Any], bufs: Any, reads: Any, chunk: int, keep: Any = None
 ) -> Any:
@@ -104,9 +119,10 @@ def update_chunks(
         reads: A tree of arrays with the leading size ``n``, only read.
         chunk: Slices per iteration (:func:`chunk_size`); ``fn(bufs, reads)`` once when
             it covers the axis.
-        keep: Optional scalar bool: where False, every chunk is written back as it was
-            (a skipped step, :mod:`galorax.step_gate`): the select happens chunk by chunk
-            in the loop, so the old buffers need no copy.
+        keep: Optional scalar bool: when False the loop runs no iteration and every
+            buffer comes back as it was (a skipped step, :mod:`galorax.step_gate`; a
+            moment rotation when no projector changed). Unlike a select or a cond after
+            the loop, the old buffers need no copy; when ``chunk`` covers the axis, a select.
 
     Example:
         >>> import jax.numpy as jnp
@@ -116,14 +132,12 @@ def update_chunks(
         True
     """
 
-    def gated(new: Any, old: Any) -> Any:
-        if keep is None:
-            return new
-        return jax.tree.map(lambda x, o: jnp.where(keep, x.astype(o.dtype), o), new, old)
-
     n = jax.tree.leaves(bufs)[0].shape[0]
     if chunk >= n:
-        return gated(fn(bufs, reads), bufs)
+        new = fn(bufs, reads)
+        if keep is None:
+            return new
+        return jax.tree.map(lambda x, o: jnp.where(keep, x.astype(o.dtype), o), new, bufs)
     if n % chunk:
         raise ValueError(f"chunk {chunk} does not divide the leading axis {n}")
 
@@ -132,15 +146,15 @@ def update_chunks(
         rs, i = loop_variant(reads, i)
         start = i * chunk
         cut = lambda x: jax.lax.dynamic_slice_in_dim(x, start, chunk)  # noqa: E731
-        old = jax.tree.map(cut, bufs)
-        new = gated(fn(old, jax.tree.map(cut, rs)), old)
+        new = fn(jax.tree.map(cut, bufs), jax.tree.map(cut, rs))
         return jax.tree.map(
             lambda b, x: jax.lax.dynamic_update_slice_in_dim(b, x.astype(b.dtype), start, 0),
             bufs,
             new,
         )
 
-    return jax.lax.fori_loop(0, n // chunk, body, bufs)
+    steps = n // chunk if keep is None else jnp.where(keep, n // chunk, 0)
+    return jax.lax.fori_loop(0, steps, body, bufs)
 
 
 def can_split(q: QuantizedArray) -> bool:

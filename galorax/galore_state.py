@@ -19,7 +19,7 @@ import optax
 
 from galorax import placement
 from galorax.dimension_numbers import is_masked
-from galorax.moments import Transition, check_moments, rotate_moments
+from galorax.moments import Transition, check_moments, per_parameter_fields, rotate_moments
 from galorax.options import GaLoreOptions
 from galorax.projector import LeafProjector, is_projector_leaf
 from galorax.step_gate import StepGate
@@ -155,31 +155,18 @@ def update_state(
     Returns:
         ``(updates in parameter space, new state)``.
     """
-    count, finite = state.count, True if gate is None else gate.finite
+    count = state.count
     keep = (lambda new, old: new) if gate is None else gate.keep
     treedef: Any = jax.tree.structure(projectors, is_leaf=is_projector_leaf)
-    per_leaf = jax.tree.map(
-        lambda proj, g, old, sched: _project_leaf(proj, g, old, sched, count, finite),
-        projectors,
-        updates,
-        state.projector,
-        state.schedule,
-        is_leaf=is_projector_leaf,
-    )
-    lows, projector, schedule, transitions, carry = _unzip(treedef, per_leaf, 5)
-    base_state = state.base_optimizer_state
-    flat_transitions = treedef.flatten_up_to(transitions)
-    if any(t is not None for t in flat_transitions):
-        base_state = rotate_moments(base_state, flat_transitions, kinds)
-    low_updates, new_base = _base_update(base_tx, lows, base_state, extra_args)
-    base_state = keep(new_base, base_state)
     with_residual = opts.residual is not None
-    none = treedef.unflatten([None] * treedef.num_leaves)
-    norms = state.residual_norm if with_residual else none
-    per_leaf = jax.tree.map(
-        _back_leaf, projectors, updates, carry, low_updates, norms, is_leaf=is_projector_leaf
-    )
-    out, new_norms = _unzip(treedef, per_leaf, 2)
+    norms = state.residual_norm if with_residual else treedef.unflatten([None] * treedef.num_leaves)
+    group = _Group(count, True if gate is None else gate.finite, keep, base_tx, kinds, extra_args)
+    leaves = (projectors, updates, state.projector, state.schedule, norms)
+    live = sum(not is_masked(g) for g in treedef.flatten_up_to(updates))
+    if opts.leafwise_base and treedef.num_leaves > 1 and live:
+        out, projector, schedule, base_state, new_norms = _leafwise(group, treedef, leaves, state)
+    else:
+        out, projector, schedule, base_state, new_norms = group(*leaves, state.base_optimizer_state)
     return out, GaLoreState(
         count=keep(optax.safe_int32_increment(count), count),
         base_optimizer_state=base_state,
@@ -187,6 +174,77 @@ def update_state(
         schedule=schedule,
         residual_norm=keep(new_norms, norms) if with_residual else None,
     )
+
+
+class _Group(NamedTuple):
+    """The update of a group of leaves (all of them, or one): what does not vary."""
+
+    count: Any
+    finite: Any
+    keep: Any
+    base_tx: Any
+    kinds: Mapping[str, str]
+    extra_args: dict[str, Any]
+
+    def __call__(
+        self, projectors: Any, updates: Any, old: Any, schedule: Any, norms: Any, base_state: Any
+    ) -> tuple[Any, ...]:
+        """``(updates, projectors, schedules, base state, residual norms)`` of the group:
+        refresh and project each leaf, rotate the moments, run the base optimizer, project
+        back."""
+        treedef: Any = jax.tree.structure(projectors, is_leaf=is_projector_leaf)
+        per_leaf = jax.tree.map(
+            lambda proj, g, p, sched: _project_leaf(proj, g, p, sched, self.count, self.finite),
+            projectors,
+            updates,
+            old,
+            schedule,
+            is_leaf=is_projector_leaf,
+        )
+        lows, projector, schedule, transitions, carry = _unzip(treedef, per_leaf, 5)
+        flat_transitions = treedef.flatten_up_to(transitions)
+        if any(t is not None for t in flat_transitions):
+            base_state = rotate_moments(base_state, flat_transitions, self.kinds)
+        low_updates, new_base = _base_update(self.base_tx, lows, base_state, self.extra_args)
+        per_leaf = jax.tree.map(
+            _back_leaf, projectors, updates, carry, low_updates, norms, is_leaf=is_projector_leaf
+        )
+        out, new_norms = _unzip(treedef, per_leaf, 2)
+        return out, projector, schedule, self.keep(new_base, base_state), new_norms
+
+
+def _leafwise(group: _Group, treedef: Any, leaves: tuple[Any, ...], state: GaLoreState):
+    """:class:`_Group` one leaf at a time, each leaf's gradient tied to the last one's
+    update by an optimization barrier (so XLA cannot hoist every projection first); the
+    base state's per-parameter fields are split by leaf, its other fields (counts) taken
+    from the last leaf's."""
+    base_def, fields, flags = per_parameter_fields(state.base_optimizer_state, treedef)
+    pairs = zip(fields, flags, strict=True)
+    columns = [treedef.flatten_up_to(f) if pp else None for f, pp in pairs]
+    flat = [treedef.flatten_up_to(tree) for tree in leaves]
+    results: list[Any] = [None] * len(flat[0])
+    shared, prev = fields, None
+    # Largest first (measured: at 1b 0.5 GB less peak than in tree order).
+    for i in sorted(range(len(results)), key=lambda i: -getattr(flat[1][i], "size", 0)):
+        proj, g, old, sched, norm = (f[i] for f in flat)
+        own = [c[i] if c else f for c, f in zip(columns, fields, strict=True)]
+        if is_masked(g):  # nothing to update: its entries stay
+            results[i] = (g, old, sched, own, norm)
+            continue
+        if prev is not None:
+            g, _ = jax.lax.optimization_barrier((g, prev))
+        out, p, sched, sub, norm = group(proj, g, old, sched, norm, base_def.unflatten(own))
+        shared = base_def.flatten_up_to(sub)
+        results[i] = (out, p, sched, shared, norm)
+        prev = out
+    out, projector, schedule, _, norms = (
+        treedef.unflatten(list(col)) for col in zip(*results, strict=True)
+    )
+    new_fields = [
+        treedef.unflatten([r[3][k] for r in results]) if pp else shared[k]
+        for k, pp in enumerate(flags)
+    ]
+    return out, projector, schedule, base_def.unflatten(new_fields), norms
 
 
 def _base_update(base_tx: Any, lows: Any, base_state: Any, extra_args: dict[str, Any]):

@@ -91,6 +91,27 @@ def _flatten(tree: Any) -> tuple[list[Any], Any]:
     return jax.tree.flatten(tree, is_leaf=lambda x: is_masked(x) or is_quantized(x))
 
 
+def per_parameter_fields(state: Any, treedef: Any) -> tuple[Any, list[Any], list[bool]]:
+    """A base optimizer state's fields: their structure, the fields (flat) and, for each,
+    whether it holds one entry per parameter leaf of ``treedef`` (``mu``, ``nu``, ...: laid
+    out like the gradients, an 8-bit moment or a masked placeholder one entry). With a
+    single parameter leaf a scalar field (a count) looks per-parameter too.
+
+    Example:
+        >>> import optax, jax, jax.numpy as jnp
+        >>> params = {'a': jnp.ones(2), 'b': jnp.ones(3)}
+        >>> state = optax.scale_by_adam().init(params)
+        >>> _, fields, flags = per_parameter_fields(state, jax.tree.structure(params))
+        >>> flags
+        [False, True, True]
+    """
+    entry = lambda x: is_masked(x) or is_quantized(x)  # noqa: E731
+    per_param = lambda x: jax.tree.structure(x, is_leaf=entry) == treedef  # noqa: E731
+    base_def: Any = jax.tree.structure(state, is_leaf=per_param)
+    fields = base_def.flatten_up_to(state)
+    return base_def, fields, [per_param(f) for f in fields]
+
+
 def _per_parameter(tree: Any, like: Any) -> bool:
     """Whether rotation would touch ``tree``: a tree like the parameters' (same nodes, not a
     nested state) with an entry shaped like a projected leaf's low-rank gradient."""
@@ -185,11 +206,14 @@ def rotate_moment(m: Any, new: Any, old: Any, *, left: bool, second: bool) -> An
     return carry_moment(m, change_of_basis(new, old), left=left, second=second)
 
 
-def carry_moment(m: Any, c: jax.Array, *, left: bool, second: bool) -> Any:
+def carry_moment(
+    m: Any, c: jax.Array, *, left: bool, second: bool, when: jax.Array | None = None
+) -> Any:
     """One low-rank moment carried by the change of basis ``c = P_new^T P_old``
     (``(*batch, r, r)``, f32): ``C m`` (left) or ``m C^T`` (right); ``C * C`` for a
-    second moment. An 8-bit moment of a stacked leaf a chunk of slices at a time, so
-    never all of it in f32.
+    second moment. A stacked leaf's moment a chunk of slices at a time, in place (an 8-bit
+    one never all in f32). With ``when`` (a scalar bool) only if it holds: a chunk loop
+    of no iteration, or a cond for a whole leaf (no copy of the moment either way).
 
     Example:
         >>> import jax.numpy as jnp
@@ -198,20 +222,29 @@ def carry_moment(m: Any, c: jax.Array, *, left: bool, second: bool) -> Any:
         Array([2., 1.], dtype=float32)
     """
     c = c * c if second else c
-    if not is_quantized(m):
-        return _apply(m, c.astype(m.dtype), left)
     n_batch = c.ndim - 2
     n = m.shape[0] if n_batch else 1
-    chunk = chunk_size(n, 4 * math.prod(m.shape[1:])) if n_batch and can_split(m) else n
+    splits = n_batch and (not is_quantized(m) or can_split(m))
+    chunk = chunk_size(n, 4 * math.prod(m.shape[1:])) if splits else n
+    if chunk >= n:
+        if when is None:
+            return _carry_whole(m, c, left)
+        return jax.lax.cond(when, lambda: _carry_whole(m, c, left), lambda: m)
+    if not is_quantized(m):
+        return update_chunks(lambda x, c: _apply(x, c, left), m, c.astype(m.dtype), chunk, when)
 
     def body(bufs: tuple[jax.Array, jax.Array], c: jax.Array):
         x = dequantize_blockwise(quantized_chunk(m, *bufs), jnp.float32)
         out = quantize_like(_apply(x, c, left), m)
         return out.codes, out.scales
 
-    if chunk >= n:
-        return quantize_like(_apply(dequantize_blockwise(m, jnp.float32), c, left), m)
-    return quantized_chunk(m, *update_chunks(body, (m.codes, m.scales), c, chunk))
+    return quantized_chunk(m, *update_chunks(body, (m.codes, m.scales), c, chunk, when))
+
+
+def _carry_whole(m: Any, c: jax.Array, left: bool) -> Any:
+    if not is_quantized(m):
+        return _apply(m, c.astype(m.dtype), left)
+    return quantize_like(_apply(dequantize_blockwise(m, jnp.float32), c, left), m)
 
 
 def _apply(x: jax.Array, c: jax.Array, left: bool) -> jax.Array:
@@ -241,7 +274,7 @@ class Transition(NamedTuple):
 def rotate_moments(
     state: Any, transitions: Sequence[Transition | None], kinds: Mapping[str, str]
 ) -> Any:
-    """``state`` with its moments carried into the new bases (under a cond: only when changed).
+    """``state`` with its moments carried into the new bases (only where a leaf changed).
 
     Args:
         state: The base optimizer's state.
@@ -267,11 +300,7 @@ def rotate_moments(
         def one(m: Any, t: Transition | None) -> Any:
             if t is None or getattr(m, "shape", None) != t.low_shape:
                 return m  # unprojected, or a container this rule does not know (left as is)
-            return jax.lax.cond(
-                t.changed,
-                lambda: carry_moment(m, t.basis, left=t.left, second=second),
-                lambda: m,
-            )
+            return carry_moment(m, t.basis, left=t.left, second=second, when=t.changed)
 
         return treedef.unflatten([one(m, t) for m, t in zip(leaves, transitions, strict=True)])
 

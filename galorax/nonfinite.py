@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from galorax.dimension_numbers import is_masked
-from galorax.quantization.blockwise import is_quantized
+from galorax.moments import per_parameter_fields
 
 
 def keep_nonfinite_leaves(updates: Any, old: Any, new: tuple[Any, Any]) -> tuple[Any, Any]:
@@ -52,12 +52,10 @@ def keep_nonfinite_leaves(updates: Any, old: Any, new: tuple[Any, Any]) -> tuple
         where = functools.partial(_where, True if finite[0] is None else finite[0])
         base = jax.tree.map(where, state.base_optimizer_state, old.base_optimizer_state)
     else:  # the fields with the updates' structure (mu, nu, ...) hold one entry per leaf
-        per_param = lambda x: jax.tree.structure(x, is_leaf=_moment_leaf) == treedef
-        base_def: Any = jax.tree.structure(state.base_optimizer_state, is_leaf=per_param)
-        new_leaves = base_def.flatten_up_to(state.base_optimizer_state)
-        old_leaves = base_def.flatten_up_to(old.base_optimizer_state)
-        pairs = zip(new_leaves, old_leaves, strict=True)
-        base = base_def.unflatten([keep(n, o) if per_param(n) else n for n, o in pairs])
+        base_def, news, flags = per_parameter_fields(state.base_optimizer_state, treedef)
+        olds = base_def.flatten_up_to(old.base_optimizer_state)
+        pairs = zip(news, olds, flags, strict=True)
+        base = base_def.unflatten([keep(n, o) if pp else n for n, o, pp in pairs])
     zeros = jax.tree.map(jnp.zeros_like, out)
     return keep(out, zeros), state._replace(
         base_optimizer_state=base,
@@ -67,11 +65,6 @@ def keep_nonfinite_leaves(updates: Any, old: Any, new: tuple[Any, Any]) -> tuple
         if state.residual_norm is None
         else keep(state.residual_norm, old.residual_norm),
     )
-
-
-def _moment_leaf(x: Any) -> bool:
-    """One parameter's entry of a base field: 8-bit moments are one entry, not two arrays."""
-    return is_masked(x) or is_quantized(x)
 
 
 def _where(finite: Any, new: Any, old: Any) -> Any:

@@ -249,6 +249,7 @@ class GaLoreOptions:
     refresh_axes: tuple[str, ...]
     moment_fields: tuple[tuple[str, str], ...] = ()
     skip_nonfinite: bool = False
+    leafwise_base: bool = False
 
 
 def galore_options(
@@ -268,6 +269,7 @@ def galore_options(
     refresh_axes: str | Sequence[str] | None = None,
     moment_fields: Mapping[str, MomentKind] | None = None,
     skip_nonfinite: bool = False,
+    leafwise_base: bool = False,
 ) -> GaLoreOptions:
     """Checks :func:`galorax.scale_by_galore`'s arguments and resolves them (see there).
 
@@ -302,4 +304,5 @@ def galore_options(
         refresh_axes=axes,
         moment_fields=check_moment_fields(moment_fields),
         skip_nonfinite=check_bool(skip_nonfinite, "skip_nonfinite"),
+        leafwise_base=check_bool(leafwise_base, "leafwise_base"),
     )

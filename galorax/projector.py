@@ -185,7 +185,7 @@ class LeafProjector:
         )
         p = dense(new, compute_dtype(g.dtype))
         nb, size = len(self.view.batch_shape), self.chunk_bytes(g.dtype)
-        low = jnp.zeros(self.low_shape, p.dtype)
+        low = chunking.buffer_after(self.low_shape, p.dtype, g2)  # written whole below
         low = map_slices(lambda _, r: self.project(*r), low, (g2, p), nb, size)
         return low, new, sched, tuple(change), (g2, low, new, p)
 

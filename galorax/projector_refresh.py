@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from galorax import placement, subspace
-from galorax.chunking import map_slices
+from galorax.chunking import buffer_after, map_slices
 from galorax.projector_storage import change_of_basis, compute_dtype, dense
 from galorax.quantization.blockwise import is_quantized
 from galorax.quantization.projectors import quantize_slices, select_slices
@@ -166,7 +166,7 @@ def refresh(
     parts = (old.codes, old.scales) if is_quantized(old) else old
     bufs: tuple[Any, ...] = (parts, jnp.zeros(due.shape, bool), jnp.zeros(due.shape))
     if with_basis:
-        bufs = (*bufs, jnp.zeros((*due.shape, leaf.rank, leaf.rank)))
+        bufs = (*bufs, buffer_after((*due.shape, leaf.rank, leaf.rank), jnp.float32, g2))
     reads = (g2, due, fresh)
     parts, accept, overlap, *basis = map_slices(body, bufs, reads, nb, size)
     new = parts

@@ -21,7 +21,7 @@ from typing import Any
 import jax
 import optax
 
-from galorax import placement
+from galorax import adam, placement
 from galorax.compat import as_plain, box_moments, rebox, restore_boxes, unbox
 from galorax.dimension_numbers import GaLoreDimNumsOrFn, check_same_tree
 from galorax.galore_state import GaLoreState, init_state, update_state
@@ -62,6 +62,7 @@ def scale_by_galore(
     refresh_axes: str | Sequence[str] | None = None,
     skip_nonfinite: bool = False,
     moment_fields: Mapping[str, MomentKind] | None = None,
+    leafwise_base: bool | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """Scale updates using GaLore (Gradient Low-Rank Projection).
 
@@ -133,6 +134,12 @@ def scale_by_galore(
             usual (so its next bias correction uses the later count). Base-state fields
             are found by their tree structure: a subtree shaped like the low-rank
             gradients (``mu``, ``nu``, ...); fields of another structure step anyway.
+        leafwise_base: Run project, base optimizer and back-projection one leaf at a
+            time, each leaf after the last, so only one leaf's low-rank temporaries are
+            alive at once (1b: 0.5 GB less peak, ``BENCHMARKS.md``). The same updates for
+            a base optimizer that treats each leaf on its own (Adam, 8-bit Adam, Lion,
+            Adafactor, SGD: not one that mixes leaves, e.g. by a global norm). None: on
+            for the default base optimizer (``scale_by_adam``), off for any other.
 
     Returns:
         A ``GradientTransformationExtraArgs``; extra arguments reach the base optimizer.
@@ -162,9 +169,10 @@ def scale_by_galore(
         refresh_axes=refresh_axes,
         moment_fields=moment_fields,
         skip_nonfinite=skip_nonfinite,
+        leafwise_base=base_optimizer is None if leafwise_base is None else leafwise_base,
     )
-    if check_base_optimizer(base_optimizer) is None:
-        base_optimizer = optax.scale_by_adam()
+    if check_base_optimizer(base_optimizer) is None:  # optax's, skipping in place
+        base_optimizer = adam.scale_by_adam()
     base_tx = optax.with_extra_args_support(base_optimizer)
     kinds = moment_kinds(opts.moment_fields)
 
@@ -218,6 +226,7 @@ def galore(
     refresh_axes: str | Sequence[str] | None = None,
     skip_nonfinite: bool = False,
     moment_fields: Mapping[str, MomentKind] | None = None,
+    leafwise_base: bool | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """GaLore: Memory-efficient training via gradient low-rank projection.
 
@@ -301,6 +310,8 @@ def galore(
         moment_fields: How unknown base-state fields move at a refresh (``"first"``,
             ``"second"``, ``"none"``).
         skip_nonfinite: Leave a leaf with a non-finite gradient untouched (zero update).
+        leafwise_base: One leaf at a time (see :func:`scale_by_galore`); None: for the
+            default base optimizer.
 
     Returns:
         A ``GradientTransformationExtraArgs`` implementing GaLore.
@@ -324,6 +335,7 @@ def galore(
             refresh_axes=refresh_axes,
             moment_fields=moment_fields,
             skip_nonfinite=skip_nonfinite,
+            leafwise_base=leafwise_base,
         ),
         optax.add_decayed_weights(weight_decay, mask),
         optax.scale_by_learning_rate(learning_rate),

@@ -44,8 +44,11 @@ def test_per_layer_step_equals_the_plain_step(optimizer):
     plain, plain_losses = _run(optimizer, per_layer=False)
     layered, layered_losses = _run(optimizer, per_layer=True)
     np.testing.assert_allclose(layered_losses, plain_losses, rtol=1e-6)
+    # An 8-bit code may round the other way when its f32 input differs by rounding (the
+    # plain step runs GaLore a leaf at a time): one parameter of 8192 by 6e-5 here.
+    atol = 1e-4 if optimizer == "galore8bit" else 1e-6
     for a, b in zip(jax.tree.leaves(layered), jax.tree.leaves(plain), strict=True):
-        np.testing.assert_allclose(a, b, atol=1e-6)
+        np.testing.assert_allclose(a, b, atol=atol)
 
 
 def test_per_layer_step_needs_less_memory():

@@ -118,8 +118,9 @@ def _galore_keywords(options: dict[str, Any], seed: int | None, eight_bit: bool)
     bits = kw.pop("projector_bits", 32)
     if bits != 32:
         kw["projector_bits"] = bits
-    if eight_bit:
+    if eight_bit:  # a leaf at a time, as the default base: 8-bit Adam mixes no leaves
         kw["base_optimizer"] = galorax.scale_by_adam_8bit()
+        kw["leafwise_base"] = True
     return kw
 
 
@@ -160,7 +161,8 @@ def make_optimizer(
     base, eight_bit = EIGHT_BIT.get(name, name), name in EIGHT_BIT
     opt: optax.GradientTransformation
     if base == "adamw":
-        adamw = galorax.adamw_8bit if eight_bit else optax.adamw
+        # optax.adamw's chain and updates, skipping a non-finite step in place
+        adamw = galorax.adamw_8bit if eight_bit else galorax.adamw
         opt = adamw(learning_rate, weight_decay=weight_decay)
     elif base == "optax-galore":
         opt = optax_galore(
