@@ -55,9 +55,14 @@ OPTIMIZERS = (
     "galore8bit+pl",
     "galore8bit+pl+int8P",
 )
-#: The rows each preset compiles by default (7b: the paper's per-layer 8-bit run and AdamW).
+#: The rows each preset compiles by default (7b: the plain rows and the paper's 8-bit runs).
 PLAIN = ("adamw", "adamw8bit", "galore", "galore8bit")
-DEFAULT_ROWS = {"tiny": PLAIN, "60m": PLAIN, "130m": PLAIN, "7b": ("adamw", "galore8bit+pl+int8P")}
+DEFAULT_ROWS = {
+    "tiny": PLAIN,
+    "60m": PLAIN,
+    "130m": PLAIN,
+    "7b": (*PLAIN, "galore8bit+pl", "galore8bit+pl+int8P"),
+}
 
 
 def measure(preset: str, option: str, vocab_size: int = 32000) -> dict[str, Any]:
