@@ -245,8 +245,8 @@ def divergence_note(estimate: MemoryEstimate, step_peak: int) -> str:
         return ""
     if ratio > 0:
         return (
-            f"XLA peak {ratio:.0%} above the planner: activations and the update's "
-            "temporaries (f32 copies, refresh workspace), which the planner does not count"
+            f"XLA peak {ratio:.0%} above the planner: activations and f32 temporaries "
+            "(of the backward pass, the update, the refresh), which the planner does not count"
         )
     return (
         f"XLA peak {-ratio:.0%} below the planner: XLA reuses gradient buffers for the "
