@@ -260,7 +260,8 @@ class Transition(NamedTuple):
     Attributes:
         changed: Scalar bool: whether any slice of the leaf got a new projector.
         basis: Each slice's change of basis ``P_new^T P_old`` (``(*batch, r, r)``; slices
-            that did not change: ``P_old^T P_old``).
+            that did not change: ``P_old^T P_old``; zeros when the leaf was not refreshed,
+            which ``changed`` then says: used only when it holds).
         left: Which side the projectors project.
         low_shape: Shape of the leaf's low-rank moments.
     """

@@ -177,7 +177,8 @@ class LeafProjector:
         if not self.chunk_bytes(g.dtype):  # whole: one f32 copy for refresh and projection
             g2 = g2.astype(compute_dtype(g.dtype))
         rotate = self.options.moments == "rotate"
-        no_basis = jnp.zeros((*self.view.batch_shape, self.rank, self.rank)) if rotate else None
+        basis_shape = (*self.view.batch_shape, self.rank, self.rank)
+        no_basis = jnp.zeros(basis_shape, jnp.float32) if rotate else None  # as refresh's
         new, sched, *change = jax.lax.cond(
             jnp.any(count >= sched.next_step) & finite,
             lambda: self.refresh(g2, old, sched, count),

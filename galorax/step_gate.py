@@ -8,7 +8,12 @@ peak. :func:`gate_step` lets the transforms that can do better skip in place ins
 while an optimizer update is traced inside it, :func:`active_gate` hands them the step's
 ``finite`` flag; they write each chunk, refresh and moment only where it holds, and
 :meth:`StepGate.cover` their state, which :meth:`StepGate.keep` then passes as it is.
-galorax's :func:`~galorax.scale_by_galore` and :func:`~galorax.scale_by_adam_8bit` do.
+galorax's :func:`~galorax.scale_by_galore`, :func:`~galorax.scale_by_adam` (and
+:func:`~galorax.adamw`) and :func:`~galorax.scale_by_adam_8bit` do.
+
+The gate is read while the update is traced: open it inside the jitted step (as
+``galorax train`` does), not around a call of an update jitted on its own, whose cached
+program would keep the gate (or miss it) for every later call.
 
 The contract of a covered state: it equals the transform's new state where ``finite``
 holds and the state it was given otherwise. Anything a wrapper builds anew (a

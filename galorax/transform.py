@@ -137,9 +137,11 @@ def scale_by_galore(
         leafwise_base: Run project, base optimizer and back-projection one leaf at a
             time, each leaf after the last, so only one leaf's low-rank temporaries are
             alive at once (1b: 0.5 GB less peak, ``BENCHMARKS.md``). The same updates for
-            a base optimizer that treats each leaf on its own (Adam, 8-bit Adam, Lion,
-            Adafactor, SGD: not one that mixes leaves, e.g. by a global norm). None: on
-            for the default base optimizer (``scale_by_adam``), off for any other.
+            a base optimizer that treats each leaf on its own and keeps one state entry
+            per leaf in fields laid out like the gradients (Adam, 8-bit Adam, Lion, SGD
+            momentum, AMSGrad): not one that mixes leaves (a global norm, shared noise)
+            or nests its own partition (``optax.masked``, ``multi_transform``, SM3's
+            lists). None: on for the default base optimizer, off for any other.
 
     Returns:
         A ``GradientTransformationExtraArgs``; extra arguments reach the base optimizer.

@@ -8,7 +8,9 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 # The suite is compile-bound (tiny shapes, many programs): LLVM's optimizations off cut
 # its CPU time by about a third (measured on tests/test_transform.py: 55 -> 34 CPU-s) and
-# change no HLO pass, so no result a test checks. Set before JAX starts (subprocesses
+# change no HLO pass (LLVM may still contract multiply-adds otherwise, so two different
+# programs can differ in the last bit: tests that compare two programs of 8-bit or fused
+# updates use tolerances). Set before JAX starts (subprocesses
 # inherit it); an XLA_FLAGS that already names the level wins.
 _LEVEL = "--xla_backend_optimization_level"
 if _LEVEL not in os.environ.get("XLA_FLAGS", ""):

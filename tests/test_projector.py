@@ -10,6 +10,7 @@ import numpy as np
 import optax
 import pytest
 
+import galorax
 from galorax.accounting import tree_bytes
 from galorax.dimension_numbers import GaLoreDimensionNumbers as Dims
 from galorax.dimension_numbers import MatrixView
@@ -181,3 +182,13 @@ def test_chunked_leaf_steps_match_the_whole_stack(
     tol = 1e-6 if dtype == jnp.float32 else 1e-2
     for a, b in zip(jax.tree.leaves(chunked), jax.tree.leaves(whole), strict=True):
         np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), atol=tol)
+
+
+def test_a_refresh_traces_under_x64():
+    """The refresh's change of basis and the cond's other branch agree on f32 under x64."""
+    with jax.enable_x64(True):
+        params = {"a": jnp.ones((16, 8), jnp.float32)}
+        tx = galorax.scale_by_galore(rank=2)
+        grads = {"a": jnp.ones((16, 8), jnp.float32) * jnp.arange(8, dtype=jnp.float32)}
+        updates, _ = jax.jit(tx.update)(grads, tx.init(params))
+        assert updates["a"].dtype == jnp.float32

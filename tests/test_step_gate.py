@@ -63,6 +63,14 @@ def _assert_trees_equal(a, b):
     jax.tree.map(np.testing.assert_array_equal, a, b)
 
 
+def _assert_trees_close(a, b):
+    """Two programs (gated, not) may contract multiply-adds differently: to the last bits."""
+    close = lambda x, y: np.testing.assert_allclose(  # noqa: E731
+        np.asarray(x, np.float32), np.asarray(y, np.float32), rtol=1e-6, atol=1e-7
+    )
+    jax.tree.map(close, a, b)
+
+
 @pytest.mark.parametrize("name", list(_optimizers()))
 def test_a_finite_step_is_what_it_is_without_the_gate(name, monkeypatch):
     monkeypatch.setattr(chunking, "CHUNK_BYTES", 2 * 16 * 8 * 4)  # stacks in chunks
@@ -73,8 +81,8 @@ def test_a_finite_step_is_what_it_is_without_the_gate(name, monkeypatch):
     for t in range(2):  # the first step refreshes every projector
         want, want_state = plain(_grads(t), state)
         got, got_state = gated(_grads(t), state)
-        _assert_trees_equal(got, want)
-        _assert_trees_equal(got_state, want_state)
+        _assert_trees_close(got, want)
+        _assert_trees_close(got_state, want_state)
         state = want_state
 
 

@@ -88,7 +88,8 @@ def plain_train_step(mcfg: model_lib.ModelConfig, opt: Any, remat: bool) -> Any:
         loss, grads = jax.value_and_grad(model_lib.loss_fn)(params, batch, mcfg, remat)
         # Per leaf, not the global norm: finite gradients whose squares overflow are kept.
         finite = jnp.isfinite(loss) & chunking.tree_all_finite(grads)
-        # A select, not a cond: the finite path computes exactly what it did unguarded.
+        # A select, not a cond: the finite path computes what it did unguarded (to the
+        # last bit where XLA fuses the gated program alike).
         # galorax's transforms skip in place under the gate (no copy of their state).
         with gate_step(finite) as gate:
             updates, new_state = opt.update(grads, opt_state, params)
