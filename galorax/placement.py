@@ -20,6 +20,8 @@ from typing import Any
 import jax
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
+from galorax.step_gate import active_gate
+
 
 def on_several_devices(x: jax.Array) -> bool:
     """Whether ``x`` (an array or a tracer) belongs to a mesh of more than one device."""
@@ -120,19 +122,30 @@ def auto_axes_update(update_fn: Any) -> Any:
     update is a data-dependent mix of those, so its body runs with the mesh's axes
     automatic (``jax.sharding.auto_axes``): the compiler places the intermediates. The
     outputs are pinned to the inputs' shardings (updates like the gradients, new state
-    like the old), so the next call compiles to the same program.
+    like the old), so the next call compiles to the same program. A state the body
+    skipped in place under a :func:`galorax.gate_step` is covered outside it too.
     """
 
     def wrapped(updates: Any, state: Any, params: Any = None, **extra_args: Any):
         mesh = explicit_mesh_of(updates)
         if mesh is None:
             return update_fn(updates, state, params, **extra_args)
+        gate, covered = active_gate(), []
+
+        def run(u: Any, s: Any, p: Any, e: Any) -> Any:
+            new_u, new_s = update_fn(u, s, p, **e)
+            covered.append(gate is not None and gate.covers(new_s))
+            return new_u, new_s
+
         out = (specs_of(updates), specs_of(state))
-        body = jax.sharding.auto_axes(lambda u, s, p, e: update_fn(u, s, p, **e), out_sharding=out)
+        body = jax.sharding.auto_axes(run, out_sharding=out)
         with contextlib.ExitStack() as stack:
             if jax.sharding.get_abstract_mesh().empty:
                 stack.enter_context(jax.sharding.use_abstract_mesh(mesh))
-            return body(updates, state, params, extra_args)
+            new_updates, new_state = body(updates, state, params, extra_args)
+        if gate is not None and all(covered) and covered:  # the same values, resharded
+            gate.cover(new_state)
+        return new_updates, new_state
 
     return wrapped
 

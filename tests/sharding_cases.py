@@ -348,3 +348,26 @@ def test_refresh_axes_names_a_missing_axis():
     mesh = sharding.make_mesh("data=4,fsdp=2", explicit=False)
     with pytest.raises(ValueError, match="refresh_axes names \\['model'\\]"):
         _stacked_run(mesh, "randomized", ("data", "model"), steps=1)
+
+
+def test_the_gate_covers_galore_on_an_explicit_mesh():
+    """Under explicit axes GaLore's body runs in auto_axes; its in-place skip still counts."""
+    mesh = sharding.make_mesh("data=2,fsdp=4", explicit=True)
+    shard = {k: NamedSharding(mesh, s) for k, s in SPECS.items()}
+    params = jax.device_put(_params(), shard)
+    tx = _tx(galorax.Randomized(qr="gram", power_iters=0))
+    state = jax.jit(tx.init, out_shardings=sharding.state_shardings(tx, params))(params)
+    grads = jax.device_put(_grads()[0], shard)
+    covered = []
+
+    def step(g, s, finite):
+        with galorax.gate_step(finite) as gate:
+            _, new = tx.update(g, s)
+        covered.append(gate.covers(new))
+        return gate.keep(new, s)
+
+    kept = jax.jit(step)(grads, state, jnp.asarray(False))
+    assert covered == [True]
+    jax.tree.map(np.testing.assert_array_equal, kept, state)
+    stepped = jax.jit(step)(grads, state, jnp.asarray(True))
+    assert int(stepped.count) == 1
