@@ -34,10 +34,6 @@ from galorax.step_gate import active_gate
 __all__ = ["adamw", "scale_by_adam"]
 
 
-def _select(finite: jax.Array, new: Any, old: Any) -> Any:
-    return jax.tree.map(lambda n, o: jnp.where(finite, n, o.astype(n.dtype)), new, old)
-
-
 def scale_by_adam(
     b1: jax.typing.ArrayLike = 0.9,
     b2: jax.typing.ArrayLike = 0.999,
@@ -70,9 +66,10 @@ def scale_by_adam(
         if gate is None:
             return plain.update(updates, state, params)
         # optax.scale_by_adam's update, the moments selected before the update is read.
-        mu = _select(gate.finite, tree.tree_update_moment(updates, state.mu, b1, 1), state.mu)
+        mu = tree.tree_update_moment(updates, state.mu, b1, 1)
+        mu = tree.tree_where(gate.finite, mu, state.mu)
         nu = tree.tree_update_moment_per_elem_norm(updates, state.nu, b2, 2)
-        nu = _select(gate.finite, nu, state.nu)
+        nu = tree.tree_where(gate.finite, nu, state.nu)
         count_inc = optax.safe_increment(state.count)
         if nesterov:
             mu_hat = jax.tree.map(

@@ -75,9 +75,7 @@ def chunked_8bit_step(
 
 def gated(keep: jax.Array | None, new: Any, old: Any) -> Any:
     """``new`` where ``keep`` holds (always without it), else ``old``, leaf by leaf."""
-    if keep is None:
-        return new
-    return jax.tree.map(lambda n, o: jnp.where(keep, n, o), new, old)
+    return new if keep is None else optax.tree_utils.tree_where(keep, new, old)
 
 
 class ScaleByAdam8bitState(NamedTuple):

@@ -135,9 +135,7 @@ def update_chunks(
     n = jax.tree.leaves(bufs)[0].shape[0]
     if chunk >= n:
         new = fn(bufs, reads)
-        if keep is None:
-            return new
-        return jax.tree.map(lambda x, o: jnp.where(keep, x.astype(o.dtype), o), new, bufs)
+        return new if keep is None else optax.tree_utils.tree_where(keep, new, bufs)
     if n % chunk:
         raise ValueError(f"chunk {chunk} does not divide the leading axis {n}")
 

@@ -233,10 +233,6 @@ def _sum_squares(tree: Any) -> jax.Array:
     )
 
 
-def _keep_if(ok: jax.Array, new: Any, old: Any) -> Any:
-    return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
-
-
 def _update_outer(
     inner: optax.GradientTransformation,
     stack: str,
@@ -298,8 +294,8 @@ def per_layer_step(
             s1 = take_layer(layer_state, i)
             upd, s1_new = inner.update({**masked_outer, stack: g1}, s1, {**masked_outer, stack: p1})
             good = ok & _all_finite(g)
-            p1_new = _keep_if(good, optax.apply_updates(p1, upd[stack]), p1)
-            layer_state = put_layer(layer_state, i, _keep_if(good, s1_new, s1))
+            p1_new = optax.tree_utils.tree_where(good, optax.apply_updates(p1, upd[stack]), p1)
+            layer_state = put_layer(layer_state, i, optax.tree_utils.tree_where(good, s1_new, s1))
             return (
                 put_layer(layers, i, p1_new),
                 layer_state,
@@ -313,7 +309,7 @@ def per_layer_step(
         carry, _ = jax.lax.scan(backward, carry, (inputs, jnp.arange(n)), reverse=True)
         layers, layer_state, dx, last, sq = carry
         # The shared scalars (counts) advance once, unless the loss was not finite.
-        layer_state = _shared_from(layer_state, _keep_if(ok, last, first))
+        layer_state = _shared_from(layer_state, optax.tree_utils.tree_where(ok, last, first))
         (grads_embed,) = embed_vjp(dx)
         grads = jax.tree.map(jnp.add, grads_head, grads_embed)
         norm = jnp.sqrt(sq + _sum_squares(grads))

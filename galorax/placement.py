@@ -143,7 +143,7 @@ def auto_axes_update(update_fn: Any) -> Any:
             if jax.sharding.get_abstract_mesh().empty:
                 stack.enter_context(jax.sharding.use_abstract_mesh(mesh))
             new_updates, new_state = body(updates, state, params, extra_args)
-        if gate is not None and all(covered) and covered:  # the same values, resharded
+        if gate is not None and covered and all(covered):  # the same values, resharded
             gate.cover(new_state)
         return new_updates, new_state
 
