@@ -73,3 +73,16 @@ def test_bfloat16():
     loss, g = loss_and_grad(p, t)
     assert loss.dtype == jnp.float32 and np.isfinite(float(loss))
     assert g["layers"]["wq"].dtype == jnp.bfloat16
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_embedding_gradient_equals_the_gather_gradient(dtype):
+    """embed_tokens' own backward pass (a scatter-add into a late zero buffer) gives the
+    gradient of a plain ``table[tokens]``, repeated tokens included."""
+    table = jax.random.normal(jax.random.key(0), (16, 8)).astype(dtype)
+    tokens = jnp.array([[1, 3, 3], [0, 1, 15]])
+    w = jax.random.normal(jax.random.key(1), (2, 3, 8)).astype(dtype)
+    ours = jax.grad(lambda t: jnp.sum(M.embed_tokens({"embed": t}, tokens) * w))(table)
+    ref = jax.grad(lambda t: jnp.sum(t[tokens] * w))(table)
+    assert ours.dtype == dtype
+    np.testing.assert_array_equal(np.asarray(ours, np.float32), np.asarray(ref, np.float32))

@@ -216,9 +216,27 @@ def _block(cfg: ModelConfig, x: jax.Array, lp: Params) -> jax.Array:
     return x + (jax.nn.silu(h @ lp["w_gate"]) * (h @ lp["w_up"])) @ lp["w_down"]
 
 
+@jax.custom_vjp
+def _lookup(table: jax.Array, tokens: jax.Array) -> jax.Array:
+    return table[tokens]
+
+
+def _lookup_fwd(table: jax.Array, tokens: jax.Array) -> tuple[jax.Array, Any]:
+    return table[tokens], (jax.ShapeDtypeStruct(table.shape, table.dtype), tokens)
+
+
+def _lookup_bwd(res: Any, dx: jax.Array) -> tuple[jax.Array, None]:
+    spec, tokens = res
+    zeros = galorax.chunking.buffer_after(spec.shape, spec.dtype, dx)
+    return zeros.at[tokens].add(dx), None
+
+
+_lookup.defvjp(_lookup_fwd, _lookup_bwd)
+
+
 def embed_tokens(outer: Params, tokens: jax.Array) -> jax.Array:
     """The residual stream's input: the embeddings of ``tokens`` (batch, time)."""
-    return outer["embed"][tokens]
+    return _lookup(outer["embed"], tokens)
 
 
 def block(cfg: ModelConfig, lp: Params, x: jax.Array) -> jax.Array:
