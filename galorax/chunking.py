@@ -86,6 +86,19 @@ def loop_variant(tree: Any, i: jax.Array) -> tuple[Any, jax.Array]:
     return jax.lax.optimization_barrier((tree, i))
 
 
+def after(x: jax.Array, dep: jax.Array) -> jax.Array:
+    """``x``, computed once ``dep`` exists (a data dependency on ``dep``'s first
+    element, which XLA cannot drop): it orders an in-place write after the reads of
+    what it overwrites. The same values where that element is finite.
+
+    Example:
+        >>> after(jnp.ones(2, jnp.bfloat16), jnp.zeros((3, 3))).tolist()
+        [1.0, 1.0]
+    """
+    first = jax.lax.slice(dep, (0,) * dep.ndim, (1,) * dep.ndim).reshape(())
+    return x + jnp.zeros((), x.dtype) * first.astype(x.dtype)
+
+
 def buffer_after(shape: tuple[int, ...], dtype: Any, after: jax.Array) -> jax.Array:
     """A buffer for :func:`update_chunks` to write whole, computed from ``after``'s first
     element: XLA can neither merge it with other buffers of its shape (which costs a copy
@@ -182,15 +195,35 @@ def quantized_chunk(like: QuantizedArray, codes: jax.Array, scales: jax.Array) -
     )
 
 
+def slices_chunk(batch: tuple[int, ...], slice_bytes: int) -> int:
+    """Slices per iteration of :func:`map_slices` over the batch axes ``batch`` (their
+    product when it runs ``fn`` whole).
+
+    Example:
+        >>> slices_chunk((24,), 45 * 2**20), slices_chunk((24,), 0), slices_chunk((), 2**30)
+        (1, 24, 1)
+    """
+    b = math.prod(batch)
+    return chunk_size(b, slice_bytes) if batch and slice_bytes else b
+
+
 def map_slices(
-    fn: Callable[[Any, Any], Any], bufs: Any, reads: Any, n_batch: int, slice_bytes: int
+    fn: Callable[[Any, Any], Any],
+    bufs: Any,
+    reads: Any,
+    n_batch: int,
+    slice_bytes: int,
+    keep: Any = None,
 ) -> Any:
     """:func:`update_chunks` over the matrices of arrays shaped ``(*batch, ...)``
     (``n_batch`` batch axes), a chunk of at most :data:`CHUNK_BYTES` (``slice_bytes`` per
     matrix) at a time.
 
     The batch axes are flattened into one (a free reshape); without batch axes, with
-    ``slice_bytes=0`` or when the stack fits, ``fn(bufs, reads)`` as it is.
+    ``slice_bytes=0`` or when the stack fits, ``fn(bufs, reads)`` as it is. With ``keep``
+    (a scalar bool) ``fn`` runs only when it holds, else ``bufs`` come back as they were:
+    a loop of no iteration (the buffers need no copy, unlike a loop inside a ``cond``),
+    or a ``cond`` around the whole ``fn``.
 
     Example:
         >>> import jax.numpy as jnp
@@ -200,11 +233,13 @@ def map_slices(
     """
     batch = jax.tree.leaves(bufs)[0].shape[:n_batch]
     b = math.prod(batch)
-    chunk = chunk_size(b, slice_bytes) if n_batch and slice_bytes else b
+    chunk = slices_chunk(batch, slice_bytes)
     if chunk >= b:
-        return fn(bufs, reads)
+        if keep is None:
+            return fn(bufs, reads)
+        return jax.lax.cond(keep, fn, lambda b, _: b, bufs, reads)
     flat = lambda x: x.reshape((b, *x.shape[n_batch:]))  # noqa: E731
-    out = update_chunks(fn, jax.tree.map(flat, bufs), jax.tree.map(flat, reads), chunk)
+    out = update_chunks(fn, jax.tree.map(flat, bufs), jax.tree.map(flat, reads), chunk, keep)
     return jax.tree.map(lambda y: y.reshape((*batch, *y.shape[1:])), out)
 
 

@@ -176,14 +176,18 @@ class LeafProjector:
         g2 = self.view.to_matrix(g)
         if not self.chunk_bytes(g.dtype):  # whole: one f32 copy for refresh and projection
             g2 = g2.astype(compute_dtype(g.dtype))
-        rotate = self.options.moments == "rotate"
-        basis_shape = (*self.view.batch_shape, self.rank, self.rank)
-        no_basis = jnp.zeros(basis_shape, jnp.float32) if rotate else None  # as refresh's
-        new, sched, *change = jax.lax.cond(
-            jnp.any(count >= sched.next_step) & finite,
-            lambda: self.refresh(g2, old, sched, count),
-            lambda: (old, sched, jnp.zeros((), bool), no_basis),
-        )
+        attempted = jnp.any(count >= sched.next_step) & finite
+        if projector_refresh.in_chunks(self, g2):  # a loop of no iteration: no copies
+            new, sched, *change = self.refresh(g2, old, sched, count, attempted)
+        else:
+            rotate = self.options.moments == "rotate"
+            basis_shape = (*self.view.batch_shape, self.rank, self.rank)
+            no_basis = jnp.zeros(basis_shape, jnp.float32) if rotate else None  # as refresh's
+            new, sched, *change = jax.lax.cond(
+                attempted,
+                lambda: self.refresh(g2, old, sched, count),
+                lambda: (old, sched, jnp.zeros((), bool), no_basis),
+            )
         p = dense(new, compute_dtype(g.dtype))
         nb, size = len(self.view.batch_shape), self.chunk_bytes(g.dtype)
         low = chunking.buffer_after(self.low_shape, p.dtype, g2)  # written whole below
@@ -228,11 +232,13 @@ class LeafProjector:
         """A refresh of ``g2``'s due slices: :func:`galorax.projector_refresh.attempt`."""
         return projector_refresh.attempt(self, g2, old, due, omega, fresh)
 
-    def refresh(self, g2: jax.Array, old: Any, sched: RefreshSchedule, count: Any):
+    def refresh(
+        self, g2: jax.Array, old: Any, sched: RefreshSchedule, count: Any, attempted: Any = None
+    ):
         """New projectors for the due slices, the schedule after the attempt, whether
         any slice changed and the change of basis (None unless ``moments="rotate"``):
         :func:`galorax.projector_refresh.refresh`."""
-        return projector_refresh.refresh(self, g2, old, sched, count)
+        return projector_refresh.refresh(self, g2, old, sched, count, attempted)
 
 
 def is_projector_leaf(x: Any) -> bool:

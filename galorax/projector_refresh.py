@@ -12,6 +12,7 @@ time, then advances the schedule.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -19,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from galorax import placement, subspace
-from galorax.chunking import buffer_after, map_slices
+from galorax.chunking import after, buffer_after, map_slices, slices_chunk
 from galorax.projector_storage import change_of_basis, compute_dtype, dense
 from galorax.quantization.blockwise import is_quantized
 from galorax.quantization.projectors import quantize_slices, select_slices
@@ -28,7 +29,7 @@ from galorax.schedule import RefreshSchedule, advance, subspace_overlap
 if TYPE_CHECKING:
     from galorax.projector import LeafProjector
 
-__all__ = ["attempt", "candidate", "refresh", "sketch"]
+__all__ = ["attempt", "candidate", "in_chunks", "refresh", "sketch", "slice_bytes"]
 
 
 def sketch(leaf: LeafProjector, shape: tuple[int, ...], count: Any) -> jax.Array | None:
@@ -120,8 +121,24 @@ def attempt(
     return new, accept, overlap, split
 
 
+def slice_bytes(leaf: LeafProjector, g2: jax.Array) -> int:
+    """What :func:`refresh` chunks ``g2``'s slices by (0: whole; always whole on a mesh)."""
+    return 0 if placement.on_several_devices(g2) else leaf.chunk_bytes(g2.dtype)
+
+
+def in_chunks(leaf: LeafProjector, g2: jax.Array) -> bool:
+    """Whether :func:`refresh` loops over chunks of ``g2``'s slices (else one whole call)."""
+    batch = g2.shape[: len(leaf.view.batch_shape)]
+    return slices_chunk(batch, slice_bytes(leaf, g2)) < math.prod(batch)
+
+
 def refresh(
-    leaf: LeafProjector, g2: jax.Array, old: Any, sched: RefreshSchedule, count: Any
+    leaf: LeafProjector,
+    g2: jax.Array,
+    old: Any,
+    sched: RefreshSchedule,
+    count: Any,
+    attempted: Any = None,
 ) -> tuple[Any, RefreshSchedule, jax.Array, jax.Array | None]:
     """New projectors for the due slices (stored like ``old``), the schedule after the
     attempt, whether any slice changed and, with ``moments="rotate"``, each slice's
@@ -140,11 +157,14 @@ def refresh(
         old: The stored projector (float or quantized).
         sched: The leaf's refresh schedule.
         count: The step.
+        attempted: Optional scalar bool: when False nothing is factorized and every
+            slice keeps its projector and schedule (a loop of no iteration: the
+            projectors, written in place, need no copy).
     """
     opts, nb = leaf.options, len(leaf.view.batch_shape)
     due, fresh = count >= sched.next_step, sched.refreshes > 0
     omega = sketch(leaf, g2.shape, count)
-    size = 0 if placement.on_several_devices(g2) else leaf.chunk_bytes(g2.dtype)
+    size = slice_bytes(leaf, g2)
     split_seen: list[bool] = []
 
     with_basis = opts.moments == "rotate"
@@ -161,14 +181,20 @@ def refresh(
         split_seen.append(split)
         parts = (new.codes, new.scales) if is_quantized(new) else new
         out = parts, accept, jnp.zeros(accept.shape) if overlap is None else overlap
-        return (*out, change_of_basis(new, old_c)) if with_basis else out
+        if not with_basis:
+            return out
+        basis = change_of_basis(new, old_c)
+        # Written after the change of basis has read the old chunk: XLA would otherwise
+        # read it after the write, at the cost of two copies of the whole projector.
+        parts = jax.tree.map(lambda x: after(x, basis), parts)
+        return parts, *out[1:], basis
 
     parts = (old.codes, old.scales) if is_quantized(old) else old
     bufs: tuple[Any, ...] = (parts, jnp.zeros(due.shape, bool), jnp.zeros(due.shape))
     if with_basis:
         bufs = (*bufs, buffer_after((*due.shape, leaf.rank, leaf.rank), jnp.float32, g2))
     reads = (g2, due, fresh)
-    parts, accept, overlap, *basis = map_slices(body, bufs, reads, nb, size)
+    parts, accept, overlap, *basis = map_slices(body, bufs, reads, nb, size, attempted)
     new = parts
     if is_quantized(old):
         new = dataclasses.replace(old, codes=parts[0], scales=parts[1])

@@ -73,6 +73,22 @@ def test_map_slices_flattens_batch_axes(monkeypatch):
     np.testing.assert_array_equal(out, x * (x + 1))
 
 
+@pytest.mark.parametrize("slice_bytes", [4 * 4 * 5, 0])  # a loop of chunks; one whole call
+def test_map_slices_keep_false_leaves_the_buffers(monkeypatch, slice_bytes):
+    monkeypatch.setattr(chunking, "CHUNK_BYTES", 4 * 4 * 5)
+    x = jax.random.normal(jax.random.key(0), (2, 3, 4, 5))
+    fn = jax.jit(lambda x, keep: map_slices(lambda b, r: b * r, x, x + 1, 2, slice_bytes, keep))
+    np.testing.assert_array_equal(fn(x, jnp.asarray(False)), x)
+    np.testing.assert_array_equal(fn(x, jnp.asarray(True)), x * (x + 1))
+
+
+def test_after_keeps_the_values_and_depends_on_its_argument():
+    x = jnp.arange(4.0, dtype=jnp.bfloat16)
+    np.testing.assert_array_equal(chunking.after(x, jnp.ones((2, 3))), x)
+    jaxpr = str(jax.make_jaxpr(chunking.after)(x, jnp.ones((2, 3))))
+    assert "slice" in jaxpr and "mul" in jaxpr  # not folded away while tracing
+
+
 def test_chunked_bf16_read_is_not_copied_whole():
     """CPU XLA upcasts a bf16 dynamic slice's operand; hoisted out of the loop, that is an
     f32 copy of the whole stack (read as uint16 bits instead, a uint16 copy)."""

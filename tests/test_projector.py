@@ -11,6 +11,7 @@ import optax
 import pytest
 
 import galorax
+from galorax import projector_refresh
 from galorax.accounting import tree_bytes
 from galorax.dimension_numbers import GaLoreDimensionNumbers as Dims
 from galorax.dimension_numbers import MatrixView
@@ -182,6 +183,32 @@ def test_chunked_leaf_steps_match_the_whole_stack(
     tol = 1e-6 if dtype == jnp.float32 else 1e-2
     for a, b in zip(jax.tree.leaves(chunked), jax.tree.leaves(whole), strict=True):
         np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), atol=tol)
+
+
+@pytest.mark.parametrize("bits, moments", [(None, "rotate"), (8, "keep")])
+def test_a_chunked_leaf_keeps_its_projector_when_not_refreshing(monkeypatch, bits, moments):
+    """In chunks, a refresh that is not due or not attempted (a non-finite step) runs a
+    loop of no iteration: projector and schedule come back unchanged, bit for bit."""
+    from galorax import chunking
+
+    monkeypatch.setattr(chunking, "CHUNK_GALORE", True)
+    monkeypatch.setattr(chunking, "CHUNK_BYTES", 2 * 4 * 24 * 20)  # 2 slices per chunk
+    view = MatrixView.of((4, 24, 20), Dims(1, 2))
+    opts = galore_options(rank=3, update_proj_gap=4, projector_bits=bits, moments=moments)
+    leaf = LeafProjector(view, True, 3, 0, 0, opts)
+    g = jax.random.normal(jax.random.key(0), view.shape).astype(jnp.bfloat16)  # chunked
+    p, _, sched, _ = leaf.init(g)
+    assert projector_refresh.in_chunks(leaf, view.to_matrix(g))
+    step = jax.jit(lambda g, p, s, c, f: leaf.step(g, p, s, c, f)[1:4])
+    p, sched, _ = step(g, p, sched, jnp.asarray(0), jnp.asarray(True))
+    for count, finite in [(1, True), (4, False)]:
+        new, new_sched, (changed, basis) = step(g * 3, p, sched, jnp.asarray(count), finite)
+        assert not bool(changed)
+        jax.tree.map(np.testing.assert_array_equal, (new, new_sched), (p, sched))
+        if moments == "rotate":
+            np.testing.assert_array_equal(basis, jnp.zeros_like(basis))
+    new, _, (changed, _) = step(g * 3, p, sched, jnp.asarray(4), jnp.asarray(True))
+    assert bool(changed)
 
 
 def test_a_refresh_traces_under_x64():
