@@ -283,8 +283,9 @@ def test_rotate_carries_8bit_moments():
     def cos(a, b):
         return float(jnp.vdot(a, b) / (jnp.linalg.norm(a) * jnp.linalg.norm(b)))
 
-    assert cos(q8, f32) > 0.98
-    assert cos(q8, f32) > cos(q8_aligned, f32)
+    # 0.980-0.99 across CPUs (the 8-bit codes round differently); align keeps ~0.1.
+    assert cos(q8, f32) > 0.95
+    assert cos(q8, f32) > cos(q8_aligned, f32) + 0.5
 
 
 def test_stagger_spreads_refreshes_and_all_start_at_step_zero():
