@@ -9,6 +9,13 @@ Rows named ``...+pl`` use per-layer updates (``--per-layer-updates``), ``+int8P`
 projectors. Every row compiles the step ``galorax train`` runs with those flags
 (:func:`galorax.app.planner.compiled_step_memory`, gradient clipping included).
 
+Rows named ``optax...`` are the peers, in the step an optax user writes: ``value_and_grad``,
+``update``, ``apply_updates``, params and state donated, on the same model and batch:
+``optax.adamw`` and ``optax.contrib.galore`` behind ``optax.clip_by_global_norm(1.0)`` (as
+``galorax train`` clips), and ``optax.adamw-noclip`` without it. optax's GaLore cannot take
+a stacked layer axis, so its layer matrices are folded (one projector per stack: the app's
+``optax-galore``); embeddings, head and norms stay unprojected, as in galorax.
+
 Run:
     python benchmarks/step_memory.py                    # tiny..130m, 350m (f32, 4 x 256), 1b, 7b
     python benchmarks/step_memory.py --presets 1b       # one preset
@@ -23,10 +30,14 @@ import platform
 import time
 from typing import Any
 
+import jax
 import jax.numpy as jnp
+import optax
 
 from galorax.app import model as model_lib
+from galorax.app.optimizers import galore_dimension_numbers
 from galorax.app.planner import compiled_step_memory
+from galorax.app.step import step_memory
 
 #: Peak bytes (GB) of issue 13's table, before chunking: preset -> optimizer -> GB.
 BEFORE_GB: dict[str, dict[str, float]] = {
@@ -45,7 +56,9 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "7b": dict(dtype=jnp.bfloat16, remat=True, batch_size=1, seq_len=256, rank=1024),
 }
 
-#: Rows: ``optimizer[+pl][+int8P]`` (per-layer updates, int8 projectors).
+#: The peers' rows (:func:`peer_memory`).
+PEERS = ("optax.adamw", "optax.adamw-noclip", "optax.contrib.galore")
+#: Rows: ``optimizer[+pl][+int8P]`` (per-layer updates, int8 projectors), then the peers.
 OPTIMIZERS = (
     "adamw",
     "adamw8bit",
@@ -54,15 +67,50 @@ OPTIMIZERS = (
     "galore+pl",
     "galore8bit+pl",
     "galore8bit+pl+int8P",
+    *PEERS,
 )
+#: The rows the ratios are taken against: galorax's AdamW, then optax's (with clipping).
+BASES = ("adamw", "optax.adamw")
 #: The rows each preset compiles by default (7b: the plain rows and the paper's 8-bit runs).
 PLAIN = ("adamw", "adamw8bit", "galore", "galore8bit")
 DEFAULT_ROWS = {
     "tiny": PLAIN,
     "60m": PLAIN,
     "130m": PLAIN,
-    "7b": (*PLAIN, "galore8bit+pl", "galore8bit+pl+int8P"),
+    "7b": (*PLAIN, "galore8bit+pl", "galore8bit+pl+int8P", *PEERS),
 }
+
+
+def peer_optimizer(name: str, params: Any, rank: int) -> optax.GradientTransformation:
+    """A peer of :data:`PEERS` as an optax user builds it (learning rate 1e-3)."""
+    if name == "optax.adamw-noclip":
+        return optax.adamw(1e-3)
+    if name == "optax.adamw":
+        opt = optax.adamw(1e-3)
+    else:
+        dims = galore_dimension_numbers(params, folded=True)
+        opt = optax.contrib.galore(1e-3, rank=rank, weight_dimension_numbers=dims)
+    return optax.chain(optax.clip_by_global_norm(1.0), opt)
+
+
+def peer_memory(preset: str, name: str, cfg: model_lib.ModelConfig) -> dict[str, int]:
+    """XLA's memory analysis of the plain optax train step with the peer ``name``."""
+    s = SETTINGS[preset]
+    params = model_lib.abstract_params(cfg, s["dtype"])
+    opt = peer_optimizer(name, params, s["rank"])
+
+    def step(params: Any, state: Any, batch: jax.Array) -> Any:
+        loss, grads = jax.value_and_grad(model_lib.loss_fn)(params, batch, cfg, s["remat"])
+        updates, state = opt.update(grads, state, params)
+        return optax.apply_updates(params, updates), state, loss
+
+    state = jax.eval_shape(opt.init, params)
+    batch = jax.ShapeDtypeStruct((s["batch_size"], s["seq_len"] + 1), jnp.int32)
+    compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, state, batch).compile()
+    memory = step_memory(compiled)
+    if memory is None:
+        raise RuntimeError("this backend reports no memory analysis")
+    return memory.as_dict()
 
 
 def measure(preset: str, option: str, vocab_size: int = 32000) -> dict[str, Any]:
@@ -70,6 +118,14 @@ def measure(preset: str, option: str, vocab_size: int = 32000) -> dict[str, Any]
     s = SETTINGS[preset]
     cfg = model_lib.get_preset(preset, vocab_size=vocab_size)
     start = time.perf_counter()
+    if option in PEERS:
+        return {
+            "preset": preset,
+            "optimizer": option,
+            "before_peak_gb": None,
+            **peer_memory(preset, option, cfg),
+            "compile_s": round(time.perf_counter() - start, 1),
+        }
     mem = compiled_step_memory(
         cfg,
         option.split("+")[0],
@@ -100,23 +156,27 @@ def main() -> None:
     if not args.json:
         print(
             f"{'preset':<6} {'optimizer':<20} {'before':>7} {'peak':>7} {'temp':>7} "
-            f"{'argument':>8} {'vs adamw':>8} {'compile s':>9}"
+            f"{'argument':>8} {'vs adamw':>8} {'vs optax':>8} {'compile s':>9}"
         )
     for preset in args.presets:
-        adamw = None
-        for option in args.optimizers or DEFAULT_ROWS.get(preset, OPTIMIZERS):
+        options = args.optimizers or DEFAULT_ROWS.get(preset, OPTIMIZERS)
+        # The peer first, so every row can print its ratio to it.
+        options = sorted(options, key=lambda o: o != "optax.adamw")
+        base: dict[str, float] = {}
+        for option in options:
             row = measure(preset, option)
-            if option == "adamw":
-                adamw = row["peak"]
+            if option in BASES:
+                base[option] = row["peak"]
             if args.json:
                 print(json.dumps(row), flush=True)
                 continue
             before = row["before_peak_gb"]
-            ratio = "" if adamw is None else f"{row['peak'] / adamw:.0%}"
+            ratios = [f"{row['peak'] / base[b]:.0%}" if b in base else "" for b in BASES]
             print(
                 f"{preset:<6} {option:<20} {'-' if before is None else f'{before:.2f}':>7} "
                 f"{row['peak'] / 1e9:>7.2f} {row['temp'] / 1e9:>7.2f} "
-                f"{row['argument'] / 1e9:>8.2f} {ratio:>8} {row['compile_s']:>9}",
+                f"{row['argument'] / 1e9:>8.2f} {ratios[0]:>8} {ratios[1]:>8} "
+                f"{row['compile_s']:>9}",
                 flush=True,
             )
 
