@@ -6,6 +6,10 @@ For each configuration: XLA's memory analysis of the compiled step (what ``galor
 (no ``memory_stats``) it runs the ``micro`` smoke configuration and prints ``n/a``.
 
     python benchmarks/gpu_step.py --config 1b:galore8bit+pl --steps 5
+    python benchmarks/gpu_step.py --config 1b:optax.adamw --steps 5   # a peer's plain step
+
+A peer (``optax.adamw``, ``optax.adamw-noclip``, ``optax.contrib.galore``) runs in the plain
+optax step of ``benchmarks/step_memory.py``.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from step_memory import PEERS, peer_optimizer, peer_step  # this folder's script
 
 from galorax.app import model as model_lib
 from galorax.app.config import DTYPES, TrainConfig, resolve_config
@@ -29,7 +34,8 @@ RANKS = {"micro": 8, "tiny": 64, "350m": 256, "1b": 512, "7b": 1024}
 def run_one(spec: str, steps: int, vocab: int) -> dict:
     """``preset:optimizer[+pl][+int8P]``: compile, run ``steps`` steps, measure."""
     preset, _, option = spec.partition(":")
-    name = option.split("+")[0]
+    peer = option in PEERS
+    name = "adamw" if peer else option.split("+")[0]  # a peer: the run's settings only
     train = TrainConfig(
         preset=preset,
         optimizer=name,
@@ -44,10 +50,13 @@ def run_one(spec: str, steps: int, vocab: int) -> dict:
     run = resolve_config(train)
     mcfg = model_lib.get_preset(preset, vocab_size=vocab)
     params = model_lib.init_params(mcfg, jax.random.key(0), DTYPES[run.dtype])
-    opt = run_optimizer(run, params)
+    opt = peer_optimizer(option, params, RANKS[preset]) if peer else run_optimizer(run, params)
     state = opt.init(params)
     batch = jnp.asarray(np.random.default_rng(0).integers(0, vocab, (1, 257), dtype=np.int32))
-    compiled = compile_step(mcfg, opt, params, state, batch, run.remat)
+    if peer:
+        compiled = peer_step(mcfg, opt, run.remat).lower(params, state, batch).compile()
+    else:
+        compiled = compile_step(mcfg, opt, params, state, batch, run.remat)
     xla = step_memory(compiled)
     params, state, loss = compiled(params, state, batch)  # first call: projectors, warm-up
     loss.block_until_ready()

@@ -93,20 +93,26 @@ def peer_optimizer(name: str, params: Any, rank: int) -> optax.GradientTransform
     return optax.chain(optax.clip_by_global_norm(1.0), opt)
 
 
+def peer_step(cfg: model_lib.ModelConfig, opt: optax.GradientTransformation, remat: bool) -> Any:
+    """The plain optax train step ``(params, state, batch) -> (params, state, loss)``,
+    jitted with params and state donated (as ``galorax train``'s)."""
+
+    def step(params: Any, state: Any, batch: jax.Array) -> Any:
+        loss, grads = jax.value_and_grad(model_lib.loss_fn)(params, batch, cfg, remat)
+        updates, state = opt.update(grads, state, params)
+        return optax.apply_updates(params, updates), state, loss
+
+    return jax.jit(step, donate_argnums=(0, 1))
+
+
 def peer_memory(preset: str, name: str, cfg: model_lib.ModelConfig) -> dict[str, int]:
     """XLA's memory analysis of the plain optax train step with the peer ``name``."""
     s = SETTINGS[preset]
     params = model_lib.abstract_params(cfg, s["dtype"])
     opt = peer_optimizer(name, params, s["rank"])
-
-    def step(params: Any, state: Any, batch: jax.Array) -> Any:
-        loss, grads = jax.value_and_grad(model_lib.loss_fn)(params, batch, cfg, s["remat"])
-        updates, state = opt.update(grads, state, params)
-        return optax.apply_updates(params, updates), state, loss
-
     state = jax.eval_shape(opt.init, params)
     batch = jax.ShapeDtypeStruct((s["batch_size"], s["seq_len"] + 1), jnp.int32)
-    compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, state, batch).compile()
+    compiled = peer_step(cfg, opt, s["remat"]).lower(params, state, batch).compile()
     memory = step_memory(compiled)
     if memory is None:
         raise RuntimeError("this backend reports no memory analysis")
