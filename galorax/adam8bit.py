@@ -39,8 +39,9 @@ def chunked_8bit_step(
 ) -> tuple[jax.Array, QuantizedArray, QuantizedArray]:
     """``fn(g, m, v) -> (u, m, v)`` on the dequantized moments, requantized; a large leaf
     a chunk of its leading axis at a time (:mod:`galorax.chunking`), so at most a chunk's
-    ``float32`` moments exist at once. Bit-identical to the whole-leaf step: blocks never
-    span two slices of a split axis. With ``keep`` (a scalar bool, :mod:`galorax.step_gate`)
+    ``float32`` moments exist at once. The whole-leaf step's results to f32 rounding (two
+    programs; the same codes where that rounding does not cross a code's boundary): blocks
+    never span two slices of a split axis. With ``keep`` (a scalar bool, :mod:`galorax.step_gate`)
     the moments are written only where it holds, chunk by chunk.
 
     Example:
@@ -69,7 +70,7 @@ def chunked_8bit_step(
         return u, *gated(keep, (quantize_like(m, mu), quantize_like(v, nu)), (mu, nu))
     # The update overwrites the gradient, the new codes the old: all in place.
     bufs = (g, mu.codes, mu.scales, nu.codes, nu.scales)
-    u, mc, ms, vc, vs = update_chunks(body, bufs, (), chunk, keep)
+    u, mc, ms, vc, vs = update_chunks(body, bufs, (), chunk, keep, isolate=True)
     return u, quantized_chunk(mu, mc, ms), quantized_chunk(nu, vc, vs)
 
 

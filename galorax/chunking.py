@@ -28,10 +28,11 @@ import optax
 
 from galorax.quantization.blockwise import QuantizedArray, lead_axes
 
-#: Largest f32 temporary (bytes) a chunk may need: 8 MiB. A leaf's chunk holds a few such
-#: temporaries at once (moments, update, codes), so the budget is small next to any leaf
-#: worth chunking (a 1B model's embedding runs in 32 chunks; one layer of a stack at least).
-CHUNK_BYTES = 8 * 2**20
+#: Largest f32 temporary (bytes) a chunk may need: 4 MiB. A leaf's chunk holds a few such
+#: temporaries at once (moments, update, codes), and XLA may run sibling leaves' loops as
+#: one, so the budget is small next to any leaf worth chunking (a 1B model's embedding runs
+#: in 64 chunks; one layer of a stack at least). 8 MiB put 60m's 8-bit AdamW above AdamW.
+CHUNK_BYTES = 4 * 2**20
 
 #: Whether GaLore's update (projection, refresh, back-projection) of a stacked low-precision
 #: leaf (or one with a residual) runs in chunks. On: XLA's memory analysis on CPU puts the
@@ -54,7 +55,7 @@ def chunk_size(n: int, slice_bytes: int, budget: int | None = None) -> int:
 
     Example:
         >>> chunk_size(24, 45 * 2**20), chunk_size(24, 2**20), chunk_size(32000, 8192)
-        (1, 8, 1000)
+        (1, 4, 500)
         >>> chunk_size(7919, 2**20, budget=2**24)  # prime: 7919 iterations would be slow
         7919
     """
@@ -115,7 +116,13 @@ def buffer_after(shape: tuple[int, ...], dtype: Any, after: jax.Array) -> jax.Ar
 
 
 def update_chunks(
-    fn: Callable[[Any, Any], Any], bufs: Any, reads: Any, chunk: int, keep: Any = None
+    fn: Callable[[Any, Any], Any],
+    bufs: Any,
+    reads: Any,
+    chunk: int,
+    keep: Any = None,
+    *,
+    isolate: bool = False,
 ) -> Any:
     """``fn(bufs, reads)`` computed ``chunk`` slices of the leading axis at a time, in place.
 
@@ -136,6 +143,11 @@ def update_chunks(
             buffer comes back as it was (a skipped step, :mod:`galorax.step_gate`; a
             moment rotation when no projector changed). Unlike a select or a cond after
             the loop, the old buffers need no copy; when ``chunk`` covers the axis, a select.
+        isolate: Compute each new chunk apart from the writes (a conditional whose two
+            branches are ``fn``), for an ``fn`` whose every output reads several buffers
+            (8-bit Adam: the update and both moments read the gradient and both moments).
+            Fused into the in-place writes, each write would re-read chunks another one
+            has overwritten, and XLA copies every buffer whole, every iteration.
 
     Example:
         >>> import jax.numpy as jnp
@@ -157,7 +169,9 @@ def update_chunks(
         rs, i = loop_variant(reads, i)
         start = i * chunk
         cut = lambda x: jax.lax.dynamic_slice_in_dim(x, start, chunk)  # noqa: E731
-        new = fn(jax.tree.map(cut, bufs), jax.tree.map(cut, rs))
+        args = jax.tree.map(cut, bufs), jax.tree.map(cut, rs)
+        # Both branches are fn: the conditional only has XLA materialize the new chunk.
+        new = jax.lax.cond(i % 2 == 0, fn, fn, *args) if isolate else fn(*args)
         return jax.tree.map(
             lambda b, x: jax.lax.dynamic_update_slice_in_dim(b, x.astype(b.dtype), start, 0),
             bufs,

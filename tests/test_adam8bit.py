@@ -216,9 +216,9 @@ def test_as_galore_base_optimizer():
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_chunked_8bit_steps_are_bit_identical(monkeypatch, dtype):
+def test_chunked_8bit_steps_match_the_whole_leaf(monkeypatch, dtype):
     """A large leaf updated a chunk of rows (or stacked slices) at a time gives the same
-    updates and codes as the whole-leaf update."""
+    updates (to f32 rounding) and codes as the whole-leaf update."""
     from galorax import chunking
 
     params = {"w": jnp.zeros((6, 32, 256), dtype), "v": jnp.zeros((48, 512), dtype)}
@@ -238,4 +238,13 @@ def test_chunked_8bit_steps_are_bit_identical(monkeypatch, dtype):
     whole = run()
     monkeypatch.setattr(chunking, "CHUNK_BYTES", 2 * 32 * 256 * 4)  # 2 slices, 4 rows
     chunked = run()
-    jax.tree.map(np.testing.assert_array_equal, chunked, whole)
+
+    def same(a, b):  # float32 to the last bit of rounding (two programs), codes exactly
+        if jnp.issubdtype(a.dtype, jnp.floating):
+            np.testing.assert_allclose(
+                np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=1e-6
+            )
+        else:
+            np.testing.assert_array_equal(a, b)
+
+    jax.tree.map(same, chunked, whole)
