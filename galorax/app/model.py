@@ -218,6 +218,9 @@ def _block(cfg: ModelConfig, x: jax.Array, lp: Params) -> jax.Array:
 
 @jax.custom_vjp
 def _lookup(table: jax.Array, tokens: jax.Array) -> jax.Array:
+    # ``table[tokens]`` with the gather's own gradient, but its zero table is born after
+    # the cotangent: CPU XLA scheduled the transpose's f32 [vocab, d] zeros at the start
+    # of the step, alive through the whole forward pass.
     return table[tokens]
 
 
