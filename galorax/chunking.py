@@ -96,8 +96,12 @@ def after(x: jax.Array, dep: jax.Array) -> jax.Array:
         >>> after(jnp.ones(2, jnp.bfloat16), jnp.zeros((3, 3))).tolist()
         [1.0, 1.0]
     """
-    first = jax.lax.slice(dep, (0,) * dep.ndim, (1,) * dep.ndim).reshape(())
-    return x + jnp.zeros((), x.dtype) * first.astype(x.dtype)
+    return x + jnp.zeros((), x.dtype) * _first(dep).astype(x.dtype)
+
+
+def _first(x: jax.Array) -> jax.Array:
+    """``x``'s first element as a scalar (a static slice: XLA keeps the dependency)."""
+    return jax.lax.slice(x, (0,) * x.ndim, (1,) * x.ndim).reshape(())
 
 
 def buffer_after(shape: tuple[int, ...], dtype: Any, after: jax.Array) -> jax.Array:
