@@ -118,6 +118,10 @@ def _worker(rank, world, port, mode, out):
                 "max_all_reduce": max(sizes, default=0),
             }
         torch.save(results, os.path.join(out, f"rank{rank}.pt"))
+        # Both ranks done before either tears gloo down: a rank destroying the group while
+        # the other's last collective is in flight aborted ("terminate called without an
+        # active exception") once in a full CI run.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
