@@ -34,6 +34,7 @@ from galorax.app.planner import (
     plan_memory,
     projects,
 )
+from galorax.app.targets import INSTALL, TARGETS, target_device
 
 
 def add_memory_arguments(parser: argparse.ArgumentParser) -> None:
@@ -82,6 +83,13 @@ def add_memory_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=1.5e8,
         help="compile only models with at most this many parameters (default: %(default)g)",
+    )
+    g.add_argument(
+        "--target",
+        metavar="GPU",
+        help=f"compile for this GPU ({', '.join(TARGETS)}, or a GpuTargetConfigProto text "
+        f"file) instead of this machine: no GPU needed, only JAX's CUDA plugin ({INSTALL}); "
+        "implies --xla (default: this machine)",
     )
     add_option(g, "--batch-size", default=4)
     add_option(g, "--seq-len", default=256)
@@ -158,8 +166,11 @@ def _print_fits(
             print(f"    -> largest GaLore rank that fits: {best.rank} ({best.option})")
 
 
-def _xla_peak(args: argparse.Namespace, cfg: model_lib.ModelConfig, e: MemoryEstimate) -> int:
-    """The compiled step's peak for one row: ``galorax train``'s step with these flags."""
+def _xla_peak(
+    args: argparse.Namespace, cfg: model_lib.ModelConfig, e: MemoryEstimate, device: Any
+) -> int:
+    """The compiled step's peak for one row: ``galorax train``'s step with these flags,
+    compiled for ``device`` (None: this machine's)."""
     option, _, bits = e.option.partition("+int")
     m = compiled_step_memory(
         cfg,
@@ -172,6 +183,7 @@ def _xla_peak(args: argparse.Namespace, cfg: model_lib.ModelConfig, e: MemoryEst
         per_layer_updates=args.per_layer_updates,
         projector_bits=int(bits.rstrip("P")) if bits else None,
         side=args.side,
+        device=device,
     )
     return m["peak"]
 
@@ -181,26 +193,26 @@ def _compiles(args: argparse.Namespace, cfg: model_lib.ModelConfig) -> bool:
 
 
 def _print_xla(
-    args: argparse.Namespace, rows: list[tuple[str, MemoryEstimate]], cfgs: dict
+    args: argparse.Namespace, rows: list[tuple[str, MemoryEstimate]], cfgs: dict, device: Any
 ) -> None:
-    print(f"XLA memory analysis of the compiled train step ({args.dtype} params, donated state,")
+    where = f", compiled for {device.device_kind} (compile only)" if device else ""
     onoff = lambda flag: "on" if flag else "off"  # noqa: E731
+    print(f"XLA memory analysis of the train step galorax train compiles with these flags{where}")
     print(
-        f"batch {args.batch_size} x seq {args.seq_len}, remat {onoff(args.remat)}, "
-        f"per-layer updates {onoff(args.per_layer_updates)}:"
+        f"({args.dtype} params, donated state, batch {args.batch_size} x seq {args.seq_len}, "
+        f"remat {onoff(args.remat)}, per-layer updates {onoff(args.per_layer_updates)}), GB:"
     )
-    print("the step galorax train compiles with these flags), GB:")
     for name, e in rows:
         if not _compiles(args, cfgs[name]):
             print(f"  {name:<8} {e.option:<18} not compiled (over --xla-max-params)")
             continue
-        peak = _xla_peak(args, cfgs[name], e)
+        peak = _xla_peak(args, cfgs[name], e, device)
         note = divergence_note(e, peak)
         print(f"  {name:<8} {e.option:<18} peak {gb(peak)}  planner {gb(e.total)}  {note}")
 
 
 def _print_json(
-    args: argparse.Namespace, rows: list[tuple[str, MemoryEstimate]], cfgs: dict
+    args: argparse.Namespace, rows: list[tuple[str, MemoryEstimate]], cfgs: dict, device: Any
 ) -> None:
     """One JSON object per row (with ``--xla``, the compiled step's peak too)."""
     for name, e in rows:
@@ -217,7 +229,9 @@ def _print_json(
             "total_bytes": e.total,
         }
         if args.xla and _compiles(args, cfgs[name]):
-            row["step_peak_bytes"] = peak = _xla_peak(args, cfgs[name], e)
+            row["step_peak_bytes"] = peak = _xla_peak(args, cfgs[name], e, device)
+            if device is not None:
+                row["target"] = device.device_kind
             row["note"] = divergence_note(e, peak)
         print(json.dumps(row), flush=True)
 
@@ -231,8 +245,10 @@ def run_memory(args: argparse.Namespace) -> int:
         raise UsageError(f"--max-memory: {e}") from None
     rows = _plan_rows(args, models, sweep=budget is not None)
     cfgs = dict(models)
+    device = target_device(args.target) if args.target else None
+    args.xla = args.xla or device is not None
     if args.json:
-        _print_json(args, rows, cfgs)
+        _print_json(args, rows, cfgs, device)
         return 0
     print(format_table(rows, budget))
     print()
@@ -240,7 +256,7 @@ def run_memory(args: argparse.Namespace) -> int:
     if budget is not None:
         _print_fits(rows, [name for name, _ in models], budget, args.max_memory)
     if args.xla:
-        _print_xla(args, rows, cfgs)
+        _print_xla(args, rows, cfgs, device)
     return 0
 
 

@@ -199,11 +199,15 @@ def compiled_step_memory(
     per_layer_updates: bool = False,
     projector_bits: int | None = None,
     side: str = "auto",
+    device: jax.Device | None = None,
 ) -> dict[str, int]:
     """XLA's memory analysis of the train step ``galorax train`` compiles with the same
     flags (:func:`galorax.app.step.run_step_memory`: the run's optimizer, clipping and
     schedule, the one step builder), on abstract inputs: nothing is allocated, any size
     compiles on CPU (compiling a 7b step takes minutes).
+
+    ``device`` compiles for that device instead of the default one: a compile-only GPU of
+    :func:`galorax.app.targets.target_device` gives XLA:GPU's analysis without a GPU.
 
     Returns:
         :meth:`galorax.app.step.StepMemory.as_dict`: ``argument``, ``output``, ``alias``,
@@ -226,7 +230,7 @@ def compiled_step_memory(
         projector_bits=projector_bits if galore else None,
         side=side if galore and side != "auto" else None,
     )
-    memory = run_step_memory(resolve_config(train), cfg)
+    memory = run_step_memory(resolve_config(train), cfg, device)
     if memory is None:  # some backends do not report
         raise RuntimeError("this backend reports no memory analysis")
     return memory.as_dict()

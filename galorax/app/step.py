@@ -155,14 +155,26 @@ def step_memory(compiled: Any) -> StepMemory | None:
     )
 
 
-def run_step_memory(run: RunConfig, mcfg: model_lib.ModelConfig) -> StepMemory | None:
+def run_step_memory(
+    run: RunConfig, mcfg: model_lib.ModelConfig, device: jax.Device | None = None
+) -> StepMemory | None:
     """XLA's memory record of the step ``galorax train`` compiles for ``run`` on one
     device (the same optimizer factory and step builder), compiled on abstract inputs:
-    nothing is allocated, so any size compiles on CPU."""
+    nothing is allocated, so any size compiles on CPU.
+
+    Args:
+        run: The run's settings.
+        mcfg: The model.
+        device: Compile for this device (default: JAX's default device), e.g. a
+            compile-only GPU from :func:`galorax.app.targets.target_device`.
+    """
     abstract = model_lib.abstract_params(mcfg, DTYPES[run.dtype])
     opt = run_optimizer(run, abstract)
     state = jax.eval_shape(opt.init, abstract)
     batch = jax.ShapeDtypeStruct((run.batch_size, run.seq_len + 1), jnp.int32)
+    if device is not None:
+        one = jax.sharding.SingleDeviceSharding(device)
+        abstract, state, batch = with_shardings((abstract, state, batch), one)
     return step_memory(compile_step(mcfg, opt, abstract, state, batch, run.remat))
 
 
