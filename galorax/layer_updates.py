@@ -53,7 +53,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from galorax.layer_stack import forward_layers, n_layers, put_layer, read_layer, take_layer, unstack
+from galorax.chunking import loop_variant
+from galorax.layer_stack import forward_layers, n_layers, put_layer, take_layer, unstack
 from galorax.quantization.blockwise import is_quantized, lead_axes
 from galorax.step_gate import gate_step
 
@@ -287,7 +288,10 @@ def per_layer_step(
         def backward(carry: Any, xs: Any) -> tuple[Any, None]:
             layers, layer_state, dx, _, sq = carry
             x_in, i = xs
-            p1 = read_layer(layers, i)
+            # Read and write the stack behind the same barrier: the write is then in
+            # place (written into the original, XLA copies the whole stack each layer).
+            layers, i = loop_variant(layers, i)
+            p1 = take_layer(layers, i)
             _, layer_vjp = jax.vjp(layer_fn, unstack(p1), x_in)
             g, dx = layer_vjp(dx)
             g1 = jax.tree.map(lambda a: a[None], _scaled(g, scale))
