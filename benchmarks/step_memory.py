@@ -16,8 +16,13 @@ Rows named ``optax...`` are the peers, in the step an optax user writes: ``value
 a stacked layer axis, so its layer matrices are folded (one projector per stack: the app's
 ``optax-galore``); embeddings, head and norms stay unprojected, as in galorax.
 
+``--target h100`` (or ``h200``, ``rtx4090``: :mod:`galorax.app.targets`) compiles every row
+for that GPU instead of the CPU: XLA:GPU's analysis, no GPU needed, but JAX's CUDA plugin
+(``pip install "jax[cuda13]"``; run with ``JAX_PLATFORMS=cpu``).
+
 Run:
     python benchmarks/step_memory.py                    # tiny..130m, 350m (f32, 4 x 256), 1b, 7b
+    JAX_PLATFORMS=cpu python benchmarks/step_memory.py --target h100   # compiled for an H100
     python benchmarks/step_memory.py --presets 1b       # one preset
     python benchmarks/step_memory.py --json             # one JSON object per row
 """
@@ -35,9 +40,11 @@ import jax.numpy as jnp
 import optax
 
 from galorax.app import model as model_lib
+from galorax.app.flat_state import with_shardings
 from galorax.app.optimizers import galore_dimension_numbers
 from galorax.app.planner import compiled_step_memory
 from galorax.app.step import step_memory
+from galorax.app.targets import TARGETS, target_device
 
 #: Peak bytes (GB) of issue 13's table, before chunking: preset -> optimizer -> GB.
 BEFORE_GB: dict[str, dict[str, float]] = {
@@ -105,13 +112,19 @@ def peer_step(cfg: model_lib.ModelConfig, opt: optax.GradientTransformation, rem
     return jax.jit(step, donate_argnums=(0, 1))
 
 
-def peer_memory(preset: str, name: str, cfg: model_lib.ModelConfig) -> dict[str, int]:
-    """XLA's memory analysis of the plain optax train step with the peer ``name``."""
+def peer_memory(
+    preset: str, name: str, cfg: model_lib.ModelConfig, device: Any = None
+) -> dict[str, int]:
+    """XLA's memory analysis of the plain optax train step with the peer ``name``, compiled
+    for ``device`` (None: the default device)."""
     s = SETTINGS[preset]
     params = model_lib.abstract_params(cfg, s["dtype"])
     opt = peer_optimizer(name, params, s["rank"])
     state = jax.eval_shape(opt.init, params)
     batch = jax.ShapeDtypeStruct((s["batch_size"], s["seq_len"] + 1), jnp.int32)
+    if device is not None:
+        one = jax.sharding.SingleDeviceSharding(device)
+        params, state, batch = with_shardings((params, state, batch), one)
     compiled = peer_step(cfg, opt, s["remat"]).lower(params, state, batch).compile()
     memory = step_memory(compiled)
     if memory is None:
@@ -119,8 +132,11 @@ def peer_memory(preset: str, name: str, cfg: model_lib.ModelConfig) -> dict[str,
     return memory.as_dict()
 
 
-def measure(preset: str, option: str, vocab_size: int = 32000) -> dict[str, Any]:
-    """One row: the compiled step's bytes for ``option`` on ``preset`` (see :data:`SETTINGS`)."""
+def measure(
+    preset: str, option: str, vocab_size: int = 32000, device: Any = None
+) -> dict[str, Any]:
+    """One row: the compiled step's bytes for ``option`` on ``preset`` (see :data:`SETTINGS`),
+    compiled for ``device`` (None: the default device)."""
     s = SETTINGS[preset]
     cfg = model_lib.get_preset(preset, vocab_size=vocab_size)
     start = time.perf_counter()
@@ -129,7 +145,7 @@ def measure(preset: str, option: str, vocab_size: int = 32000) -> dict[str, Any]
             "preset": preset,
             "optimizer": option,
             "before_peak_gb": None,
-            **peer_memory(preset, option, cfg),
+            **peer_memory(preset, option, cfg, device),
             "compile_s": round(time.perf_counter() - start, 1),
         }
     mem = compiled_step_memory(
@@ -142,6 +158,7 @@ def measure(preset: str, option: str, vocab_size: int = 32000) -> dict[str, Any]
         remat=s["remat"],
         per_layer_updates="+pl" in option,
         projector_bits=8 if "+int8P" in option else None,
+        device=device,
     )
     return {
         "preset": preset,
@@ -157,8 +174,13 @@ def main() -> None:
     parser.add_argument("--presets", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     parser.add_argument("--optimizers", nargs="+", choices=OPTIMIZERS, help="default: all")
     parser.add_argument("--json", action="store_true", help="one JSON object per row")
+    parser.add_argument("--target", help=f"compile for this GPU: {', '.join(TARGETS)} or a file")
     args = parser.parse_args()
-    print(f"# {platform.node()} {platform.processor() or platform.machine()}, compile only (CPU)")
+    device = target_device(args.target) if args.target else None
+    where = device.device_kind if device else "CPU"
+    print(
+        f"# {platform.node()} {platform.processor() or platform.machine()}, compile only ({where})"
+    )
     if not args.json:
         print(
             f"{'preset':<6} {'optimizer':<20} {'before':>7} {'peak':>7} {'temp':>7} "
@@ -170,7 +192,7 @@ def main() -> None:
         options = sorted(options, key=lambda o: o != "optax.adamw")
         base: dict[str, float] = {}
         for option in options:
-            row = measure(preset, option)
+            row = measure(preset, option, device=device)
             if option in BASES:
                 base[option] = row["peak"]
             if args.json:

@@ -21,7 +21,6 @@ from galorax.app.config import UsageError
 from galorax.app.planner import compiled_step_memory
 
 
-
 def _has_cuda_plugin() -> bool:
     try:
         return importlib.util.find_spec("jax_plugins.xla_cuda13") is not None
@@ -108,8 +107,9 @@ def test_per_layer_step_writes_the_stack_in_place_on_gpu():
     """XLA:GPU once copied every stacked weight whole in each layer's iteration (7b: 2.9 GB of
     temporaries, 13 GB copied per layer): the per-layer loop must not copy a stack."""
     from galorax.app.config import TrainConfig, resolve_config
+    from galorax.app.flat_state import with_shardings
     from galorax.app.optimizers import run_optimizer
-    from galorax.app.step import compile_step, with_shardings
+    from galorax.app.step import compile_step
 
     cfg = model_lib.ModelConfig(vocab_size=256, d_model=64, n_layers=4, n_heads=2, d_ff=128)
     run = resolve_config(TrainConfig(optimizer="galore", rank=8, per_layer_updates=True))

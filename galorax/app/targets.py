@@ -55,15 +55,37 @@ class GpuSpec:
 #: ``--target`` names: Hopper data-centre GPUs and the paper's 24 GB consumer GPU.
 TARGETS: dict[str, GpuSpec] = {
     "h100": GpuSpec(
-        "NVIDIA H100 80GB HBM3", (9, 0), 132, 84929347584, 3352320000000, 52428800, 1.98,
-        233472, 2048,
+        name="NVIDIA H100 80GB HBM3",
+        capability=(9, 0),
+        cores=132,
+        memory=84929347584,
+        bandwidth=3352320000000,
+        l2=52428800,
+        clock_ghz=1.98,
+        shared_per_core=233472,
+        threads_per_core=2048,
     ),
     "h200": GpuSpec(
-        "NVIDIA H200", (9, 0), 132, 150754820096, 4800000000000, 52428800, 1.98, 233472, 2048
+        name="NVIDIA H200",
+        capability=(9, 0),
+        cores=132,
+        memory=150754820096,
+        bandwidth=4800000000000,
+        l2=52428800,
+        clock_ghz=1.98,
+        shared_per_core=233472,
+        threads_per_core=2048,
     ),
     "rtx4090": GpuSpec(
-        "NVIDIA GeForce RTX 4090", (8, 9), 128, 25757220864, 1008000000000, 75497472, 2.52,
-        102400, 1536,
+        name="NVIDIA GeForce RTX 4090",
+        capability=(8, 9),
+        cores=128,
+        memory=25757220864,
+        bandwidth=1008000000000,
+        l2=75497472,
+        clock_ghz=2.52,
+        shared_per_core=102400,
+        threads_per_core=1536,
     ),
 }
 
