@@ -8,6 +8,7 @@ instead of 8.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -15,13 +16,16 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import PartitionSpec
 
+from galorax import placement
 from galorax.chunking import can_split, chunk_size, quantized_chunk, update_chunks
 from galorax.quantization.blockwise import (
     DEFAULT_BLOCK_SIZE,
     QuantizedArray,
     dequantize_blockwise,
     is_quantized,
+    lead_axes,
     quantize_like,
     quantized_zeros,
 )
@@ -155,8 +159,9 @@ def scale_by_adam_8bit(
     def init_fn(params: optax.Params) -> ScaleByAdam8bitState:
         def zeros(p: Any, signed: bool) -> Any:
             if quantizes(p):
-                return quantized_zeros(p.shape, jnp.float32, block_size=bs, signed=signed)
-            return jnp.zeros(p.shape, jnp.float32)
+                q = quantized_zeros(p.shape, jnp.float32, block_size=bs, signed=signed)
+                return placed_like(q, p)
+            return placement.like(jnp.zeros(p.shape, jnp.float32), p)
 
         return ScaleByAdam8bitState(
             count=jnp.zeros([], jnp.int32),
@@ -196,7 +201,30 @@ def scale_by_adam_8bit(
         new = ScaleByAdam8bitState(count=count, mu=pick(1), nu=pick(2))
         return pick(0), new if gate is None else gate.cover(new)
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    # On an explicit mesh the body runs with automatic axes (blocks may span shards).
+    return optax.GradientTransformation(init_fn, placement.auto_axes_update(update_fn))
+
+
+def placed_like(q: QuantizedArray, param: Any) -> QuantizedArray:
+    """``q`` (8-bit, shaped like ``param``) sharded like ``param`` on an explicit mesh: the
+    codes exactly so, the scales along the leading axes whose slices hold whole blocks
+    (their last, per-block axis whole). Unchanged off an explicit mesh.
+
+    Example:
+        >>> from galorax.quantization.blockwise import quantized_zeros
+        >>> q = placed_like(quantized_zeros((4, 256)), jnp.zeros((4, 256)))
+        >>> q.codes.shape, q.scales.shape
+        ((4, 256), (4, 1))
+    """
+    if placement.explicit_mesh(param) is None:
+        return q
+    spec = tuple(jax.typeof(param).sharding.spec) + (None,) * param.ndim
+    lead = spec[: lead_axes(q.shape, q.block_size)]
+    return dataclasses.replace(
+        q,
+        codes=placement.like(q.codes, param),
+        scales=placement.place(q.scales, param, PartitionSpec(*lead, None)),
+    )
 
 
 def adamw_8bit(

@@ -1,10 +1,11 @@
 """Where GaLore's state and intermediates live on a mesh: the transform's placement rules.
 
-Internal to the transform (``galorax.galore_state``, ``galorax.projector`` and its
-``projector_refresh`` / ``projector_storage``, ``galorax.subspace``); the public
-state-sharding API is :mod:`galorax.sharding`. Under explicit sharding a projector is
-placed like its weight's projected (long) axis, low-rank moments like the remaining axis,
-per-slice state like the weight's batch axes. On a mesh with explicit
+Internal to the transforms (``galorax.galore_state``, ``galorax.projector`` and its
+``projector_refresh`` / ``projector_storage``, ``galorax.subspace``, ``galorax.adam8bit``);
+the public state-sharding API is :mod:`galorax.sharding`. Under explicit sharding a projector is
+placed like its weight's projected (long) axis, low-rank moments like the remaining axis
+(where the weight leaves that axis whole, the state takes the weight's mesh axes there or
+on the rank axis), per-slice state like the weight's batch axes. On a mesh with explicit
 axes the update body runs with automatic axes (:func:`auto_axes_update`); refreshes of
 replicated stacked weights are split over data-parallel axes (:func:`spread_map`).
 """
@@ -64,11 +65,14 @@ def merged_spec(spec: tuple[Any, ...], axes: Sequence[int]) -> Any:
     return names[0] if len(names) == 1 else tuple(names)
 
 
-def galore_leaf_specs(param: Any, view: Any, left: bool) -> dict[str, PartitionSpec] | None:
+def galore_leaf_specs(
+    param: Any, view: Any, left: bool, rank: int
+) -> dict[str, PartitionSpec] | None:
     """Specs of one projected leaf's state under explicit sharding, or None if unsharded.
 
     Keys: ``projector`` (the projected axis, like the param's), ``low`` (low-rank moments:
-    the remaining axis), ``batch`` (per-slice schedules).
+    the remaining axis), ``batch`` (per-slice schedules); see :func:`_matrix_spec` for an
+    axis the param leaves whole.
     """
     mesh = explicit_mesh(param)
     if mesh is None:
@@ -78,10 +82,30 @@ def galore_leaf_specs(param: Any, view: Any, left: bool) -> dict[str, PartitionS
     m_spec = merged_spec(spec, view.reduction_axes)
     n_spec = merged_spec(spec, view.output_axes)
     if left:
-        proj, low = PartitionSpec(*batch, m_spec, None), PartitionSpec(*batch, None, n_spec)
+        proj = _matrix_spec(m_spec, n_spec, view.m, rank, mesh)
+        low = _matrix_spec(n_spec, m_spec, view.n, rank, mesh)[::-1]
     else:
-        proj, low = PartitionSpec(*batch, n_spec, None), PartitionSpec(*batch, m_spec, None)
-    return {"projector": proj, "low": low, "batch": PartitionSpec(*batch)}
+        proj = _matrix_spec(n_spec, m_spec, view.n, rank, mesh)
+        low = _matrix_spec(m_spec, n_spec, view.m, rank, mesh)
+    return {
+        "projector": PartitionSpec(*batch, *proj),
+        "low": PartitionSpec(*batch, *low),
+        "batch": PartitionSpec(*batch),
+    }
+
+
+def _matrix_spec(own: Any, other: Any, size: int, rank: int, mesh: Any) -> tuple[Any, Any]:
+    """Specs of a ``(size, rank)`` state matrix (a projector, or low-rank moments
+    transposed) whose first axis is the weight's axis of spec ``own``: the weight's there;
+    where the weight leaves that axis whole (FSDP shards one axis), the other axis's mesh
+    axes on the first axis they divide, the weight's then the rank: otherwise every device
+    would hold the whole matrix."""
+    if own is not None or other is None:
+        return own, None
+    n = math.prod(mesh.shape[a] for a in (other if isinstance(other, tuple) else (other,)))
+    if size % n == 0:
+        return other, None
+    return None, other if rank % n == 0 else None
 
 
 def place(x: Any, param: Any, spec: PartitionSpec | None) -> Any:

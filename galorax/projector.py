@@ -114,7 +114,7 @@ class LeafProjector:
         schedule and residual norm. Under explicit sharding each is born placed like
         ``param`` (so the update's output shardings equal its input's: no recompilation)."""
         opts = self.options
-        specs = placement.galore_leaf_specs(param, self.view, self.left) or {}
+        specs = placement.galore_leaf_specs(param, self.view, self.left, self.rank) or {}
 
         def put(x: jax.Array, kind: str) -> jax.Array:
             return placement.place(x, param, specs.get(kind))

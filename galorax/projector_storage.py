@@ -47,11 +47,16 @@ def quantized_spec(x: jax.Array, proj_spec: Any, n_batch: int, param: Any) -> An
     if proj_spec is None:
         return None
     entries = tuple(proj_spec) + (None,) * (n_batch + 2 - len(proj_spec))
+    mesh = placement.explicit_mesh(param)
     if x.ndim == n_batch + 2:
+        # The rank axis may be sharded (placement): the scales' block axis need not divide.
+        last = entries[-1]
+        names = last if isinstance(last, tuple) else () if last is None else (last,)
+        if mesh is not None and x.shape[-1] % math.prod(mesh.shape[a] for a in names):
+            return PartitionSpec(*entries[:-1], None)
         return proj_spec
     rows = entries[n_batch]
     names = rows if isinstance(rows, tuple) else () if rows is None else (rows,)
-    mesh = placement.explicit_mesh(param)
     if (
         mesh is None
         or x.ndim != n_batch + 1

@@ -2,9 +2,12 @@
 
 Everything runs on JAX's own machinery (``jax.sharding``, ``jit``, ``jax.distributed``).
 The optimizer state follows the parameters: a projector is sharded like its weight's
-projected (long) axis, low-rank moments like the remaining axis, per-slice state like
-the weight's batch axes, scalars replicated. :func:`state_shardings` returns these
-shardings without materializing the state, for ``jit(tx.init, out_shardings=...)``.
+projected (long) axis, low-rank moments like the remaining axis (where FSDP leaves such an
+axis whole, the state takes the weight's mesh axes on it or on the rank axis, so no device
+holds a whole projector or moment), per-slice state like the weight's batch axes, 8-bit
+moments' codes like their weight (scales along the leading axes), scalars replicated.
+:func:`state_shardings` returns these shardings without materializing the state, for
+``jit(tx.init, out_shardings=...)``.
 
 Example:
     >>> import jax, jax.numpy as jnp

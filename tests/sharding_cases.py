@@ -102,9 +102,21 @@ def test_state_specs_follow_params():
     mesh = sharding.make_mesh("data=2,fsdp=4")
     specs = sharding.state_partition_specs(_tx(), _params(), SPECS, mesh)
     assert specs.projector["w"] == P("fsdp")  # left: (m, r) like the rows
-    assert specs.base_optimizer_state.mu["w"] == P()  # (r, n): n is not sharded
+    # (r, n): the weight leaves n whole, so the moments take the rows' mesh axis there
+    # (replicated, every device would hold all of them).
+    assert specs.base_optimizer_state.mu["w"] == P(None, "fsdp")
     assert specs.projector["s"] == P(None, "fsdp")
     assert specs.base_optimizer_state.mu["b"] == P()
+    # Columns sharded (as FSDP shards a square attention weight): the projector's rows
+    # take the columns' mesh axis; where they do not divide an axis, the rank axis.
+    cols = {"q": jnp.ones((32, 32)), "odd": jnp.ones((64, 6))}
+    specs = sharding.state_partition_specs(
+        galorax.scale_by_galore(rank=4), cols, {"q": P(None, "fsdp"), "odd": P("fsdp")}, mesh
+    )
+    assert specs.projector["q"] == P("fsdp")
+    assert specs.base_optimizer_state.mu["q"] == P(None, "fsdp")
+    # (r, 6): 6 columns do not split over 4 devices, the rank axis (4) does.
+    assert specs.base_optimizer_state.mu["odd"] == P("fsdp")
     # Right projection: the projector follows the columns, the moments the rows.
     wide = {"w": jnp.ones((32, 64))}
     specs = sharding.state_partition_specs(
@@ -371,3 +383,89 @@ def test_the_gate_covers_galore_on_an_explicit_mesh():
     jax.tree.map(np.testing.assert_array_equal, kept, state)
     stepped = jax.jit(step)(grads, state, jnp.asarray(True))
     assert int(stepped.count) == 1
+
+
+#: Leaves large enough for 8-bit moments: rows sharded (whole blocks per shard), and the
+#: last axis sharded with blocks of 256 spanning shards of 128.
+Q_SPECS = {"w": P("fsdp"), "s": P(None, None, "fsdp"), "b": P()}
+
+
+def _q_params() -> dict:
+    return {"w": jnp.ones((64, 512)), "s": jnp.ones((2, 32, 512)), "b": jnp.ones(16)}
+
+
+def _q_run(tx, mesh, steps=3):
+    params = _q_params()
+    grads = [
+        jax.tree.map(lambda x, i=i: jax.random.normal(jax.random.key(i), x.shape), params)
+        for i in range(steps)
+    ]
+    if mesh is not None:
+        shard = {k: NamedSharding(mesh, s) for k, s in Q_SPECS.items()}
+        params, grads = jax.device_put(params, shard), jax.device_put(grads, [shard] * steps)
+        state = jax.jit(tx.init, out_shardings=sharding.state_shardings(tx, params))(params)
+    else:
+        state = tx.init(params)
+    update = jax.jit(tx.update)
+    outs = []
+    for g in grads:
+        u, state = update(g, state, params)
+        outs.append(u)
+    return outs, state
+
+
+@pytest.mark.parametrize("explicit", [True, False], ids=["explicit", "auto"])
+def test_8bit_adam_state_is_sharded_like_the_params(explicit):
+    """8-bit moments were replicated on a mesh (every device held all the codes)."""
+    tx = galorax.scale_by_adam_8bit()
+    want, _ = _q_run(tx, None)
+    mesh = sharding.make_mesh("data=2,fsdp=4", explicit=explicit)
+    outs, state = _q_run(tx, mesh)
+    for got, ref in zip(outs, want, strict=True):
+        for k in ref:
+            np.testing.assert_allclose(got[k], ref[k], rtol=1e-6, atol=1e-7, err_msg=k)
+    specs = sharding.state_partition_specs(tx, _q_params(), Q_SPECS, mesh)
+    assert (specs.mu["w"].codes, specs.mu["w"].scales, specs.nu["s"].codes) == (
+        P("fsdp"),
+        P("fsdp"),
+        P(None, None, "fsdp"),
+    )
+    for m in (state.mu, state.nu):
+        assert sharding.canonical(m["w"].codes.sharding.spec) == P("fsdp")
+        assert sharding.canonical(m["w"].scales.sharding.spec) == P("fsdp")
+        assert sharding.canonical(m["s"].codes.sharding.spec) == P(None, None, "fsdp")
+        assert m["w"].codes.addressable_shards[0].data.shape == (16, 512)  # a quarter
+
+
+def test_8bit_galore_state_is_sharded():
+    """8-bit low-rank moments and int8 projectors sharded on an FSDP mesh: none of the
+    state's large arrays is whole on every device."""
+    dims = {"w": Dims(0, 1), "s": Dims(1, 2), "b": None}
+    tx = galorax.scale_by_galore(
+        rank=8,
+        base_optimizer=galorax.scale_by_adam_8bit(min_8bit_size=256),
+        projector_bits=8,
+        weight_dimension_numbers=dims,
+    )
+    mesh = sharding.make_mesh("data=2,fsdp=4", explicit=False)
+    _, state = _q_run(tx, mesh, steps=2)
+    for path, x in jax.tree_util.tree_leaves_with_path(state):
+        if x.size >= 4096:
+            assert x.addressable_shards[0].data.size < x.size, jax.tree_util.keystr(path)
+
+
+def test_a_projector_whose_rows_do_not_split_is_sharded_over_its_rank():
+    """The projected axis (266) splits over no mesh axis: the projector takes the rank's
+    (256), and its int8 scales (one block per row) stay whole along their block axis."""
+    mesh = sharding.make_mesh("data=2,fsdp=4", explicit=False)
+    params = jax.device_put(
+        {"t": jnp.ones((1, 260, 266))}, {"t": NamedSharding(mesh, P(None, "fsdp"))}
+    )
+    tx = galorax.scale_by_galore(
+        rank=256, projector_bits=8, weight_dimension_numbers={"t": Dims(1, 2)}
+    )
+    state = jax.jit(tx.init, out_shardings=sharding.state_shardings(tx, params))(params)
+    codes, scales = state.projector["t"].codes, state.projector["t"].scales
+    assert (codes.shape, scales.shape) == ((1, 266, 256), (1, 266, 1))
+    assert sharding.canonical(codes.sharding.spec) == P(None, None, "fsdp")
+    assert sharding.canonical(scales.sharding.spec) == P()
