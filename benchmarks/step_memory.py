@@ -20,9 +20,15 @@ a stacked layer axis, so its layer matrices are folded (one projector per stack:
 for that GPU instead of the CPU: XLA:GPU's analysis, no GPU needed, but JAX's CUDA plugin
 (``pip install "jax[cuda13]"``; run with ``JAX_PLATFORMS=cpu``).
 
+``--devices 8`` compiles every row FSDP-sharded over 8 devices (``galorax train --mesh
+fsdp=8``'s placement; the peers' params and state placed the same way), one sequence per
+device: the bytes are per device. With ``--target``, 8 compile-only GPUs; without, as many
+simulated CPU devices (``XLA_FLAGS=--xla_force_host_platform_device_count=8``).
+
 Run:
     python benchmarks/step_memory.py                    # tiny..130m, 350m (f32, 4 x 256), 1b, 7b
     JAX_PLATFORMS=cpu python benchmarks/step_memory.py --target h100   # compiled for an H100
+    JAX_PLATFORMS=cpu python benchmarks/step_memory.py --target h100 --devices 8 --presets 7b
     python benchmarks/step_memory.py --presets 1b       # one preset
     python benchmarks/step_memory.py --json             # one JSON object per row
 """
@@ -40,11 +46,13 @@ import jax.numpy as jnp
 import optax
 
 from galorax.app import model as model_lib
+from galorax.app.distributed import TrainPlacement
 from galorax.app.flat_state import with_shardings
 from galorax.app.optimizers import galore_dimension_numbers
 from galorax.app.planner import compiled_step_memory
 from galorax.app.step import step_memory
-from galorax.app.targets import TARGETS, target_device
+from galorax.app.targets import TARGETS, target_devices
+from galorax.sharding import make_mesh
 
 #: Peak bytes (GB) of issue 13's table, before chunking: preset -> optimizer -> GB.
 BEFORE_GB: dict[str, dict[str, float]] = {
@@ -113,17 +121,25 @@ def peer_step(cfg: model_lib.ModelConfig, opt: optax.GradientTransformation, rem
 
 
 def peer_memory(
-    preset: str, name: str, cfg: model_lib.ModelConfig, device: Any = None
+    preset: str, name: str, cfg: model_lib.ModelConfig, devices: list | None = None
 ) -> dict[str, int]:
     """XLA's memory analysis of the plain optax train step with the peer ``name``, compiled
-    for ``device`` (None: the default device)."""
-    s = SETTINGS[preset]
+    for ``devices`` (None: the default device; several: FSDP-sharded over them)."""
+    s = setting(preset, devices)
     params = model_lib.abstract_params(cfg, s["dtype"])
     opt = peer_optimizer(name, params, s["rank"])
     state = jax.eval_shape(opt.init, params)
     batch = jax.ShapeDtypeStruct((s["batch_size"], s["seq_len"] + 1), jnp.int32)
-    if device is not None:
-        one = jax.sharding.SingleDeviceSharding(device)
+    plan = fsdp_placement(params, devices)
+    if plan is not None:
+        # optax.contrib.galore's init cannot be traced with sharded types (its reshapes do
+        # not say their output sharding): its state stays replicated, what a user gets.
+        galore = name == "optax.contrib.galore"
+        state = with_shardings(state, plan.replicated if galore else plan.state(opt, params))
+        params = with_shardings(params, plan.params)
+        batch = plan.abstract_batch(batch.shape, jnp.int32)
+    elif devices is not None:
+        one = jax.sharding.SingleDeviceSharding(devices[0])
         params, state, batch = with_shardings((params, state, batch), one)
     compiled = peer_step(cfg, opt, s["remat"]).lower(params, state, batch).compile()
     memory = step_memory(compiled)
@@ -132,12 +148,27 @@ def peer_memory(
     return memory.as_dict()
 
 
+def setting(preset: str, devices: list | None) -> dict[str, Any]:
+    """:data:`SETTINGS`' ``preset``, with a sequence for each of several ``devices``."""
+    n = len(devices or [None])
+    return dict(SETTINGS[preset], batch_size=max(SETTINGS[preset]["batch_size"], n))
+
+
+def fsdp_placement(params: Any, devices: list | None) -> TrainPlacement | None:
+    """``galorax train --mesh fsdp=N``'s placement over several ``devices``, else None."""
+    if devices is None or len(devices) == 1:
+        return None
+    return TrainPlacement.create(
+        make_mesh({"fsdp": len(devices)}, explicit=False, devices=devices), params
+    )
+
+
 def measure(
-    preset: str, option: str, vocab_size: int = 32000, device: Any = None
+    preset: str, option: str, vocab_size: int = 32000, devices: list | None = None
 ) -> dict[str, Any]:
     """One row: the compiled step's bytes for ``option`` on ``preset`` (see :data:`SETTINGS`),
-    compiled for ``device`` (None: the default device)."""
-    s = SETTINGS[preset]
+    compiled for ``devices`` (see :func:`peer_memory`)."""
+    s = setting(preset, devices)
     cfg = model_lib.get_preset(preset, vocab_size=vocab_size)
     start = time.perf_counter()
     if option in PEERS:
@@ -145,7 +176,7 @@ def measure(
             "preset": preset,
             "optimizer": option,
             "before_peak_gb": None,
-            **peer_memory(preset, option, cfg, device),
+            **peer_memory(preset, option, cfg, devices),
             "compile_s": round(time.perf_counter() - start, 1),
         }
     mem = compiled_step_memory(
@@ -158,7 +189,8 @@ def measure(
         remat=s["remat"],
         per_layer_updates="+pl" in option,
         projector_bits=8 if "+int8P" in option else None,
-        device=device,
+        device=devices[0] if devices else None,
+        placement=fsdp_placement(model_lib.abstract_params(cfg, s["dtype"]), devices),
     )
     return {
         "preset": preset,
@@ -175,9 +207,14 @@ def main() -> None:
     parser.add_argument("--optimizers", nargs="+", choices=OPTIMIZERS, help="default: all")
     parser.add_argument("--json", action="store_true", help="one JSON object per row")
     parser.add_argument("--target", help=f"compile for this GPU: {', '.join(TARGETS)} or a file")
+    parser.add_argument("--devices", type=int, default=1, help="FSDP over this many devices")
     args = parser.parse_args()
-    device = target_device(args.target) if args.target else None
-    where = device.device_kind if device else "CPU"
+    devices = target_devices(args.target, args.devices) if args.target else None
+    if devices is None and args.devices > 1:
+        devices = jax.devices()[: args.devices]
+    where = devices[0].device_kind if devices else "CPU"
+    if args.devices > 1:
+        where = f"{where} x {args.devices}, FSDP, bytes per device"
     print(
         f"# {platform.node()} {platform.processor() or platform.machine()}, compile only ({where})"
     )
@@ -192,7 +229,7 @@ def main() -> None:
         options = sorted(options, key=lambda o: o != "optax.adamw")
         base: dict[str, float] = {}
         for option in options:
-            row = measure(preset, option, device=device)
+            row = measure(preset, option, devices=devices)
             if option in BASES:
                 base[option] = row["peak"]
             if args.json:

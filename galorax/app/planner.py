@@ -200,6 +200,7 @@ def compiled_step_memory(
     projector_bits: int | None = None,
     side: str = "auto",
     device: jax.Device | None = None,
+    placement: Any = None,
 ) -> dict[str, int]:
     """XLA's memory analysis of the train step ``galorax train`` compiles with the same
     flags (:func:`galorax.app.step.run_step_memory`: the run's optimizer, clipping and
@@ -207,7 +208,9 @@ def compiled_step_memory(
     compiles on CPU (compiling a 7b step takes minutes).
 
     ``device`` compiles for that device instead of the default one: a compile-only GPU of
-    :func:`galorax.app.targets.target_device` gives XLA:GPU's analysis without a GPU.
+    :func:`galorax.app.targets.target_device` gives XLA:GPU's analysis without a GPU. A
+    ``placement`` (:class:`galorax.app.distributed.TrainPlacement`) compiles the step
+    sharded on its mesh, as ``galorax train --mesh`` runs it: the bytes are per device.
 
     Returns:
         :meth:`galorax.app.step.StepMemory.as_dict`: ``argument``, ``output``, ``alias``,
@@ -230,7 +233,7 @@ def compiled_step_memory(
         projector_bits=projector_bits if galore else None,
         side=side if galore and side != "auto" else None,
     )
-    memory = run_step_memory(resolve_config(train), cfg, device)
+    memory = run_step_memory(resolve_config(train), cfg, device, placement)
     if memory is None:  # some backends do not report
         raise RuntimeError("this backend reports no memory analysis")
     return memory.as_dict()

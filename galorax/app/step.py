@@ -156,26 +156,49 @@ def step_memory(compiled: Any) -> StepMemory | None:
 
 
 def run_step_memory(
-    run: RunConfig, mcfg: model_lib.ModelConfig, device: jax.Device | None = None
+    run: RunConfig,
+    mcfg: model_lib.ModelConfig,
+    device: jax.Device | None = None,
+    placement: TrainPlacement | None = None,
 ) -> StepMemory | None:
-    """XLA's memory record of the step ``galorax train`` compiles for ``run`` on one
-    device (the same optimizer factory and step builder), compiled on abstract inputs:
-    nothing is allocated, so any size compiles on CPU.
+    """XLA's memory record of the step ``galorax train`` compiles for ``run`` (the same
+    optimizer factory and step builder), compiled on abstract inputs: nothing is
+    allocated, so any size compiles on CPU.
 
     Args:
         run: The run's settings.
         mcfg: The model.
-        device: Compile for this device (default: JAX's default device), e.g. a
+        device: Compile for this one device (default: JAX's default device), e.g. a
             compile-only GPU from :func:`galorax.app.targets.target_device`.
+        placement: Compile sharded on this mesh instead (the memory is then per device).
     """
     abstract = model_lib.abstract_params(mcfg, DTYPES[run.dtype])
     opt = run_optimizer(run, abstract)
+    return _step_memory(run, mcfg, opt, abstract, device, placement)[1]
+
+
+def _step_memory(
+    run: RunConfig,
+    mcfg: model_lib.ModelConfig,
+    opt: optax.GradientTransformation,
+    abstract: Any,
+    device: jax.Device | None,
+    placement: TrainPlacement | None,
+) -> tuple[Any, StepMemory | None]:
+    """``(abstract state, memory)`` of ``opt``'s step compiled on one device or sharded."""
     state = jax.eval_shape(opt.init, abstract)
-    batch = jax.ShapeDtypeStruct((run.batch_size, run.seq_len + 1), jnp.int32)
-    if device is not None:
+    shape = (run.batch_size, run.seq_len + 1)
+    batch: Any = jax.ShapeDtypeStruct(shape, jnp.int32)
+    shardings = None
+    if placement is not None:
+        shardings = (placement.params, placement.state(opt, abstract), placement.replicated)
+        abstract, state = with_shardings((abstract, state), shardings[:2])
+        batch = placement.abstract_batch(shape, jnp.int32)
+    elif device is not None:
         one = jax.sharding.SingleDeviceSharding(device)
         abstract, state, batch = with_shardings((abstract, state, batch), one)
-    return step_memory(compile_step(mcfg, opt, abstract, state, batch, run.remat))
+    compiled = compile_step(mcfg, opt, abstract, state, batch, run.remat, shardings)
+    return state, step_memory(compiled)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -203,16 +226,7 @@ def adamw_reference(
         dataclasses.replace(run, optimizer="adamw", state_bits=32, per_layer_updates=False),
         abstract,
     )
-    state = jax.eval_shape(opt.init, abstract)
-    shape = (run.batch_size, run.seq_len + 1)
-    batch: Any = jax.ShapeDtypeStruct(shape, jnp.int32)
-    shardings = None
-    if placement is not None:
-        shardings = (placement.params, placement.state(opt, abstract), placement.replicated)
-        abstract, state = with_shardings((abstract, state), shardings[:2])
-        batch = placement.abstract_batch(shape, jnp.int32)
-    compiled = compile_step(mcfg, opt, abstract, state, batch, run.remat, shardings)
-    memory = step_memory(compiled)
+    state, memory = _step_memory(run, mcfg, opt, abstract, None, placement)
     return {
         "opt_state_bytes": tree_bytes(state),
         "step_memory": None if memory is None else memory.as_dict(),

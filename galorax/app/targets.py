@@ -135,6 +135,12 @@ def target_device(target: str) -> jax.Device:
     Raises:
         UsageError: an unknown name or unreadable file, or no CUDA plugin installed.
     """
+    return target_devices(target, 1)[0]
+
+
+def target_devices(target: str, n: int) -> list[jax.Device]:
+    """``n`` compile-only devices of ``target`` on one host (see :func:`target_device`),
+    for a mesh."""
     if target in TARGETS:
         text = target_config(TARGETS[target])
     else:
@@ -147,7 +153,7 @@ def target_device(target: str) -> jax.Device:
         text = path.read_text()
     try:
         topology = topologies.get_topology_desc(
-            platform="cuda", topology_name="cuda", target_config=text, topology="1x1x1"
+            platform="cuda", topology_name="cuda", target_config=text, topology=f"1x1x{n}"
         )
     except NotImplementedError:
         raise UsageError(
@@ -155,4 +161,4 @@ def target_device(target: str) -> jax.Device:
         ) from None
     except RuntimeError as e:  # XLA's parse error
         raise UsageError(f"--target {target}: {str(e).splitlines()[0]}") from None
-    return topology.devices[0]
+    return list(topology.devices)
