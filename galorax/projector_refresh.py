@@ -122,8 +122,11 @@ def attempt(
 
 
 def slice_bytes(leaf: LeafProjector, g2: jax.Array) -> int:
-    """What :func:`refresh` chunks ``g2``'s slices by (0: whole; always whole on a mesh)."""
-    return 0 if placement.on_several_devices(g2) else leaf.chunk_bytes(g2.dtype)
+    """What :func:`refresh` chunks ``g2``'s slices by (0: whole). On a mesh too: each
+    device's sketch of a whole stack is replicated there. Whole where ``refresh_axes``
+    spreads the slices over devices instead."""
+    spread = leaf.options.refresh_axes and placement.on_several_devices(g2)
+    return 0 if spread else leaf.chunk_bytes(g2.dtype)
 
 
 def in_chunks(leaf: LeafProjector, g2: jax.Array) -> bool:

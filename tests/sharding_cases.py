@@ -469,3 +469,48 @@ def test_a_projector_whose_rows_do_not_split_is_sharded_over_its_rank():
     assert (codes.shape, scales.shape) == ((1, 266, 256), (1, 266, 1))
     assert sharding.canonical(codes.sharding.spec) == P(None, None, "fsdp")
     assert sharding.canonical(scales.sharding.spec) == P()
+
+
+def test_the_refresh_works_in_chunks_on_a_mesh(monkeypatch):
+    """A bf16 stack's refresh loops over chunks of its layers on an FSDP mesh as on one
+    device (it was whole on a mesh: every device held the sketch of all the layers), with
+    the same updates."""
+    from galorax import chunking
+
+    monkeypatch.setattr(chunking, "CHUNK_BYTES", 2 * 4 * 64 * 32)  # 2 of the 8 slices
+    mesh = sharding.make_mesh("data=2,fsdp=4", explicit=False)
+    params = {"s": jnp.ones((8, 64, 32), jnp.bfloat16)}
+    grads = [
+        {"s": jax.random.normal(jax.random.key(i), (8, 64, 32)).astype(jnp.bfloat16)}
+        for i in range(3)
+    ]
+    tx = galorax.scale_by_galore(
+        rank=4,
+        update_proj_gap=1,
+        subspace=galorax.Randomized(qr="gram", power_iters=0),
+        weight_dimension_numbers={"s": Dims(1, 2)},
+    )
+
+    def run(shard):
+        p = jax.device_put(params, shard) if shard else params
+        state = (
+            jax.jit(tx.init, out_shardings=sharding.state_shardings(tx, p))(p)
+            if shard
+            else tx.init(p)
+        )
+        gs = [jax.device_put(g, shard) for g in grads] if shard else grads
+        update = jax.jit(tx.update).lower(gs[0], state).compile()
+        outs = []
+        for g in gs:
+            u, state = update(g, state)
+            outs.append(np.asarray(u["s"], np.float32))
+        return outs, update.as_text()
+
+    want, _ = run(None)
+    got, text = run({"s": NamedSharding(mesh, P(None, "fsdp"))})
+    for a, b in zip(want, got, strict=True):
+        np.testing.assert_allclose(b, a, atol=2e-2, rtol=2e-2)
+    # Simulated devices factorize matrix by matrix (subspace._per_matrix): a loop over the
+    # 2 slices of a chunk inside the loop over 4 chunks; no loop over all 8 slices at once.
+    trips = set(re.findall(r"known_trip_count[^0-9]{0,12}(\d+)", text))
+    assert {"2", "4"} <= trips and "8" not in trips, trips
