@@ -96,10 +96,16 @@ def galore_leaf_specs(
 
 def _matrix_spec(own: Any, other: Any, size: int, rank: int, mesh: Any) -> tuple[Any, Any]:
     """Specs of a ``(size, rank)`` state matrix (a projector, or low-rank moments
-    transposed) whose first axis is the weight's axis of spec ``own``: the weight's there;
-    where the weight leaves that axis whole (FSDP shards one axis), the other axis's mesh
-    axes on the first axis they divide, the weight's then the rank: otherwise every device
-    would hold the whole matrix."""
+    transposed) whose first axis is the weight's axis of spec ``own``: ``own`` there. Where
+    the weight leaves that axis whole (FSDP shards one axis), the mesh axes of its other
+    axis (``other``) go on that axis if they divide it, else on the rank axis if they divide
+    that: otherwise every device would hold the whole matrix.
+
+    Example:
+        >>> mesh = jax.sharding.AbstractMesh((4,), ("fsdp",))
+        >>> _matrix_spec(None, "fsdp", 64, 8, mesh), _matrix_spec(None, "fsdp", 6, 8, mesh)
+        (('fsdp', None), (None, 'fsdp'))
+    """
     if own is not None or other is None:
         return own, None
     n = math.prod(mesh.shape[a] for a in (other if isinstance(other, tuple) else (other,)))
