@@ -65,6 +65,19 @@ def merged_spec(spec: tuple[Any, ...], axes: Sequence[int]) -> Any:
     return names[0] if len(names) == 1 else tuple(names)
 
 
+def ways(entry: Any, mesh: Any) -> int:
+    """Into how many shards a ``PartitionSpec`` entry (None, a mesh axis name or a tuple of
+    them) splits an axis on ``mesh``.
+
+    Example:
+        >>> mesh = jax.sharding.AbstractMesh((2, 4), ("data", "fsdp"))
+        >>> ways(None, mesh), ways("fsdp", mesh), ways(("data", "fsdp"), mesh)
+        (1, 4, 8)
+    """
+    names = entry if isinstance(entry, tuple) else () if entry is None else (entry,)
+    return math.prod(mesh.shape[a] for a in names)
+
+
 def galore_leaf_specs(
     param: Any, view: Any, left: bool, rank: int
 ) -> dict[str, PartitionSpec] | None:
@@ -108,7 +121,7 @@ def _matrix_spec(own: Any, other: Any, size: int, rank: int, mesh: Any) -> tuple
     """
     if own is not None or other is None:
         return own, None
-    n = math.prod(mesh.shape[a] for a in (other if isinstance(other, tuple) else (other,)))
+    n = ways(other, mesh)
     if size % n == 0:
         return other, None
     return None, other if rank % n == 0 else None

@@ -14,7 +14,6 @@ back-projected gradient 1.0% / 18%; validation loss after 400 steps (2 refreshes
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import jax
@@ -50,18 +49,11 @@ def quantized_spec(x: jax.Array, proj_spec: Any, n_batch: int, param: Any) -> An
     mesh = placement.explicit_mesh(param)
     if x.ndim == n_batch + 2:
         # The rank axis may be sharded (placement): the scales' block axis need not divide.
-        last = entries[-1]
-        names = last if isinstance(last, tuple) else () if last is None else (last,)
-        if mesh is not None and x.shape[-1] % math.prod(mesh.shape[a] for a in names):
+        if mesh is not None and x.shape[-1] % placement.ways(entries[-1], mesh):
             return PartitionSpec(*entries[:-1], None)
         return proj_spec
     rows = entries[n_batch]
-    names = rows if isinstance(rows, tuple) else () if rows is None else (rows,)
-    if (
-        mesh is None
-        or x.ndim != n_batch + 1
-        or x.shape[-1] % math.prod(mesh.shape[a] for a in names)
-    ):
+    if mesh is None or x.ndim != n_batch + 1 or x.shape[-1] % placement.ways(rows, mesh):
         rows = None
     return PartitionSpec(*entries[:n_batch], rows)
 

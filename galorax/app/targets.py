@@ -52,29 +52,25 @@ class GpuSpec:
     threads_per_core: int
 
 
-#: ``--target`` names: Hopper data-centre GPUs and the paper's 24 GB consumer GPU.
+#: NVIDIA H100 SXM (80 GB HBM3).
+H100 = GpuSpec(
+    name="NVIDIA H100 80GB HBM3",
+    capability=(9, 0),
+    cores=132,
+    memory=84929347584,
+    bandwidth=3352320000000,
+    l2=52428800,
+    clock_ghz=1.98,
+    shared_per_core=233472,
+    threads_per_core=2048,
+)
+
+#: ``--target`` names: Hopper data-centre GPUs (the H200 is the H100's chip with more and
+#: faster memory) and the paper's 24 GB consumer GPU.
 TARGETS: dict[str, GpuSpec] = {
-    "h100": GpuSpec(
-        name="NVIDIA H100 80GB HBM3",
-        capability=(9, 0),
-        cores=132,
-        memory=84929347584,
-        bandwidth=3352320000000,
-        l2=52428800,
-        clock_ghz=1.98,
-        shared_per_core=233472,
-        threads_per_core=2048,
-    ),
-    "h200": GpuSpec(
-        name="NVIDIA H200",
-        capability=(9, 0),
-        cores=132,
-        memory=150754820096,
-        bandwidth=4800000000000,
-        l2=52428800,
-        clock_ghz=1.98,
-        shared_per_core=233472,
-        threads_per_core=2048,
+    "h100": H100,
+    "h200": dataclasses.replace(
+        H100, name="NVIDIA H200", memory=150754820096, bandwidth=4800000000000
     ),
     "rtx4090": GpuSpec(
         name="NVIDIA GeForce RTX 4090",
