@@ -1,8 +1,8 @@
 """GaLore's state and its two transitions over the parameter tree: ``init`` and ``update``.
 
 :class:`GaLoreState` is what :func:`galorax.scale_by_galore` keeps. :func:`init_state`
-and :func:`update_state` map the per-leaf math of :mod:`galorax.projector` over the tree
-of :class:`~galorax.projector.LeafProjector` (None where a leaf is not projected), rotate
+and :func:`update_state` map the per-leaf steps of :mod:`galorax.projector` over the tree
+of :class:`~galorax.leaf.LeafProjector` (None where a leaf is not projected), rotate
 the base optimizer's moments at a refresh (:mod:`galorax.moments`) and run the base
 optimizer on the low-rank gradients. :mod:`galorax.transform` wraps them in the optax
 transformation (boxing, checks, non-finite skipping, placement).
@@ -18,10 +18,11 @@ import jax.numpy as jnp
 import optax
 
 from galorax import placement
+from galorax import projector as leaf_steps
 from galorax.dimension_numbers import is_masked
+from galorax.leaf import LeafProjector, is_projector_leaf
 from galorax.moments import Transition, check_moments, per_parameter_fields, rotate_moments
 from galorax.options import GaLoreOptions
-from galorax.projector import LeafProjector, is_projector_leaf
 from galorax.step_gate import StepGate
 
 __all__ = ["GaLoreState", "init_state", "update_state"]
@@ -68,7 +69,7 @@ def _init_leaf(proj: LeafProjector | None, param: Any) -> tuple[Any, ...]:
     the proxy where projected, else masked (what rotation would touch)."""
     masked = optax.MaskedNode()
     if proj is not None:
-        p, proxy, schedule, norm = proj.init(param)
+        p, proxy, schedule, norm = leaf_steps.init_leaf(proj, param)
         return p, proxy, schedule, norm, proxy
     proxy = (
         param if is_masked(param) else placement.like(jnp.zeros(param.shape, param.dtype), param)
@@ -82,7 +83,7 @@ def _project_leaf(
     """``(low-rank gradient, projector, schedule, transition, carry)`` of one leaf."""
     if proj is None:
         return g, old, sched, None, None
-    low, new, sched, (changed, basis), carry = proj.step(g, old, sched, count, finite)
+    low, new, sched, (changed, basis), carry = leaf_steps.step(proj, g, old, sched, count, finite)
     rotate = proj.options.moments == "rotate"
     transition = Transition(changed, basis, proj.left, proj.low_shape) if rotate else None
     return low, new, sched, transition, carry
@@ -90,7 +91,7 @@ def _project_leaf(
 
 def _back_leaf(proj: LeafProjector | None, g: Any, carry: Any, u: Any, norm: Any):
     """One leaf's update in parameter space and its new residual norm."""
-    return (u, norm) if proj is None else proj.finish(g, carry, u, norm)
+    return (u, norm) if proj is None else leaf_steps.finish(proj, g, carry, u, norm)
 
 
 def init_state(
@@ -100,7 +101,7 @@ def init_state(
 
     Args:
         params: The parameters, plain (no boxes, no None leaves).
-        projectors: :func:`galorax.projector.make_projectors` of ``params``.
+        projectors: :func:`galorax.leaf.make_projectors` of ``params``.
         opts: The transform's options.
         base_tx: The base optimizer (with extra-args support).
         kinds: How each base-state field moves at a refresh
@@ -145,7 +146,7 @@ def update_state(
     Args:
         updates: The gradients, plain (no boxes).
         state: The current state, unboxed.
-        projectors: :func:`galorax.projector.make_projectors` of ``updates``.
+        projectors: :func:`galorax.leaf.make_projectors` of ``updates``.
         opts: The transform's options.
         base_tx: The base optimizer (with extra-args support).
         kinds: How each base-state field moves at a refresh.

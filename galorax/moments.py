@@ -20,6 +20,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from galorax import galore_math
 from galorax.chunking import can_split, chunk_size, quantized_chunk, update_chunks
 from galorax.dimension_numbers import is_masked
 from galorax.projector_storage import change_of_basis
@@ -248,11 +249,8 @@ def _carry_whole(m: Any, c: jax.Array, left: bool) -> Any:
 
 
 def _apply(x: jax.Array, c: jax.Array, left: bool) -> jax.Array:
-    """``x`` carried by the change of basis ``c``."""
-    if left:  # moments r x n: rows follow the basis
-        return jnp.matmul(c, x, precision=jax.lax.Precision.HIGHEST)
-    return jnp.matmul(x, jnp.swapaxes(c, -1, -2), precision=jax.lax.Precision.HIGHEST)
-
+    """``x`` carried by the change of basis ``c`` (already squared for a second moment)."""
+    return galore_math.rotate_moment(x, c, left=left, second=False)
 
 class Transition(NamedTuple):
     """A possible projector change of one leaf, for :func:`rotate_moments`.

@@ -1,33 +1,30 @@
 """A projector refresh: new bases for the due slices of one projected leaf.
 
-:func:`refresh` is what :meth:`galorax.projector.LeafProjector.refresh` runs when a slice
-is due (:mod:`galorax.schedule`): it draws the range finder's test matrix
-(:func:`sketch`), factorizes the gradient's slices (:func:`candidate`: an exact SVD or the
-randomized range finder of :mod:`galorax.subspace`, split over ``refresh_axes`` on a
-mesh), aligns the new columns' signs with the old ones and keeps the old projector where
-a slice's gradient is unusable (:func:`attempt`), a chunk of a stacked leaf's slices at a
-time, then advances the schedule.
+:func:`refresh` is what :func:`galorax.projector.step` runs when a slice is due
+(:mod:`galorax.schedule`): it draws the range finder's test matrix (:func:`sketch`),
+factorizes the gradient's slices (:func:`candidate`: :func:`galorax.galore_math.new_basis`,
+split over ``refresh_axes`` on a mesh), aligns the new columns' signs with the old ones
+and keeps the old projector where a slice's gradient is not usable (:func:`attempt`), a
+chunk of a stacked leaf's slices at a time, then advances the schedule.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from galorax import placement, subspace
+from galorax import galore_math, placement, subspace
 from galorax.chunking import after, buffer_after, map_slices, slices_chunk
+from galorax.leaf import LeafProjector
 from galorax.projector_storage import change_of_basis, compute_dtype, dense
 from galorax.quantization.blockwise import is_quantized
 from galorax.quantization.projectors import quantize_slices, select_slices
 from galorax.schedule import RefreshSchedule, advance, subspace_overlap
-
-if TYPE_CHECKING:
-    from galorax.projector import LeafProjector
 
 __all__ = ["attempt", "candidate", "in_chunks", "refresh", "sketch", "slice_bytes"]
 
@@ -64,25 +61,25 @@ def candidate(
         omega: The shared test matrix per slice (None: SVD).
         fresh: Per slice, whether it was refreshed before (a warm start then).
     """
-    opts, rf = leaf.options, leaf.options.subspace
-    nb = len(leaf.view.batch_shape)
-    factorize: Callable[..., jax.Array]
-    if rf is None:
+    opts = leaf.options
+    basis = functools.partial(
+        galore_math.new_basis,
+        rank=leaf.rank,
+        left=leaf.left,
+        settings=opts.subspace,
+        precision=opts.precision,
+    )
+    if opts.subspace is None:
         # On a mesh the SVD needs each matrix whole: gathered (with a warning).
-        factorize = lambda a: subspace.exact_basis(a, leaf.rank, left=leaf.left)  # noqa: E731
-        inputs: tuple[Any, ...] = (placement.whole_for_svd(g2),)
-    else:
-        a = g2 if leaf.left else jnp.swapaxes(g2, -1, -2)
+        svd = placement.whole_for_svd(g2)
+        return placement.spread_map(basis, opts.refresh_axes, leaf.n_batch, svd)
 
-        def factorize(a, omega, old_c, fresh):
-            warm = old_c if rf.warm_start else None
-            return subspace.range_finder(
-                a, omega, leaf.rank, warm, fresh, opts.precision, rf.qr, rf.power_iters
-            )
+    def randomized(g2: jax.Array, omega: jax.Array, warm: jax.Array, fresh: jax.Array):
+        return basis(g2, omega=omega, warm=warm, fresh=fresh)
 
-        inputs = (a, omega.astype(a.dtype), old_c, fresh)
     # Replicated stacked weights: each device factorizes its share of the slices.
-    return placement.spread_map(factorize, opts.refresh_axes, nb, *inputs)
+    inputs = (g2, omega.astype(g2.dtype), old_c, fresh)
+    return placement.spread_map(randomized, opts.refresh_axes, leaf.n_batch, *inputs)
 
 
 def attempt(
@@ -102,14 +99,13 @@ def attempt(
     """
     opts = leaf.options
     g2 = g2.astype(compute_dtype(g2.dtype))
-    valid = jnp.all(jnp.isfinite(g2), axis=(-2, -1)) & jnp.any(g2 != 0, axis=(-2, -1))
+    valid = galore_math.usable(g2)
     # A bad slice must not poison the batched factorization of the good ones.
     g2 = jnp.where(valid[..., None, None], g2, 0)
     old_c = dense(old, g2.dtype)
     cand, split = candidate(leaf, g2, old_c, omega, fresh)
     if opts.moments != "keep":  # an SVD picks signs at random: match the old ones
-        signs = jnp.sign(jnp.sum(cand * old_c, axis=-2, keepdims=True))
-        cand = cand * jnp.where(signs == 0, 1, signs)
+        cand = galore_math.align_signs(cand, old_c)
     overlap = subspace_overlap(cand, old_c) if opts.adaptive is not None else None
     accept = due & valid
     if is_quantized(old):
@@ -147,7 +143,7 @@ def refresh(
     attempt, whether any slice changed and, with ``moments="rotate"``, each slice's
     :func:`~galorax.projector_storage.change_of_basis` from ``old`` to the new projector
     (else None); a chunk of a stacked leaf's slices at a time off a mesh when
-    :meth:`~galorax.projector.LeafProjector.chunk_bytes` says it pays. Slices whose
+    :meth:`~galorax.leaf.LeafProjector.chunk_bytes` says it pays. Slices whose
     gradient is zero or non-finite keep their projector and retry at the next step.
 
     The change of basis is taken here, slice by slice, so that ``old`` is dead once the
@@ -164,7 +160,7 @@ def refresh(
             slice keeps its projector and schedule (a loop of no iteration: the
             projectors, written in place, need no copy).
     """
-    opts, nb = leaf.options, len(leaf.view.batch_shape)
+    opts, nb = leaf.options, leaf.n_batch
     due, fresh = count >= sched.next_step, sched.refreshes > 0
     omega = sketch(leaf, g2.shape, count)
     size = slice_bytes(leaf, g2)

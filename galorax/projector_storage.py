@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
-from galorax import placement
+from galorax import galore_math, placement
 from galorax.quantization.blockwise import dequantize_blockwise, is_quantized
 
 __all__ = ["change_of_basis", "compute_dtype", "dense", "quantized_spec"]
@@ -70,8 +70,8 @@ def dense(p: Any, dtype: Any) -> jax.Array:
 
 
 def change_of_basis(new: Any, old: Any) -> jax.Array:
-    """``C = new^T old`` per slice, in f32: the map from coordinates in the stored
-    projector ``old``'s basis to ``new``'s (:mod:`galorax.moments` carries moments by it).
+    """:func:`galorax.galore_math.change_of_basis` of two stored projectors (float or
+    quantized): ``C = new^T old`` per slice, in f32.
 
     Example:
         >>> import jax.numpy as jnp
@@ -79,8 +79,7 @@ def change_of_basis(new: Any, old: Any) -> jax.Array:
         >>> change_of_basis(old[:, ::-1], old).tolist()
         [[0.0, 1.0], [1.0, 0.0]]
     """
-    a, b = dense(new, jnp.float32), dense(old, jnp.float32)
-    return jnp.matmul(jnp.swapaxes(a, -1, -2), b, precision=jax.lax.Precision.HIGHEST)
+    return galore_math.change_of_basis(dense(new, jnp.float32), dense(old, jnp.float32))
 
 
 def compute_dtype(dtype: Any) -> Any:

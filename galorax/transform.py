@@ -35,7 +35,7 @@ from galorax.options import (
     check_base_optimizer,
     galore_options,
 )
-from galorax.projector import make_projectors
+from galorax.leaf import make_projectors
 from galorax.residual import Residual
 from galorax.schedule import AdaptiveRefresh
 from galorax.step_gate import active_gate

@@ -24,7 +24,7 @@ from galorax.lazy import lazy_exports
 
 _BLOCKWISE = "galorax.quantization.blockwise"
 _CODES = "galorax.quantization.codes"
-_PROJECTOR = "galorax.projector"
+_PROJECTOR = "galorax.quantization.projectors"
 
 _EXPORTS = {
     "Code": _CODES,
@@ -46,7 +46,6 @@ __all__ = sorted(_EXPORTS)
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
 if TYPE_CHECKING:
-    from galorax.projector import ProjectorError, projector_error, quantize_projector
     from galorax.quantization.blockwise import (
         QuantizedArray,
         dequantize_blockwise,
@@ -56,3 +55,4 @@ if TYPE_CHECKING:
         quantized_zeros,
     )
     from galorax.quantization.codes import Code, code_table, dynamic_code, linear_code
+    from galorax.quantization.projectors import ProjectorError, projector_error, quantize_projector

@@ -11,7 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import galorax
-from galorax.residual import Residual, compensation
+from galorax.galore_math import compensation
+from galorax.residual import Residual
 
 
 def _case(seed, m=12, n=8, r=3, left=True):
@@ -27,7 +28,9 @@ def _case(seed, m=12, n=8, r=3, left=True):
 @pytest.mark.parametrize("left", [True, False])
 def test_matches_fira_per_channel(left):
     g, p, low, upd = _case(0, left=left)
-    term, norm = compensation(g, low, upd, p, left, jnp.zeros(()), Residual())
+    term, norm = compensation(
+        g, low, upd, p, left=left, prev_norm=jnp.zeros(()), settings=Residual()
+    )
     g_np, p_np, low_np, upd_np = map(np.asarray, (g, p, low, upd))
     inside = p_np @ low_np if left else low_np @ p_np.T
     dim = 0 if left else 1  # Fira: norms over the rank axis
@@ -41,7 +44,9 @@ def test_matches_fira_per_channel(left):
 @pytest.mark.parametrize("left", [True, False])
 def test_term_is_outside_the_subspace(left):
     g, p, low, upd = _case(1, left=left)
-    term, _ = compensation(g, low, upd, p, left, jnp.zeros(()), Residual("matrix"))
+    term, _ = compensation(
+        g, low, upd, p, left=left, prev_norm=jnp.zeros(()), settings=Residual("matrix")
+    )
     inside = p.T @ term if left else term @ p
     assert float(jnp.max(jnp.abs(inside))) < 1e-5
 
@@ -56,10 +61,14 @@ def test_term_is_outside_the_subspace(left):
 def test_limiter_bounds_norm_growth(seed, prev, granularity, limit):
     g, p, low, upd = _case(seed)
     settings_ = Residual(granularity, limit)
-    term, norm = compensation(g, low, upd, p, True, jnp.asarray(prev), settings_)
+    term, norm = compensation(
+        g, low, upd, p, left=True, prev_norm=jnp.asarray(prev), settings=settings_
+    )
     assert float(norm) <= limit * prev * (1 + 1e-5)
     np.testing.assert_allclose(float(jnp.linalg.norm(term)), float(norm), rtol=1e-4)
-    unlimited, raw = compensation(g, low, upd, p, True, jnp.zeros(()), settings_)
+    unlimited, raw = compensation(
+        g, low, upd, p, left=True, prev_norm=jnp.zeros(()), settings=settings_
+    )
     if float(raw) <= limit * prev:  # under the cap: untouched
         np.testing.assert_allclose(term, unlimited, rtol=1e-5, atol=1e-7)
 

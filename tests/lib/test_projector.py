@@ -11,21 +11,19 @@ import optax
 import pytest
 
 import galorax
-from galorax import projector_refresh
+from galorax import projector, projector_refresh
 from galorax.accounting import tree_bytes
 from galorax.dimension_numbers import GaLoreDimensionNumbers as Dims
 from galorax.dimension_numbers import MatrixView
+from galorax.galore_math import uses_left
+from galorax.leaf import LeafProjector, is_projector_leaf, make_projectors
 from galorax.options import galore_options
-from galorax.projector import (
-    LeafProjector,
-    dense,
-    is_projector_leaf,
-    make_projectors,
+from galorax.projector_storage import dense
+from galorax.quantization.projectors import (
     projector_error,
     quantize_projector,
     quantize_slices,
     select_slices,
-    uses_left,
 )
 
 CODES = [(c, b, s) for c in ("dynamic", "linear") for b in (8, 4) for s in (True, False)]
@@ -108,21 +106,21 @@ def test_uses_left_follows_galore_torch():
 def test_leaf_projector_round_trip_and_refresh(left):
     view = MatrixView.of((2, 12, 10), Dims(1, 2))
     leaf = LeafProjector(view, left, 3, 0, 0, galore_options(rank=3, subspace="svd"))
-    p, proxy, schedule, norm = leaf.init(jnp.zeros(view.shape))
+    p, proxy, schedule, norm = projector.init_leaf(leaf, jnp.zeros(view.shape))
     assert p.shape == leaf.proj_shape and proxy.shape == leaf.low_shape
     assert schedule.next_step.shape == norm.shape == (2,)
     g2 = view.to_matrix(jax.random.normal(jax.random.key(0), view.shape))
-    new, schedule, changed, basis = leaf.refresh(g2, p, schedule, jnp.asarray(0))
+    new, schedule, changed, basis = projector_refresh.refresh(leaf, g2, p, schedule, jnp.asarray(0))
     assert bool(changed)
     # The moments' change of basis new^T old, taken inside the refresh (old is dead after).
     np.testing.assert_allclose(basis, jnp.swapaxes(new, -1, -2) @ p, atol=1e-6)
     np.testing.assert_array_equal(schedule.refreshes, [1, 1])
     eye = jnp.swapaxes(new, -1, -2) @ new
     np.testing.assert_allclose(eye, jnp.broadcast_to(jnp.eye(3), eye.shape), atol=1e-5)
-    low = leaf.project(g2, new)
+    low = projector.project(leaf, g2, new)
     assert low.shape == leaf.low_shape
-    back = leaf.project_back(low, new)  # P P^T G (left) or G P P^T (right)
-    np.testing.assert_allclose(leaf.project(back, new), low, atol=1e-4)
+    back = projector.project_back(leaf, low, new)  # P P^T G (left) or G P P^T (right)
+    np.testing.assert_allclose(projector.project(leaf, back, new), low, atol=1e-4)
 
 
 def test_quantized_slices_are_replaced_one_by_one():
@@ -136,12 +134,12 @@ def test_quantized_slices_are_replaced_one_by_one():
 
 def _leaf_steps(leaf, grads):
     """Updates and final state of ``leaf.step`` + ``leaf.finish`` (``u`` = 2 x low-rank)."""
-    p, _, sched, norm = leaf.init(grads[0])
+    p, _, sched, norm = projector.init_leaf(leaf, grads[0])
 
     @jax.jit
     def one(g, p, sched, norm, count):
-        low, p, sched, _, carry = leaf.step(g, p, sched, count)
-        out, norm = leaf.finish(g, carry, 2.0 * low, norm)
+        low, p, sched, _, carry = projector.step(leaf, g, p, sched, count)
+        out, norm = projector.finish(leaf, g, carry, 2.0 * low, norm)
         return out, p, sched, norm
 
     outs = []
@@ -197,9 +195,9 @@ def test_a_chunked_leaf_keeps_its_projector_when_not_refreshing(monkeypatch, bit
     opts = galore_options(rank=3, update_proj_gap=4, projector_bits=bits, moments=moments)
     leaf = LeafProjector(view, True, 3, 0, 0, opts)
     g = jax.random.normal(jax.random.key(0), view.shape).astype(jnp.bfloat16)  # chunked
-    p, _, sched, _ = leaf.init(g)
+    p, _, sched, _ = projector.init_leaf(leaf, g)
     assert projector_refresh.in_chunks(leaf, view.to_matrix(g))
-    step = jax.jit(lambda g, p, s, c, f: leaf.step(g, p, s, c, f)[1:4])
+    step = jax.jit(lambda g, p, s, c, f: projector.step(leaf, g, p, s, c, f)[1:4])
     p, sched, _ = step(g, p, sched, jnp.asarray(0), jnp.asarray(True))
     for count, finite in [(1, True), (4, False)]:
         new, new_sched, (changed, basis) = step(g * 3, p, sched, jnp.asarray(count), finite)
