@@ -2,7 +2,7 @@
 # The one test entry point: the README's test command and CI's (.ci/run) both call it.
 #
 # Makes (or reuses) a virtual environment, installs what the suite needs, then runs ruff,
-# mypy and pytest. Arguments go to pytest (e.g. `scripts/test.sh tests/test_transform.py`).
+# mypy and pytest. Arguments go to pytest (e.g. `scripts/test.sh tests/lib/test_transform.py`).
 #   GALORAX_VENV  the environment's folder (default: .venv in the checkout)
 set -euo pipefail
 cd "$(dirname "$0")/.."

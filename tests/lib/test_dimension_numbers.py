@@ -175,7 +175,7 @@ def test_drop_in_default_warns_once_about_stacked_leaves():
 
 def test_layout_guesses_that_look_wrong_warn():
     """Under the number-of-axes default, NNX MHA query kernels and MaxText stacks (layers
-    second) warn; the default layouts get them right (tests/test_rules.py)."""
+    second) warn; the default layouts get them right (tests/lib/test_rules.py)."""
     for name, shape in [("attn/query/kernel", (64, 4, 16)), ("mlp/wi_0", (32, 3, 48))]:
         outer, inner = name.rsplit("/", 1)
         params = {outer: {inner: jnp.zeros(shape)}}

@@ -1,6 +1,6 @@
-"""One process of ``tests/test_distributed.py``: ``galorax train``'s loop on the micro model.
+"""One process of ``tests/app/test_distributed.py``: ``galorax train``'s loop on the micro model.
 
-``python tests/distributed_worker.py PROCESS_ID NUM_PROCESSES PORT DATA OUT``. With one
+``python tests/app/distributed_worker.py PROCESS_ID NUM_PROCESSES PORT DATA OUT``. With one
 process it trains 4 steps on one device (the reference). With several it joins
 ``jax.distributed`` on localhost and trains on the mesh ``data=1,fsdp=N`` (params and
 optimizer state FSDP-sharded, each process feeding its devices' rows of the batch,

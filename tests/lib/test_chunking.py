@@ -162,7 +162,7 @@ def test_tree_all_finite_finds_a_nan_in_any_chunk(monkeypatch, where):
 
 def test_chunked_reductions_of_a_bf16_stack_are_bounded():
     """Inside a train step CPU XLA may materialize a leaf's f32 squares / finite mask
-    before reducing them (tests/test_step.py checks a step's peak); chunked, one chunk."""
+    before reducing them (tests/app/test_step.py checks a step's peak); chunked, one chunk."""
     x = jax.ShapeDtypeStruct((16, 1024, 1024), jnp.bfloat16)  # 64 MiB of f32: several chunks
     for fn in (tree_sum_squares, tree_all_finite):
         temp = jax.jit(fn).lower(x).compile().memory_analysis().temp_size_in_bytes

@@ -20,8 +20,8 @@ from test_train import make_text_dir
 from galorax.app import distributed
 from galorax.app import interrupt as I
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-WORKER = ROOT / "tests" / "interrupt_worker.py"
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+WORKER = pathlib.Path(__file__).resolve().with_name("interrupt_worker.py")
 #: Hard limit for both processes (a hang, the bug, fails instead of blocking CI).
 DEADLINE_S = 150
 

@@ -717,7 +717,7 @@ def test_bad_projector_bits(bad):
 
 
 def test_refresh_axes_without_a_mesh_change_nothing():
-    """Off a mesh ``refresh_axes`` is a no-op (the mesh cases: tests/sharding_cases.py)."""
+    """Off a mesh ``refresh_axes`` is a no-op (the mesh cases: tests/lib/sharding_cases.py)."""
     dims = {"s": galorax.GaLoreDimensionNumbers(1, 2)}
     params = {"s": jnp.ones((4, 16, 8))}
     grads = {"s": jax.random.normal(jax.random.key(0), (4, 16, 8))}

@@ -23,8 +23,8 @@ import time
 
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-WORKER = ROOT / "tests" / "distributed_worker.py"
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+WORKER = pathlib.Path(__file__).resolve().with_name("distributed_worker.py")
 #: Hard limit for all processes together (a real hang fails instead of blocking CI). Not a
 #: timing: 150 s ran out on a 2-core machine under a load of 7 (the reference process had
 #: only started), so the margin is generous.

@@ -271,7 +271,7 @@ def test_nnx_unprojected_moments_keep_the_param_sharding():
 
 # ------------------------------------------------------- the recipes of docs/frameworks.md
 
-DOC = pathlib.Path(__file__).resolve().parent.parent / "docs" / "frameworks.md"
+DOC = pathlib.Path(__file__).resolve().parents[2] / "docs" / "frameworks.md"
 
 
 def _tuple_step(g: dict) -> None:

@@ -1,6 +1,6 @@
-"""One process of ``tests/test_distributed_interrupt.py``: a Ctrl-C reaches one process only.
+"""One process of ``tests/app/test_distributed_interrupt.py``: a Ctrl-C reaches one process only.
 
-``python tests/interrupt_worker.py PROCESS_ID NUM_PROCESSES PORT DATA OUT``: joins
+``python tests/app/interrupt_worker.py PROCESS_ID NUM_PROCESSES PORT DATA OUT``: joins
 ``jax.distributed`` on localhost and trains AdamW on the micro model over the mesh
 ``fsdp=N``; process 1 sends itself a SIGINT before step 2 (the test hook, no timer),
 process 0 gets none. Prints ``interrupted at step S saved B`` (or ``finished``).
