@@ -4,7 +4,7 @@ AdamW equal the values stored from the commit before the spine redesign (78a9b82
 A guard for refactors of how the update is executed (chunks, in-place writes, gates):
 the stacked bf16 leaf runs in chunks of two layers, gradients are fixed by their seeds,
 and every config's summed updates must match ``golden_updates.npz`` to f32 tolerance.
-Regenerate only for an intended change of the math: ``python tests/test_golden.py``.
+Regenerate only for an intended change of the math: ``python tests/lib/test_golden.py``.
 """
 
 from __future__ import annotations
