@@ -47,6 +47,7 @@ from galorax.app.flags import (
     positive_int,
 )
 from galorax.app.interrupt import Interrupted
+from galorax.app.loop import OnPoint
 from galorax.app.report import format_summary
 from galorax.app.train import train
 
@@ -167,6 +168,7 @@ def _run_train(args: argparse.Namespace) -> int:
         stop_after=args.stop_after,
         progress=not args.no_progress,
         flags=given_flags(args),
+        on_point=getattr(args, "on_point", None),
     )
     if not distributed.is_primary():
         return 0
@@ -249,8 +251,18 @@ def enable_compilation_cache() -> None:
         jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "xla"))
 
 
-def main(argv: Sequence[str] | None = None, subcommands: Sequence[Subcommand] = SUBCOMMANDS) -> int:
-    """Entry point of ``galorax``; returns the exit status."""
+def main(
+    argv: Sequence[str] | None = None,
+    subcommands: Sequence[Subcommand] = SUBCOMMANDS,
+    *,
+    on_point: OnPoint | None = None,
+) -> int:
+    """Entry point of ``galorax``; returns the exit status.
+
+    ``on_point``: called as ``on_point(point, step)`` at each point of the training loops
+    that ``train`` and ``compare`` run (:func:`galorax.app.train.train`); the tests deliver
+    their Ctrl-C through it.
+    """
     # jaxlib's CPU QR/eigh/SVD run on scipy's OpenBLAS, whose threads ignore XLA's flags;
     # on small refresh matrices they only contend (measured: 10-100x slower refreshes on
     # a busy 2-core machine). Takes effect because scipy loads at the first linalg call.
@@ -258,6 +270,7 @@ def main(argv: Sequence[str] | None = None, subcommands: Sequence[Subcommand] = 
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser(subcommands).parse_args(argv)
     args.argv = argv
+    args.on_point = on_point
     enable_compilation_cache()
     warnings.simplefilter("default", UserWarning)
     warnings.formatwarning = lambda msg, cat, *a, **k: f"galorax: warning: {msg}\n"  # type: ignore[assignment]

@@ -50,6 +50,7 @@ from galorax.app.flags import (
     parse_bool,
 )
 from galorax.app.interrupt import Interrupted
+from galorax.app.loop import OnPoint
 from galorax.app.rundir import Aside, MetricsLog, atomic_write_text, recover_asides
 from galorax.app.train import train
 
@@ -204,10 +205,12 @@ def run_comparison(
     progress: bool = True,
     log: Any = print,
     on_started: Callable[[], None] | None = None,
+    on_point: OnPoint | None = None,
 ) -> list[dict[str, Any]]:
     """Runs every spec at every lr (``base`` with the spec's settings); returns one result
     dict per (spec, lr). ``resume`` reuses finished runs and continues interrupted ones
-    from their last checkpoint; ``on_started`` is called once the first run is under way.
+    from their last checkpoint; ``on_started`` is called once the first run is under way;
+    ``on_point`` at each point of every run's training loop (:func:`galorax.app.train.train`).
 
     Raises:
         Interrupted: a Ctrl-C stopped a run on a step boundary (its checkpoint written).
@@ -219,7 +222,9 @@ def run_comparison(
             run_dir = out / "runs" / spec.label / _lr_dir(lr)
             log(f"== {spec.label} lr={lr if lr is not None else 'default'}")
             try:
-                summary = _run_one(cfg, run_dir, resume, progress, log, on_started=on_started)
+                summary = _run_one(
+                    cfg, run_dir, resume, progress, log, on_started=on_started, on_point=on_point
+                )
             except FloatingPointError as e:
                 log(f"   diverged: {e}")
                 summary = {"optimizer": spec.optimizer, "val_loss": math.inf, "diverged": True}
@@ -309,6 +314,7 @@ def run(args: argparse.Namespace) -> int:
             resume=args.resume,
             progress=not args.no_progress,
             on_started=None if aside is None else aside.commit,
+            on_point=getattr(args, "on_point", None),
         )
     except BaseException:
         if aside is not None:

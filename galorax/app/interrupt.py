@@ -3,9 +3,9 @@
 skipped for non-finite gradients, see :func:`galorax.app.train.run_loop`); a second one
 aborts at once, writing nothing more.
 
-The loop calls :func:`at` at each of its points (:data:`POINTS`); :data:`hook` is called
-there too, so tests deliver an interrupt deterministically at any point instead of racing
-a timer.
+The tests deliver an interrupt deterministically at any point of the loop
+(:data:`galorax.app.loop.POINTS`) instead of racing a timer: they pass an observer of the
+points to :func:`galorax.app.train.train` (``on_point``), which sends the SIGINT.
 
 Example:
     >>> with StopRequest() as stop:
@@ -22,25 +22,6 @@ import threading
 from collections.abc import Callable
 from types import FrameType
 from typing import Any
-
-#: The points of the step loop, in order: once compiled and validated (before any step),
-#: before each step's batch is drawn, once the step has
-#: returned (state updated, count not yet), once counted, once its metrics line is written,
-#: just before and just after a checkpoint save.
-POINTS = ("ready", "start", "stepped", "counted", "logged", "saving", "saved")
-
-
-def _no_hook(point: str, step: int) -> None:
-    """The default :data:`hook`: nothing."""
-
-
-#: Called as ``hook(point, step)`` at each point of the loop (tests replace it).
-hook: Callable[[str, int], None] = _no_hook
-
-
-def at(point: str, step: int) -> None:
-    """Marks ``point`` of the loop at ``step`` (calls :data:`hook`)."""
-    hook(point, step)
 
 
 class Interrupted(KeyboardInterrupt):

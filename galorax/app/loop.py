@@ -6,7 +6,8 @@ and the throughput), validating every ``eval_every`` steps, checkpointing every
 ``loss_curve.png`` at the end. A step whose loss or gradients are not finite is skipped
 (:class:`Skips`); :data:`MAX_NONFINITE_IN_A_ROW` in a row stop the run. A Ctrl-C ends it on
 a step boundary (:mod:`galorax.app.interrupt`). :func:`galorax.app.train.train` runs it after
-the compile (:func:`galorax.app.train.compile_run`).
+the compile (:func:`galorax.app.train.compile_run`). A caller may observe the loop's points
+(:data:`POINTS`) through ``on_point``: the tests deliver a Ctrl-C at each of them that way.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ import numpy as np
 from galorax.app import checkpoint as ckpt_lib
 from galorax.app import data as data_lib
 from galorax.app import distributed
-from galorax.app import interrupt as interrupt_lib
 from galorax.app import model as model_lib
 from galorax.app.build import Setup, TrainState
 from galorax.app.config import RunConfig
@@ -32,11 +32,24 @@ from galorax.app.report import plot_curves
 from galorax.app.rundir import RunDir
 from galorax.app.summary import LoopResult, Throughput
 
-__all__ = ["MAX_NONFINITE_IN_A_ROW", "Skips", "run_loop"]
+__all__ = ["MAX_NONFINITE_IN_A_ROW", "POINTS", "OnPoint", "Skips", "run_loop"]
 
 
 #: Non-finite steps in a row (each skipped, params and state unchanged) that stop a run.
 MAX_NONFINITE_IN_A_ROW = 10
+
+#: The points of the step loop, in order: once compiled and validated (before any step),
+#: before each step's batch is drawn, once the step has
+#: returned (state updated, count not yet), once counted, once its metrics line is written,
+#: just before and just after a checkpoint save.
+POINTS = ("ready", "start", "stepped", "counted", "logged", "saving", "saved")
+
+#: An observer of the loop, called as ``on_point(point, step)`` at each of its :data:`POINTS`.
+OnPoint = Callable[[str, int], None]
+
+
+def _no_point(point: str, step: int) -> None:
+    """The default observer of the loop's points: nothing."""
 
 
 @dataclasses.dataclass
@@ -83,7 +96,9 @@ def _val_start(setup: Setup, rundir: RunDir, state: TrainState) -> tuple[Callabl
     return evaluate, val, prior[-1]["val_loss"] if prior else val
 
 
-def _timed_step(setup: Setup, state: TrainState, step_fn: Any) -> tuple[float, float, float]:
+def _timed_step(
+    setup: Setup, state: TrainState, step_fn: Any, on_point: OnPoint
+) -> tuple[float, float, float]:
     """One optimizer step on ``state``; returns ``(loss, wall s, CPU s)``."""
     run = setup.run
     t, c = time.perf_counter(), time.process_time()
@@ -93,17 +108,19 @@ def _timed_step(setup: Setup, state: TrainState, step_fn: Any) -> tuple[float, f
     if setup.placement is not None:  # every process keeps the rows of its devices
         batch = setup.placement.put_batch(batch)
     state.params, state.opt_state, loss = step_fn(state.params, state.opt_state, batch)
-    interrupt_lib.at("stepped", state.step)
+    on_point("stepped", state.step)
     state.step += 1
-    interrupt_lib.at("counted", state.step)
+    on_point("counted", state.step)
     loss = float(loss)  # syncs: the time below is the real step time
     return loss, time.perf_counter() - t, time.process_time() - c
 
 
-def _save(setup: Setup, ckpt: ckpt_lib.Checkpointer, state: TrainState, skips: Skips) -> None:
+def _save(
+    setup: Setup, ckpt: ckpt_lib.Checkpointer, state: TrainState, skips: Skips, on_point: OnPoint
+) -> None:
     """Checkpoint ``state.step``: its label is the steps done (batches drawn); its ``meta``
     says how many were skipped and the optimizer's count, ``step - skipped``."""
-    interrupt_lib.at("saving", state.step)
+    on_point("saving", state.step)
     meta = {
         "step": state.step,
         "skipped": skips.total,
@@ -111,7 +128,7 @@ def _save(setup: Setup, ckpt: ckpt_lib.Checkpointer, state: TrainState, skips: S
         "model": dataclasses.asdict(setup.model),
     }
     ckpt.save(state.step, state.params, state.opt_state, meta)
-    interrupt_lib.at("saved", state.step)
+    on_point("saved", state.step)
 
 
 def _plot(setup: Setup, rundir: RunDir, log: Callable[[str], None]) -> None:
@@ -128,10 +145,16 @@ def _plot(setup: Setup, rundir: RunDir, log: Callable[[str], None]) -> None:
 
 
 def _step_record(
-    setup: Setup, state: TrainState, step_fn: Any, result: LoopResult, start: int, skips: Skips
+    setup: Setup,
+    state: TrainState,
+    step_fn: Any,
+    result: LoopResult,
+    start: int,
+    skips: Skips,
+    on_point: OnPoint,
 ) -> dict[str, Any]:
     """One step, timed; its metrics record (without validation)."""
-    loss, dt, dc = _timed_step(setup, state, step_fn)
+    loss, dt, dc = _timed_step(setup, state, step_fn, on_point)
     step = result.step = state.step
     if step > start + 1:  # the first call warms caches; refresh steps all count
         result.throughput.add(dt, dc)
@@ -200,6 +223,7 @@ def run_loop(
     progress: bool = True,
     log: Callable[[str], None] = print,
     interrupt: StopRequest | None = None,
+    on_point: OnPoint | None = None,
 ) -> LoopResult:
     """Phase 5: steps until ``stop``, logging each to ``metrics.jsonl``, validating every
     ``eval_every`` steps and checkpointing every ``checkpoint_every`` (and at ``stop``);
@@ -210,19 +234,24 @@ def run_loop(
     labelled with the steps done (the optimizer's count plus the skipped non-finite steps,
     which leave the whole state as it was; :func:`_save`) is written and :class:`Interrupted`
     raised. The processes of a ``jax.distributed`` run agree on the stop before each step.
+
+    ``on_point``, if given, is called as ``on_point(point, step)`` at each point of the loop
+    (:data:`POINTS`), on the loop's thread: an observer of its progress (the tests send a
+    SIGINT from it, to land a Ctrl-C deterministically on any point instead of racing a timer).
     """
     run, start = setup.run, state.step
     interrupt = interrupt or StopRequest()
+    on_point = on_point or _no_point
     evaluate, val_start, val_last = _val_start(setup, rundir, state)
     result = LoopResult(start, val_start, val_last, Throughput(run.tokens_per_step))
     skips = Skips.logged(rundir.metrics.read(), start)
     pbar, aborted = _progress(setup, start, stop, progress), True
-    interrupt_lib.at("ready", start)
+    on_point("ready", start)
     try:
         # The stop decision is shared: every process stops after the same step.
         while state.step < stop and not interrupt.agree(distributed.any_process):
-            interrupt_lib.at("start", state.step)
-            rec = _step_record(setup, state, step_fn, result, start, skips)
+            on_point("start", state.step)
+            rec = _step_record(setup, state, step_fn, result, start, skips, on_point)
             step, loss = rec["step"], rec["loss"]
             if math.isfinite(loss):
                 skips.streak = 0
@@ -237,15 +266,15 @@ def run_loop(
                 result.val_loss = rec["val_loss"] = evaluate(state.params)
             rundir.metrics.append(rec)
             rundir.started()  # a step done: the new run replaces an --overwrite'n one
-            interrupt_lib.at("logged", step)
+            on_point("logged", step)
             if pbar is not None:
                 pbar.update(1)
                 more = {"skipped": skips.total} if skips.total else {}
                 pbar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}", **more)
             if run.checkpoint_every and step % run.checkpoint_every == 0:
-                _save(setup, ckpt, state, skips)
+                _save(setup, ckpt, state, skips, on_point)
         if state.step > start:  # at stop, or where the interrupt landed (no-op if saved)
-            _save(setup, ckpt, state, skips)
+            _save(setup, ckpt, state, skips, on_point)
         aborted = False
     finally:
         if pbar is not None:

@@ -40,7 +40,7 @@ from galorax.app.build import (
 )
 from galorax.app.config import TrainConfig
 from galorax.app.interrupt import StopRequest
-from galorax.app.loop import MAX_NONFINITE_IN_A_ROW, Skips, run_loop
+from galorax.app.loop import MAX_NONFINITE_IN_A_ROW, OnPoint, Skips, run_loop
 from galorax.app.rundir import RunDir, recover_asides
 from galorax.app.step import CompiledStep, adamw_reference, compile_step, step_memory
 from galorax.app.summary import finished_summary, summarize
@@ -78,6 +78,7 @@ def train(
     log: Callable[[str], None] = print,
     flags: dict[str, Any] | None = None,
     on_started: Callable[[], None] | None = None,
+    on_point: OnPoint | None = None,
 ) -> dict[str, Any]:
     """Runs (or resumes) one training run into ``out`` and returns its summary.
 
@@ -99,6 +100,8 @@ def train(
             ones that do not change the trajectory (:data:`~galorax.app.config.RESUME_FREE`),
             which override the saved values.
         on_started: Called once the run is under way (its first step done).
+        on_point: Called as ``on_point(point, step)`` at each point of the training loop
+            (:data:`~galorax.app.loop.POINTS`; see :func:`~galorax.app.loop.run_loop`).
 
     A finished run is not resumed again: its summary comes back and nothing is written.
     Before the run is under way, ``out`` is as it was if anything fails: an ``overwrite``n
@@ -130,7 +133,9 @@ def train(
     rundir.on_started = on_started
     with StopRequest() as interrupt:
         try:
-            summary = _run(setup, rundir, resume, stop_after, progress, adamw_ref, log, interrupt)
+            summary = _run(
+                setup, rundir, resume, stop_after, progress, adamw_ref, log, interrupt, on_point
+            )
         except BaseException:
             rundir.abandon()  # not under way yet: the old run (if any) comes back
             raise
@@ -159,6 +164,7 @@ def _run(
     adamw_ref: bool,
     log: Callable[[str], None],
     interrupt: StopRequest,
+    on_point: OnPoint | None,
 ) -> dict[str, Any]:
     """Phases 3 to 6 of :func:`train` into the prepared ``rundir``; returns the summary."""
     run = setup.run
@@ -172,7 +178,9 @@ def _run(
         if adamw_ref and not plain_adamw:
             ref = adamw_reference(run, setup.model, setup.abstract, setup.placement)
         stop = min(run.steps, stop_after) if stop_after is not None else run.steps
-        result = run_loop(setup, state, compiled.fn, rundir, ckpt, stop, progress, log, interrupt)
+        result = run_loop(
+            setup, state, compiled.fn, rundir, ckpt, stop, progress, log, interrupt, on_point
+        )
     finally:
         ckpt.close()
     records = rundir.metrics.read()

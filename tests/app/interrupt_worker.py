@@ -2,7 +2,7 @@
 
 ``python tests/app/interrupt_worker.py PROCESS_ID NUM_PROCESSES PORT DATA OUT``: joins
 ``jax.distributed`` on localhost and trains AdamW on the micro model over the mesh
-``fsdp=N``; process 1 sends itself a SIGINT before step 2 (the test hook, no timer),
+``fsdp=N``; process 1 sends itself a SIGINT before step 2 (from the loop's ``on_point``, no timer),
 process 0 gets none. Prints ``interrupted at step S saved B`` (or ``finished``).
 """
 
@@ -33,7 +33,6 @@ def hook(point: str, step: int) -> None:
         os.kill(os.getpid(), signal.SIGINT)  # the handler runs before this returns
 
 
-I.hook = hook
 cfg = C.TrainConfig(
     preset="micro",
     optimizer="adamw",
@@ -48,7 +47,7 @@ cfg = C.TrainConfig(
     mesh="fsdp=-1",
 )
 try:
-    T.train(cfg, out, progress=False, adamw_ref=False, log=log)
+    T.train(cfg, out, progress=False, adamw_ref=False, log=log, on_point=hook)
     log("finished")
 except I.Interrupted as e:
     log(f"interrupted at step {e.step} saved {e.saved}")

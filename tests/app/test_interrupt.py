@@ -1,6 +1,7 @@
 """Ctrl-C lands on step boundaries: delivered (a real SIGINT) at each point of the step loop
-by a test hook, it leaves a checkpoint labelled with the optimizer's count and a resume
-bit-identical to an uninterrupted run; a second Ctrl-C aborts and writes nothing more."""
+by an observer of its points (``on_point``, passed to the run), it leaves a checkpoint
+labelled with the optimizer's count and a resume bit-identical to an uninterrupted run; a
+second Ctrl-C aborts and writes nothing more."""
 
 import json
 import os
@@ -36,8 +37,9 @@ def full(tmp_path_factory, data):
     return out, T.train(_cfg(data), out, progress=False, adamw_ref=False)
 
 
-def _sigint_at(monkeypatch, *targets):
-    """Sends this process a SIGINT at each ``(point, step[, nth occurrence])`` of the loop."""
+def _sigint_at(*targets):
+    """An ``on_point`` observer that sends this process a SIGINT at each
+    ``(point, step[, nth occurrence])`` of the loop."""
     seen: dict[tuple[str, int], int] = {}
     pending = [t if len(t) == 3 else (*t, 1) for t in targets]
 
@@ -47,7 +49,7 @@ def _sigint_at(monkeypatch, *targets):
             pending.remove(t)
             os.kill(os.getpid(), signal.SIGINT)  # the handler runs before this returns
 
-    monkeypatch.setattr(I, "hook", hook)
+    return hook
 
 
 def _records(out):
@@ -102,77 +104,71 @@ def _assert_resumes_like(full, out):
         ("saved", 3, 3),
     ],
 )
-def test_interrupt_saves_the_step_it_landed_on(
-    point, step, label, data, full, tmp_path, monkeypatch
-):
+def test_interrupt_saves_the_step_it_landed_on(point, step, label, data, full, tmp_path):
     out = tmp_path / "run"
-    _sigint_at(monkeypatch, (point, step))
+    hook = _sigint_at((point, step))
     with pytest.raises(I.Interrupted, match=f"checkpoint saved at step {label}"):
-        T.train(_cfg(data), out, progress=False, adamw_ref=False)
+        T.train(_cfg(data), out, progress=False, adamw_ref=False, on_point=hook)
     assert _latest(out) == label
     assert _counts(out, label, _cfg(data)) == {label}  # label == the optimizer's count
     steps = [r["step"] for r in _records(out) if "loss" in r]
     assert steps == list(range(1, label + 1))  # every step's line, none past the checkpoint
     assert (out / "loss_curve.png").exists() and not (out / "summary.json").exists()
-    monkeypatch.setattr(I, "hook", lambda point, step: None)
     _assert_resumes_like(full, out)
 
 
-def test_second_ctrl_c_aborts_without_writing(data, full, tmp_path, monkeypatch):
+def test_second_ctrl_c_aborts_without_writing(data, full, tmp_path):
     out = tmp_path / "run"
     # Twice within step 5: abort; the periodic checkpoint 3 stays the latest.
-    _sigint_at(monkeypatch, ("stepped", 4), ("stepped", 4, 1))
+    hook = _sigint_at(("stepped", 4), ("stepped", 4, 1))
     with pytest.raises(KeyboardInterrupt) as e:
-        T.train(_cfg(data), out, progress=False, adamw_ref=False)
+        T.train(_cfg(data), out, progress=False, adamw_ref=False, on_point=hook)
     assert not isinstance(e.value, I.Interrupted)
     assert _latest(out) == 3 and sorted(p.name for p in (out / "checkpoints").iterdir()) == ["3"]
     assert not (out / "loss_curve.png").exists()
-    monkeypatch.setattr(I, "hook", lambda point, step: None)
     _assert_resumes_like(full, out)
 
 
-def test_second_ctrl_c_during_the_interrupt_save(data, full, tmp_path, monkeypatch):
+def test_second_ctrl_c_during_the_interrupt_save(data, full, tmp_path):
     out = tmp_path / "run"
-    _sigint_at(monkeypatch, ("logged", 4), ("saving", 4))
+    hook = _sigint_at(("logged", 4), ("saving", 4))
     with pytest.raises(KeyboardInterrupt):
-        T.train(_cfg(data), out, progress=False, adamw_ref=False)
+        T.train(_cfg(data), out, progress=False, adamw_ref=False, on_point=hook)
     assert _latest(out) == 3
-    monkeypatch.setattr(I, "hook", lambda point, step: None)
     _assert_resumes_like(full, out)
 
 
-def test_cli_reports_the_interrupt_in_one_line(data, tmp_path, monkeypatch, capsys):
+def test_cli_reports_the_interrupt_in_one_line(data, tmp_path, capsys):
     from test_cli import MICRO
 
     out = tmp_path / "run"
-    _sigint_at(monkeypatch, ("counted", 2))
+    hook = _sigint_at(("counted", 2))
     argv = ["train", *MICRO, "--data", str(data), "--out", str(out), "--lr", "0.01"]
-    assert cli.main(argv) == 130
+    assert cli.main(argv, on_point=hook) == 130
     err = capsys.readouterr().err.strip().splitlines()
     saved = "galorax train: interrupted: checkpoint saved at step 2; continue with --resume"
     assert err[-1] == f"{saved} --out {out}"
     assert _latest(out) == 2
 
 
-def test_interrupt_before_the_first_step_leaves_no_run(data, tmp_path, monkeypatch):
+def test_interrupt_before_the_first_step_leaves_no_run(data, tmp_path):
     out = tmp_path / "runs" / "new"
-    _sigint_at(monkeypatch, ("ready", 0))
+    hook = _sigint_at(("ready", 0))
     with pytest.raises(I.Interrupted, match="nothing saved"):
-        T.train(_cfg(data), out, progress=False, adamw_ref=False)
+        T.train(_cfg(data), out, progress=False, adamw_ref=False, on_point=hook)
     assert not (tmp_path / "runs").exists()  # no empty run folder left behind
 
 
-def test_compare_resume_continues_each_run_from_its_checkpoint(data, tmp_path, monkeypatch, capsys):
+def test_compare_resume_continues_each_run_from_its_checkpoint(data, tmp_path, capsys):
     from test_cli import MICRO
 
     runs = ["--runs", "adamw:lr=1e-2", "galore:lr=1e-2"]
     common = ["compare", *MICRO, "--data", str(data), *runs]
     assert cli.main([*common, "--out", str(tmp_path / "full")]) == 0
     # Interrupted in the second run (galore) at step 2: its checkpoint 2 is kept ...
-    _sigint_at(monkeypatch, ("counted", 2, 2))
-    assert cli.main([*common, "--out", str(tmp_path / "cut")]) == 130
+    hook = _sigint_at(("counted", 2, 2))
+    assert cli.main([*common, "--out", str(tmp_path / "cut")], on_point=hook) == 130
     assert "--resume" in capsys.readouterr().err.strip().splitlines()[-1]
-    monkeypatch.setattr(I, "hook", lambda point, step: None)
     # ... and --resume reuses adamw and continues galore from step 2, not from 0.
     assert cli.main([*common, "--out", str(tmp_path / "cut"), "--resume"]) == 0
     text = capsys.readouterr().out
@@ -185,9 +181,9 @@ def test_compare_resume_continues_each_run_from_its_checkpoint(data, tmp_path, m
     assert losses("cut") == losses("full")
 
 
-def test_interrupt_in_the_last_step_just_finishes(data, full, tmp_path, monkeypatch):
+def test_interrupt_in_the_last_step_just_finishes(data, full, tmp_path):
     out = tmp_path / "run"
-    _sigint_at(monkeypatch, ("counted", 6))
-    s = T.train(_cfg(data), out, progress=False, adamw_ref=False)
+    hook = _sigint_at(("counted", 6))
+    s = T.train(_cfg(data), out, progress=False, adamw_ref=False, on_point=hook)
     assert s["steps_done"] == 6 and s["val_loss"] == full[1]["val_loss"]
     assert (out / "summary.json").exists()

@@ -191,9 +191,8 @@ def test_checkpoint_label_is_the_count_plus_the_skipped_steps(
             if (point, step) == ("counted", 4):
                 os.kill(os.getpid(), signal.SIGINT)
 
-        monkeypatch.setattr(I, "hook", hook)
         with pytest.raises(I.Interrupted, match="checkpoint saved at step 4"):
-            T.train(cfg, out, **QUIET)
+            T.train(cfg, out, **QUIET, on_point=hook)
         labels = [4]
     else:
         T.train(cfg, out, **QUIET)

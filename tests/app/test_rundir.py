@@ -269,7 +269,7 @@ def test_a_live_owners_aside_is_left_alone(old):
 
 
 def test_a_real_sigkill_during_overwrite_is_recovered(old, data, tmp_path, capsys):
-    """A real SIGKILL at the last point before the new run's first step (the test hook)."""
+    """A real SIGKILL at the last point before the new run's first step (from ``on_point``)."""
     import signal
     import subprocess
     import sys
@@ -277,10 +277,9 @@ def test_a_real_sigkill_during_overwrite_is_recovered(old, data, tmp_path, capsy
     before = snapshot(old)
     argv = ["train", *MICRO, "--data", str(data), "--out", str(old), "--overwrite"]
     code = (
-        "import os, signal, sys; from galorax.app import cli, interrupt\n"
-        "interrupt.hook = lambda point, step: point == 'ready' and "
-        "os.kill(os.getpid(), signal.SIGKILL)\n"
-        f"sys.exit(cli.main({argv!r}))\n"
+        "import os, signal, sys; from galorax.app import cli\n"
+        "hook = lambda point, step: point == 'ready' and os.kill(os.getpid(), signal.SIGKILL)\n"
+        f"sys.exit(cli.main({argv!r}, on_point=hook))\n"
     )
     env = {**os.environ, "XLA_FLAGS": os.environ.get("XLA_FLAGS", "")}
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True)
