@@ -16,7 +16,7 @@ transformation.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import optax
@@ -25,20 +25,16 @@ from galorax import adam, placement
 from galorax.compat import as_plain, box_moments, rebox, restore_boxes, unbox
 from galorax.dimension_numbers import GaLoreDimNumsOrFn, check_same_tree
 from galorax.galore_state import GaLoreState, init_state, update_state
+from galorax.leaf import make_projectors
 from galorax.moments import moment_kinds
 from galorax.nonfinite import keep_nonfinite_leaves
-from galorax.options import (
-    MomentKind,
-    Moments,
-    Side,
-    Subspace,
-    check_base_optimizer,
-    galore_options,
-)
-from galorax.leaf import make_projectors
+from galorax.options import check_base_optimizer, document_options, galore_options, given_options
 from galorax.residual import Residual
 from galorax.schedule import AdaptiveRefresh
 from galorax.step_gate import active_gate
+
+if TYPE_CHECKING:
+    from galorax.options import MomentKind, Moments, Side, Subspace
 
 __all__ = ["GaLoreState", "galore", "scale_by_galore"]
 
@@ -155,24 +151,10 @@ def scale_by_galore(
         >>> state.projector['b']
         MaskedNode()
     """
-    opts = galore_options(
-        rank,
-        update_proj_gap,
-        scale,
-        subspace=subspace,
-        moments=moments,
-        stagger=stagger,
-        side=side,
-        projector_dtype=projector_dtype,
-        precision=precision,
-        residual=residual,
-        adaptive=adaptive,
-        projector_bits=projector_bits,
-        refresh_axes=refresh_axes,
-        moment_fields=moment_fields,
-        skip_nonfinite=skip_nonfinite,
-        leafwise_base=base_optimizer is None if leafwise_base is None else leafwise_base,
-    )
+    options = given_options(locals())  # every option as given (galorax.options.OPTIONS)
+    if leafwise_base is None:  # on for the default base optimizer (one entry per leaf)
+        options["leafwise_base"] = base_optimizer is None
+    opts = galore_options(**options)
     if check_base_optimizer(base_optimizer) is None:  # optax's, skipping in place
         base_optimizer = adam.scale_by_adam()
     base_tx = optax.with_extra_args_support(base_optimizer)
@@ -206,6 +188,7 @@ def scale_by_galore(
     return optax.GradientTransformationExtraArgs(init_fn, placement.auto_axes_update(update_fn))
 
 
+@document_options
 def galore(
     learning_rate: optax.ScalarOrSchedule,
     rank: int = 128,
@@ -298,46 +281,20 @@ def galore(
         mask: Tree of booleans (or a callable returning one) selecting the leaves that
             get weight decay.
         weight_dimension_numbers: See :func:`scale_by_galore`.
-        subspace: See :func:`scale_by_galore`, as all the keyword-only arguments below.
-        moments: ``"keep"``, ``"align"`` or ``"rotate"`` the moments at a refresh.
-        stagger: Spread the leaves' refreshes over the gap.
-        side: Which side to project (``"auto"``: least state).
-        projector_dtype: Storage dtype of the projectors.
-        precision: Matmul precision.
-        residual: Residual compensation (:class:`galorax.Residual`).
-        adaptive: Adaptive refresh gaps (:class:`galorax.AdaptiveRefresh`).
-        projector_bits: ``None``, ``8`` or ``4``: projectors stored quantized
-            (int8 / int4 with per-group scales; 3.9x / 7.8x fewer projector bytes).
-        refresh_axes: Data-parallel mesh axes to split stacked weights' refreshes over.
-        moment_fields: How unknown base-state fields move at a refresh (``"first"``,
-            ``"second"``, ``"none"``).
-        skip_nonfinite: Leave a leaf with a non-finite gradient untouched (zero update).
-        leafwise_base: One leaf at a time (see :func:`scale_by_galore`); None: for the
-            default base optimizer.
+
+    The keyword-only arguments are :func:`scale_by_galore`'s, passed to it unchanged (see
+    there); each in one line under Keyword Args, from its declaration
+    (:data:`galorax.options.OPTIONS`).
 
     Returns:
         A ``GradientTransformationExtraArgs`` implementing GaLore.
     """
+    options = given_options(locals())  # every option as given (galorax.options.OPTIONS)
     return optax.chain(
         scale_by_galore(
-            rank,
-            update_proj_gap,
-            scale,
-            base_optimizer,
-            weight_dimension_numbers,
-            subspace=subspace,
-            moments=moments,
-            stagger=stagger,
-            side=side,
-            projector_dtype=projector_dtype,
-            precision=precision,
-            residual=residual,
-            adaptive=adaptive,
-            projector_bits=projector_bits,
-            refresh_axes=refresh_axes,
-            moment_fields=moment_fields,
-            skip_nonfinite=skip_nonfinite,
-            leafwise_base=leafwise_base,
+            base_optimizer=base_optimizer,
+            weight_dimension_numbers=weight_dimension_numbers,
+            **options,
         ),
         optax.add_decayed_weights(weight_decay, mask),
         optax.scale_by_learning_rate(learning_rate),
