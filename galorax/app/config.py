@@ -19,6 +19,7 @@ from typing import Any
 import jax.numpy as jnp
 
 from galorax.app import model as model_lib
+from galorax.options import OPTION
 
 
 class UsageError(ValueError):
@@ -51,22 +52,22 @@ TRAIN_DTYPES = ("float32", "bfloat16")
 PROJECTOR_DTYPES = ("float32", "bfloat16", "float16")
 #: Per-optimizer default peak learning rates (the paper tuned GaLore higher, scale 0.25).
 DEFAULT_LR = {"adamw": 1e-3, "galore": 1e-2, "optax-galore": 1e-2}
-#: GaLore-only settings (flags only ``--optimizer galore`` takes) and their resolved defaults
-#: (:func:`galorax.galore`'s: ``residual`` ``off``, ``projector_bits`` 32 = float projectors).
-GALORE_DEFAULTS: dict[str, Any] = {
-    "subspace": "randomized",
-    "moments": "rotate",
-    "stagger": True,
-    "side": "auto",
-    "residual": "off",
-    "adaptive": False,
-    "projector_bits": 32,
-}
-#: The values of GaLore's string settings (``galorax train --subspace`` etc.).
+#: The options of :func:`galorax.galore` that ``--optimizer galore`` takes as flags of their
+#: own name (``--subspace`` ...), in the order of the help. Their meaning, choices and defaults
+#: are the library's declarations (:data:`galorax.options.OPTIONS`); ``rank``,
+#: ``update_proj_gap`` and ``scale`` are run settings with the application's own defaults.
+GALORE_FLAGS = ("subspace", "moments", "stagger", "side", "residual", "adaptive", "projector_bits")
+#: How a run says "off" for the flags whose library default is None (a :class:`RunConfig`
+#: field is never None); the library is given None for these (:func:`galorax.galore`'s
+#: default).
+GALORE_OFF: dict[str, Any] = {"residual": "off", "adaptive": False, "projector_bits": 32}
+#: GaLore-only settings (flags only ``--optimizer galore`` takes) and their resolved defaults:
+#: the library's, "off" spelled as :data:`GALORE_OFF` says.
+GALORE_DEFAULTS: dict[str, Any] = {k: GALORE_OFF.get(k, OPTION[k].default) for k in GALORE_FLAGS}
+#: The values of GaLore's string settings (``galorax train --subspace`` etc.): the names the
+#: library declares, and ``--residual``'s :class:`galorax.Residual` granularities.
 GALORE_CHOICES: dict[str, tuple[str, ...]] = {
-    "subspace": ("randomized", "svd"),
-    "moments": ("keep", "align", "rotate"),
-    "side": ("auto", "std", "reverse_std", "left", "right"),
+    **{k: OPTION[k].choices for k in GALORE_FLAGS if isinstance(GALORE_DEFAULTS[k], str)},
     "residual": ("channel", "matrix"),
 }
 #: The largest ``--steps`` and ``--seed`` (int32 step counters; uint32 seeds).

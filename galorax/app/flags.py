@@ -26,6 +26,7 @@ from galorax.app.config import (
     TrainConfig,
 )
 from galorax.app.model import PRESETS
+from galorax.options import OPTION
 
 
 def positive_int(s: str) -> int:
@@ -114,7 +115,7 @@ SHARED_OPTIONS: dict[str, Option] = {
     "--projector-bits": Option(
         "store GaLore's projectors in 8 or 4 bits (galorax.quantization); memory sizes "
         "them beside the float ones",
-        choices=(8, 4),
+        choices=OPTION["projector_bits"].choices,
         type=int,
     ),
     "--out": Option("output directory", metavar="DIR"),
@@ -126,6 +127,38 @@ SHARED_OPTIONS: dict[str, Option] = {
     "--overwrite": Option("replace what --out holds", action="store_true"),
     "--no-progress": Option("no progress bars", action="store_true"),
 }
+
+
+#: The help of each GaLore flag that only ``train`` and ``compare`` take, by option name
+#: (:data:`~galorax.app.config.GALORE_FLAGS`); the flag's choices (or ``true``/``false``) and
+#: default are the library's declarations', through :data:`GALORE_CHOICES` and
+#: :data:`GALORE_DEFAULTS`. ``--side`` and ``--projector-bits`` are :data:`SHARED_OPTIONS`.
+GALORE_HELP = {
+    "subspace": "how a refresh finds the subspace",
+    "moments": "Adam's moments at a refresh",
+    "stagger": "spread the layers' refreshes over the gap",
+    "residual": "add back the gradient outside the subspace, Fira-scaled",
+    "adaptive": "lengthen stable layers' refresh gaps",
+}
+#: The default as a GaLore flag's help says it, where not the value in lower case.
+_GALORE_SHOWN = {"projector_bits": "off: float32 projectors"}
+
+
+def galore_flag(name: str) -> tuple[str, Option]:
+    """The flag of GaLore option ``name`` (a key of :data:`GALORE_DEFAULTS`) and its
+    spelling: a shared option's, or its help with the choices or ``true``/``false``.
+
+    Example:
+        >>> flag, opt = galore_flag("stagger")
+        >>> flag, opt.metavar
+        ('--stagger', '{true,false}')
+    """
+    flag = "--" + name.replace("_", "-")
+    if flag in SHARED_OPTIONS:
+        return flag, SHARED_OPTIONS[flag]
+    if isinstance(GALORE_DEFAULTS[name], bool):
+        return flag, Option(GALORE_HELP[name], type=parse_bool, metavar=_BOOL)
+    return flag, Option(GALORE_HELP[name], choices=GALORE_CHOICES[name])
 
 
 def add_option(
@@ -213,37 +246,10 @@ def _add_galore_arguments(p: argparse.ArgumentParser) -> None:
         "--update-proj-gap", type=positive_int, help="steps between refreshes (default: 200)"
     )
     g.add_argument("--scale", type=float, help="GaLore update scale (default: 0.25)")
-    choice = GALORE_CHOICES
-    shown = {k: str(v).lower() for k, v in GALORE_DEFAULTS.items()}
-    g.add_argument(
-        "--subspace",
-        choices=choice["subspace"],
-        help=f"how a refresh finds the subspace (default: {shown['subspace']})",
-    )
-    g.add_argument(
-        "--moments",
-        choices=choice["moments"],
-        help=f"Adam's moments at a refresh (default: {shown['moments']})",
-    )
-    g.add_argument(
-        "--stagger",
-        type=parse_bool,
-        metavar=_BOOL,
-        help=f"spread the layers' refreshes over the gap (default: {shown['stagger']})",
-    )
-    add_option(g, "--side", shown=shown["side"])
-    g.add_argument(
-        "--residual",
-        choices=choice["residual"],
-        help="add back the gradient outside the subspace, Fira-scaled (default: off)",
-    )
-    g.add_argument(
-        "--adaptive",
-        type=parse_bool,
-        metavar=_BOOL,
-        help=f"lengthen stable layers' refresh gaps (default: {shown['adaptive']})",
-    )
-    add_option(g, "--projector-bits", shown="off: float32 projectors")
+    for name, default in GALORE_DEFAULTS.items():
+        flag, opt = galore_flag(name)
+        shown = _GALORE_SHOWN.get(name, str(default).lower())
+        g.add_argument(flag, **_keywords(opt, None, shown))
 
 
 def given_flags(args: argparse.Namespace) -> dict[str, Any]:

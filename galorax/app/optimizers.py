@@ -27,7 +27,7 @@ from optax.contrib import galore as optax_galore
 import galorax
 from galorax import chunking
 from galorax.app import model as model_lib
-from galorax.app.config import EIGHT_BIT, GALORE_DEFAULTS, OPTIMIZERS, RunConfig
+from galorax.app.config import EIGHT_BIT, GALORE_DEFAULTS, GALORE_OFF, OPTIMIZERS, RunConfig
 
 
 def make_schedule(lr: float, warmup: int, steps: int, min_ratio: float = 0.1) -> optax.Schedule:
@@ -106,18 +106,14 @@ GALORE_SETTINGS = ("rank", "update_proj_gap", "scale", *GALORE_DEFAULTS)
 
 
 def _galore_keywords(options: dict[str, Any], seed: int | None, eight_bit: bool) -> dict[str, Any]:
-    """:func:`galorax.galore`'s keywords for the application's spelling of its options."""
-    kw = dict(options)
+    """:func:`galorax.galore`'s keywords for the application's spelling of its options: "off"
+    (:data:`~galorax.app.config.GALORE_OFF`) left to the library's default, None; a residual
+    granularity as :class:`galorax.Residual` settings; the run's seed in the refresh's."""
+    kw = {k: v for k, v in options.items() if k not in GALORE_OFF or v != GALORE_OFF[k]}
     if kw.get("subspace", "randomized") == "randomized" and seed is not None:
         kw["subspace"] = galorax.Randomized(seed=seed)  # the range finder's sketches
-    residual = kw.pop("residual", "off")
-    if residual != "off":
-        kw["residual"] = galorax.Residual(granularity=residual)
-    if kw.pop("adaptive", False):
-        kw["adaptive"] = galorax.AdaptiveRefresh()
-    bits = kw.pop("projector_bits", 32)
-    if bits != 32:
-        kw["projector_bits"] = bits
+    if "residual" in kw:
+        kw["residual"] = galorax.Residual(granularity=kw["residual"])
     if eight_bit:  # a leaf at a time, as the default base: 8-bit Adam mixes no leaves
         kw["base_optimizer"] = galorax.scale_by_adam_8bit()
         kw["leafwise_base"] = True

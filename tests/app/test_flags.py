@@ -4,13 +4,24 @@ one name, one set of choices and one help; every option says its default."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import re
 
 import pytest
 
 from galorax.app import cli
-from galorax.app.flags import SHARED_OPTIONS
+from galorax.app.config import (
+    GALORE_CHOICES,
+    GALORE_DEFAULTS,
+    GALORE_FLAGS,
+    GALORE_OFF,
+    RunConfig,
+    TrainConfig,
+)
+from galorax.app.flags import SHARED_OPTIONS, parse_bool
+from galorax.app.optimizers import _galore_keywords
+from galorax.options import OPTION, galore_options
 
 # A switch (store_true...) is off unless given: it has no default to show.
 _SWITCHES = (
@@ -81,3 +92,37 @@ def test_data_help_names_the_c4_extra():
 def test_dtype_short_names_are_accepted_everywhere(command):
     args = _subparsers()[command].parse_args(["--dtype", "bf16"])
     assert args.dtype == "bfloat16"
+
+
+def test_galore_flags_are_the_library_declarations():
+    """Each GaLore flag is a declared option of the library's (galorax.options.OPTIONS), with
+    its choices (or true/false) and default: a new flag needs its name in GALORE_FLAGS, its
+    help and its config fields."""
+    for config in (TrainConfig, RunConfig):
+        assert set(GALORE_FLAGS) <= {f.name for f in dataclasses.fields(config)}, config
+    parsers = {name: _options(p) for name, p in _subparsers().items()}
+    for name in GALORE_FLAGS:
+        o, flag = OPTION[name], "--" + name.replace("_", "-")
+        default = GALORE_OFF[name] if o.default is None else o.default
+        assert GALORE_DEFAULTS[name] == default, name
+        for command in ("train", "compare"):
+            action = parsers[command][flag]
+            if isinstance(default, bool):
+                assert action.type is parse_bool, (command, flag)
+            elif o.choices:
+                assert tuple(action.choices) == o.choices, (command, flag)
+            assert f"(default: {str(default).lower()}" in action.help or name in GALORE_OFF
+    assert set(GALORE_OFF) <= set(GALORE_FLAGS)
+
+
+def test_galore_flags_reach_the_library_as_declared():
+    """A run's defaults are the library's; a flag set otherwise changes its option."""
+    library = galore_options()
+    assert galore_options(**_galore_keywords(GALORE_DEFAULTS, None, False)) == library
+    for name, value in [("residual", "matrix"), ("adaptive", True), ("projector_bits", 8)]:
+        given = _galore_keywords({**GALORE_DEFAULTS, name: value}, None, False)
+        assert getattr(galore_options(**given), name) != getattr(library, name), name
+    for name in GALORE_CHOICES.keys() - {"residual"}:
+        other = next(c for c in GALORE_CHOICES[name] if c != GALORE_DEFAULTS[name])
+        given = _galore_keywords({**GALORE_DEFAULTS, name: other}, None, False)
+        assert getattr(galore_options(**given), name) != getattr(library, name), name
