@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from galorax.options import OPTION
 from galorax.torch.dtensor import local_tensor
 from galorax.torch.projector import PROJ_TYPES, resolve_side
 
@@ -35,29 +36,43 @@ __all__ = [
     "normalize_group",
 ]
 
+#: The options of the JAX API (:data:`galorax.options.OPTIONS`) that are param-group keys too,
+#: with the same names, meanings and choices.
+SHARED_KEYS = (
+    "rank",
+    "update_proj_gap",
+    "scale",
+    "side",
+    "subspace",
+    "moments",
+    "stagger",
+    "skip_nonfinite",
+)
+#: Where a param group's default differs from the JAX API's, and why.
+TORCH_DEFAULTS: dict[str, Any] = {
+    # galore-torch's rule: a group is a GaLore group when its rank is not None
+    "rank": None,
+    # galore-torch's 'std' trains better than 'auto' (least state) on a small Llama:
+    # BENCHMARKS.md, "Small Llama in PyTorch"
+    "side": "std",
+}
 #: Defaults of the GaLore keys of a param group. A group is a GaLore group when its ``rank`` is
 #: not None; galore-torch's keys (``rank``, ``update_proj_gap``, ``scale``, ``proj_type``) keep
-#: their meaning, the rest are galorax's, under the JAX API's names.
+#: their meaning, the rest are galorax's, under the JAX API's names: its declared defaults
+#: (:data:`SHARED_KEYS`) but :data:`TORCH_DEFAULTS`, then the keys of the torch port only.
 GALORE_DEFAULTS: dict[str, Any] = {
-    "rank": None,
-    "update_proj_gap": 200,
-    "scale": 1.0,
+    **{name: OPTION[name].default for name in SHARED_KEYS},
+    **TORCH_DEFAULTS,
     "proj_type": None,  # galore-torch's name; None -> `side`
-    # galorax's name for the side; 'std' (galore-torch's) trains better than 'auto' (least
-    # state) on a small Llama: BENCHMARKS.md, "Small Llama in PyTorch".
-    "side": "std",
-    "subspace": "randomized",  # or 'svd'
+    # subspace=galorax.Randomized(...)'s settings, flattened (normalize_group)
     "power_iters": 1,
     "oversample": 8,
     "warm_start": True,
-    "moments": "rotate",  # 'keep' (galore-torch), 'align', 'rotate'
-    "stagger": True,
     "seed": 0,
-    "skip_nonfinite": False,  # True: a non-finite gradient leaves its parameter as it was
 }
 
 #: How moments follow a refreshed subspace: as galore-torch (``'keep'``), sign-aligned, rotated.
-MOMENTS = ("keep", "align", "rotate")
+MOMENTS: tuple[str, ...] = OPTION["moments"].choices
 
 
 def check_galore_keys(galore: Mapping[str, Any]) -> None:
@@ -127,7 +142,7 @@ def check_group(group: Mapping[str, Any]) -> None:
     for key in ("proj_type", "side"):
         if group[key] is not None and group[key] not in PROJ_TYPES:
             raise ValueError(f"{key} must be one of {PROJ_TYPES}, got {group[key]!r}")
-    if group["subspace"] not in ("svd", "randomized"):
+    if group["subspace"] not in OPTION["subspace"].choices:
         raise ValueError(f"subspace must be 'svd' or 'randomized', got {group['subspace']!r}")
     if group["moments"] not in MOMENTS:
         raise ValueError(f"moments must be one of {MOMENTS}, got {group['moments']!r}")

@@ -100,3 +100,19 @@ def test_complex_parameter_is_named():
     opt = GaLoreAdamW([w], rank=2)
     with pytest.raises(TypeError, match=r"param_groups\[1\]\['params'\]\[0\].*view_as_real"):
         opt.add_param_group({"params": [z]})
+
+
+def test_shared_keys_are_the_jax_declarations():
+    """The keys shared with the JAX API take its declared defaults and choices, but where
+    TORCH_DEFAULTS says otherwise (and why)."""
+    from galorax.options import OPTION
+    from galorax.torch.groups import GALORE_DEFAULTS, MOMENTS, SHARED_KEYS, TORCH_DEFAULTS
+
+    assert set(TORCH_DEFAULTS) <= set(SHARED_KEYS)
+    for name in SHARED_KEYS:
+        declared = TORCH_DEFAULTS.get(name, OPTION[name].default)
+        assert name in GALORE_DEFAULTS and GALORE_DEFAULTS[name] == declared, name
+    assert MOMENTS == OPTION["moments"].choices
+    w = torch.nn.Parameter(torch.randn(8, 4))
+    for choice in OPTION["subspace"].choices:
+        GaLoreAdamW([w], rank=2, subspace=choice)  # every declared name is taken
