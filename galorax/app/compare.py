@@ -46,8 +46,8 @@ from galorax.app.flags import (
     add_model_arguments,
     add_option,
     config_from_args,
+    galore_flag,
     given_flags,
-    parse_bool,
 )
 from galorax.app.interrupt import Interrupted
 from galorax.app.loop import OnPoint
@@ -64,20 +64,16 @@ DEFAULT_RUNS = (
     "galore:lr=1e-2,2e-2",
 )
 
+#: A run spec's keys and their value parsers; GaLore's own flags (:data:`GALORE_DEFAULTS`)
+#: parse as on the command line (:func:`~galorax.app.flags.galore_flag`).
 _KEYS: dict[str, Any] = {
     "rank": int,
     "scale": float,
     "gap": int,
     "update_proj_gap": int,
-    "subspace": str,
-    "moments": str,
-    "stagger": parse_bool,
-    "side": str,
     "weight_decay": float,
-    "residual": str,
-    "adaptive": parse_bool,
     "state_bits": int,
-    "projector_bits": int,
+    **{name: galore_flag(name)[1].type or str for name in GALORE_DEFAULTS},
 }
 
 
