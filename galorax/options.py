@@ -12,7 +12,7 @@ Adding an option: its :class:`Option` here, its field in :class:`GaLoreOptions`,
 keyword in the two signatures and its paragraph in ``scale_by_galore``'s docstring (the tests
 name whichever is missing), and its use.
 
-This module imports no JAX (the checks that need it import it when they run):
+This module imports no JAX (the checks import JAX and the settings' modules when they run):
 ``galorax.torch`` reads :data:`OPTIONS`, and must not load JAX.
 
 Example:
@@ -29,8 +29,6 @@ from inspect import Parameter, Signature
 from typing import TYPE_CHECKING, Any, Literal, TypeVar, get_args
 
 import numpy as np
-
-import galorax
 
 if TYPE_CHECKING:
     from typing import TypeAlias
@@ -187,10 +185,12 @@ def check_subspace(value: Any, option: Option) -> Randomized | None:
         >>> check_subspace("randomized", OPTION["subspace"]) == galorax.Randomized()
         True
     """
-    if isinstance(value, galorax.Randomized):
+    from galorax.subspace import Randomized
+
+    if isinstance(value, Randomized):
         return value
     check_choice(value, option)
-    return galorax.Randomized() if value == "randomized" else None
+    return Randomized() if value == "randomized" else None
 
 
 def check_projector_bits(value: Any, option: Option) -> int | None:
@@ -282,13 +282,17 @@ def _settings(value: Any, option: Option, settings: type) -> Any:
 
 def check_residual(value: Any, option: Option) -> Residual | None:
     """``residual`` as :class:`galorax.Residual` settings or None (``True``: the defaults)."""
-    return _settings(value, option, galorax.Residual)
+    from galorax.residual import Residual
+
+    return _settings(value, option, Residual)
 
 
 def check_adaptive(value: Any, option: Option) -> AdaptiveRefresh | None:
     """``adaptive`` as :class:`galorax.AdaptiveRefresh` settings or None (``True``: the
     defaults)."""
-    return _settings(value, option, galorax.AdaptiveRefresh)
+    from galorax.schedule import AdaptiveRefresh
+
+    return _settings(value, option, AdaptiveRefresh)
 
 
 def check_moment_fields(value: Any, option: Option) -> tuple[tuple[str, str], ...]:
