@@ -23,10 +23,11 @@ import jax.numpy as jnp
 import numpy as np
 from step_memory import PEERS, peer_optimizer, peer_step  # this folder's script
 
+from galorax import step_memory
 from galorax.app import model as model_lib
 from galorax.app.config import DTYPES, TrainConfig, resolve_config
 from galorax.app.optimizers import run_optimizer
-from galorax.app.step import compile_step, step_memory
+from galorax.app.step import compile_step
 
 RANKS = {"micro": 8, "tiny": 64, "350m": 256, "1b": 512, "7b": 1024}
 

@@ -45,12 +45,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from galorax import step_memory
 from galorax.app import model as model_lib
 from galorax.app.distributed import TrainPlacement
 from galorax.app.flat_state import with_shardings
 from galorax.app.optimizers import galore_dimension_numbers
 from galorax.app.planner import compiled_step_memory
-from galorax.app.step import step_memory
 from galorax.app.targets import TARGETS, target_devices
 from galorax.sharding import make_mesh
 

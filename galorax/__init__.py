@@ -16,8 +16,13 @@ neither JAX nor the training application until one is touched):
   its gradient is ready), :func:`scan_layers` (a rematerialized scan without whole-stack
   copies).
 * 8-bit Adam: :func:`adamw_8bit`, :func:`scale_by_adam_8bit`, :class:`ScaleByAdam8bitState`.
-* Bytes: :func:`tree_bytes`; the planner behind ``galorax memory``: :func:`plan_memory`,
-  :class:`MemoryEstimate`.
+* Bounded temporaries: :class:`Chunking` (how large leaves run in chunks),
+  :func:`clip_by_global_norm` (optax's, its norm taken in chunks).
+* Bytes, for any model and optimizer: :func:`tree_bytes`, :func:`plan_memory` /
+  :class:`MemoryPlan` (weights, gradients, state), :func:`compiled_memory` /
+  :func:`step_memory` / :class:`StepMemory` (XLA's analysis of a compiled step). The
+  LLaMA presets and ``galorax memory``'s tables are the application's
+  (``galorax.app.planner``).
 * Namespaces: :mod:`galorax.quantization` (block-wise codes, quantized projectors),
   :mod:`galorax.sharding` (meshes and state shardings), :mod:`galorax.torch` (PyTorch).
 """
@@ -65,10 +70,16 @@ _EXPORTS = {
     "ScaleByAdam8bitState": "galorax.adam8bit",
     "adamw_8bit": "galorax.adam8bit",
     "scale_by_adam_8bit": "galorax.adam8bit",
-    # bytes and the planner
+    # bounded temporaries
+    "Chunking": "galorax.chunking",
+    "clip_by_global_norm": "galorax.clipping",
+    # bytes
+    "MemoryPlan": "galorax.accounting",
+    "StepMemory": "galorax.accounting",
+    "compiled_memory": "galorax.accounting",
+    "plan_memory": "galorax.accounting",
+    "step_memory": "galorax.accounting",
     "tree_bytes": "galorax.accounting",
-    "MemoryEstimate": "galorax.app.planner",
-    "plan_memory": "galorax.app.planner",
 }
 # Flat names of earlier releases, now under galorax.quantization (still resolved).
 _COMPAT = {
@@ -90,10 +101,18 @@ __getattr__, __dir__ = lazy_exports(
 
 if TYPE_CHECKING:
     from galorax import quantization, sharding
-    from galorax.accounting import tree_bytes
+    from galorax.accounting import (
+        MemoryPlan,
+        StepMemory,
+        compiled_memory,
+        plan_memory,
+        step_memory,
+        tree_bytes,
+    )
     from galorax.adam import adamw, scale_by_adam
     from galorax.adam8bit import ScaleByAdam8bitState, adamw_8bit, scale_by_adam_8bit
-    from galorax.app.planner import MemoryEstimate, plan_memory
+    from galorax.chunking import Chunking
+    from galorax.clipping import clip_by_global_norm
     from galorax.dimension_numbers import (
         GaLoreDimensionNumbers,
         GaLoreDimNumsOrFn,

@@ -19,68 +19,16 @@ import optax
 from jax.sharding import PartitionSpec
 
 from galorax import placement
-from galorax.chunking import can_split, chunk_size, quantized_chunk, update_chunks
+from galorax.chunking import Chunking, map_stored, resolve
 from galorax.quantization.blockwise import (
     DEFAULT_BLOCK_SIZE,
     QuantizedArray,
-    dequantize_blockwise,
-    is_quantized,
     lead_axes,
-    quantize_like,
     quantized_zeros,
 )
 from galorax.step_gate import active_gate
 
 _DEFAULT_MIN_8BIT_SIZE = 4096
-
-
-def chunked_8bit_step(
-    fn: Callable[..., tuple[jax.Array, jax.Array, jax.Array]],
-    g: jax.Array,
-    mu: QuantizedArray,
-    nu: QuantizedArray,
-    keep: jax.Array | None = None,
-) -> tuple[jax.Array, QuantizedArray, QuantizedArray]:
-    """``fn(g, m, v) -> (u, m, v)`` on the dequantized moments, requantized; a large leaf
-    a chunk of its leading axis at a time (:mod:`galorax.chunking`), so at most a chunk's
-    ``float32`` moments exist at once. The whole-leaf step's results to f32 rounding (two
-    programs; the same codes where that rounding does not cross a code's boundary): blocks
-    never span two slices of a split axis. With ``keep`` (a scalar bool, :mod:`galorax.step_gate`)
-    the moments are written only where it holds, chunk by chunk.
-
-    Example:
-        >>> import jax.numpy as jnp
-        >>> from galorax.quantization.blockwise import quantized_zeros
-        >>> mu, nu = quantized_zeros((4, 256)), quantized_zeros((4, 256), signed=False)
-        >>> u, m, v = chunked_8bit_step(lambda g, m, v: (g, m + g, v), jnp.ones((4, 256)), mu, nu)
-        >>> float(dequantize_blockwise(m).sum()), m.shape
-        (1024.0, (4, 256))
-    """
-    n = g.shape[0] if g.ndim else 1
-    slice_bytes = 4 * math.prod(g.shape[1:])  # one f32 moment: the largest temporary
-    chunk = chunk_size(n, slice_bytes) if can_split(mu) and can_split(nu) else n
-
-    def body(bufs: tuple[jax.Array, ...], _: Any) -> tuple[jax.Array, ...]:
-        gc, mc, ms, vc, vs = bufs
-        m = dequantize_blockwise(quantized_chunk(mu, mc, ms))
-        v = dequantize_blockwise(quantized_chunk(nu, vc, vs))
-        u, m, v = fn(gc, m, v)
-        mq, vq = quantize_like(m, mu), quantize_like(v, nu)
-        return u, mq.codes, mq.scales, vq.codes, vq.scales
-
-    if chunk >= n:  # whole (also scalars and leaves whose blocks span slices)
-        m, v = dequantize_blockwise(mu), dequantize_blockwise(nu)
-        u, m, v = fn(g, m, v)
-        return u, *gated(keep, (quantize_like(m, mu), quantize_like(v, nu)), (mu, nu))
-    # The update overwrites the gradient, the new codes the old: all in place.
-    bufs = (g, mu.codes, mu.scales, nu.codes, nu.scales)
-    u, mc, ms, vc, vs = update_chunks(body, bufs, (), chunk, keep, isolate=True)
-    return u, quantized_chunk(mu, mc, ms), quantized_chunk(nu, vc, vs)
-
-
-def gated(keep: jax.Array | None, new: Any, old: Any) -> Any:
-    """``new`` where ``keep`` holds (always without it), else ``old``, leaf by leaf."""
-    return new if keep is None else optax.tree_utils.tree_where(keep, new, old)
 
 
 class ScaleByAdam8bitState(NamedTuple):
@@ -118,6 +66,7 @@ def scale_by_adam_8bit(
     *,
     block_size: int | None = None,
     min_8bit_size: int | None = None,
+    chunking: Chunking | None = None,
 ) -> optax.GradientTransformation:
     """Rescales updates by Adam's rule, storing both moments in 8 bits between steps.
 
@@ -135,6 +84,10 @@ def scale_by_adam_8bit(
         block_size: Elements per quantization block (default 256; static: under
             ``optax.inject_hyperparams`` list it in ``static_args``).
         min_8bit_size: Tensors smaller than this stay ``float32`` (default 4096; static).
+        chunking: How a large leaf's moments are updated a chunk at a time
+            (:class:`galorax.Chunking`): at most a chunk's ``float32`` moments exist at
+            once; blocks never span two slices of a split axis, so the updates equal the
+            whole-leaf step's to f32 rounding.
 
     Returns:
         A ``GradientTransformation`` whose state is a :class:`ScaleByAdam8bitState`.
@@ -151,6 +104,7 @@ def scale_by_adam_8bit(
         (1.0, -1.0)
     """
     bs = _static_int(block_size, DEFAULT_BLOCK_SIZE, "block_size")
+    chunks = resolve(chunking)
     min_size = _static_int(min_8bit_size, _DEFAULT_MIN_8BIT_SIZE, "min_8bit_size")
 
     def quantizes(x: Any) -> bool:
@@ -190,14 +144,15 @@ def scale_by_adam_8bit(
             return u.astype(g.dtype), m, v
 
         def leaf(g: jax.Array, mu: Any, nu: Any) -> tuple[jax.Array, Any, Any]:
-            if not is_quantized(mu):
-                u, m, v = moments(g, mu, nu)
-                return u, *gated(keep, (m, v), (mu, nu))
-            return chunked_8bit_step(moments, g, mu, nu, keep)
+            # The update overwrites the gradient, the new codes the old: all in place.
+            # isolate: each output reads the gradient and both moments (else XLA copies
+            # every buffer whole in every iteration: 1b 8-bit AdamW 9.42 -> 8.95 GB).
+            step = lambda bufs, _: moments(*bufs)  # noqa: E731
+            return map_stored(step, (g, mu, nu), (), keep, isolate=True, settings=chunks)
 
         out = jax.tree.map(leaf, updates, state.mu, state.nu)
         pick = lambda i: jax.tree.map(lambda _, o: o[i], updates, out)
-        count = gated(keep, count, state.count)
+        count = count if keep is None else jnp.where(keep, count, state.count)
         new = ScaleByAdam8bitState(count=count, mu=pick(1), nu=pick(2))
         return pick(0), new if gate is None else gate.cover(new)
 
@@ -238,6 +193,7 @@ def adamw_8bit(
     *,
     block_size: int | None = None,
     min_8bit_size: int | None = None,
+    chunking: Chunking | None = None,
 ) -> optax.GradientTransformation:
     """AdamW with 8-bit moments: :func:`scale_by_adam_8bit`, decoupled weight decay, learning
     rate; the same chain as :func:`optax.adamw`.
@@ -253,6 +209,7 @@ def adamw_8bit(
             leaves that decay, as in :func:`optax.adamw`.
         block_size: See :func:`scale_by_adam_8bit`.
         min_8bit_size: See :func:`scale_by_adam_8bit`.
+        chunking: See :func:`scale_by_adam_8bit`.
 
     Example:
         >>> import jax.numpy as jnp, optax
@@ -264,7 +221,13 @@ def adamw_8bit(
     """
     return optax.chain(
         scale_by_adam_8bit(
-            b1, b2, eps, eps_root, block_size=block_size, min_8bit_size=min_8bit_size
+            b1,
+            b2,
+            eps,
+            eps_root,
+            block_size=block_size,
+            min_8bit_size=min_8bit_size,
+            chunking=chunking,
         ),
         optax.add_decayed_weights(weight_decay, mask),
         optax.scale_by_learning_rate(learning_rate),

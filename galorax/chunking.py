@@ -1,18 +1,26 @@
-"""Bounded temporaries: map a function over a stacked array's leading axis in chunks.
+"""How a leaf's update runs: in bounded chunks of its leading axis, in place, on dense
+or quantized storage. The executor of galorax's per-leaf math.
 
 A stacked leaf (scanned layers ``(layers, m, n)``, an embedding's rows) updated in one
 piece materializes every full-size temporary of the update at once: f32 copies of a bf16
-gradient, dequantized 8-bit moments. :func:`update_chunks` runs the update on a few slices at
-a time (a ``fori_loop`` over chunks of the leading axis, writing
-each chunk's result into the buffer it replaces), so temporaries scale with a chunk
-of at most :data:`CHUNK_BYTES`, not with the stack. A leaf that fits is updated whole, as
-before. The function must act slice by slice (the same result for a slice whatever
+gradient, dequantized 8-bit moments. :func:`update_chunks` (the one chunk loop of the
+package) runs the update on a few slices at a time, a ``fori_loop`` over chunks of the
+leading axis writing each chunk's result into the buffer it replaces, so temporaries scale
+with a chunk of at most :attr:`Chunking.max_bytes`, not with the stack. A leaf that fits is
+updated whole. The function must act slice by slice (the same result for a slice whatever
 chunk it sits in): elementwise math, batched matmuls, per-slice reductions.
 
-Reductions over large leaves (a global norm, a finite check) run the same way
-(:func:`reduce_chunks`, :func:`tree_sum_squares`, :func:`tree_all_finite`,
-:func:`clip_by_global_norm`), and a loop reading a bf16 stack ties it to the loop index
-(:func:`loop_variant`) so that CPU XLA does not upcast the whole stack outside the loop.
+Who runs through it: :func:`map_slices` (a GaLore leaf's batch axes: projection, refresh,
+back-projection, :mod:`galorax.projector`), :func:`map_stored` (any state stored quantized:
+dequantize, compute, requantize a chunk at a time; the moments' rotation of
+:mod:`galorax.moments` and 8-bit Adam), and the reductions (:func:`reduce_chunks`,
+:func:`tree_sum_squares`, :func:`tree_all_finite`).
+
+What steers XLA's memory lives here, named for what it guarantees (each with the figure it
+protects in its docstring): :func:`loop_variant` (no whole-stack upcast outside a loop),
+:func:`after` (an in-place write after the reads of what it overwrites),
+:func:`buffer_after` (a buffer born after its input), ``update_chunks(isolate=True)`` (no
+copy of every buffer per iteration), a loop of no iteration for a skipped step (no copy).
 """
 
 from __future__ import annotations
@@ -26,45 +34,89 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from galorax.quantization.blockwise import QuantizedArray, lead_axes
-
-#: Largest f32 temporary (bytes) a chunk may need: 4 MiB. A leaf's chunk holds a few such
-#: temporaries at once (moments, update, codes), and XLA may run sibling leaves' loops as
-#: one, so the budget is small next to any leaf worth chunking (a 1B model's embedding runs
-#: in 64 chunks; one layer of a stack at least). 8 MiB put 60m's 8-bit AdamW above AdamW.
-CHUNK_BYTES = 4 * 2**20
-
-#: Whether GaLore's update (projection, refresh, back-projection) of a stacked low-precision
-#: leaf (or one with a residual) runs in chunks. On: XLA's memory analysis on CPU puts the
-#: 1B GaLore step at 12.16 GB chunked against 14.42 whole (BENCHMARKS.md); the chunk loop
-#: reads its bf16 inputs through :func:`loop_variant`. 8-bit moments are always chunked.
-CHUNK_GALORE = True
-
-#: A chunk size is a divisor of the leading axis; when the largest divisor under the cap
-#: would cost more than this many times the iterations of an ideal split, the leaf is
-#: updated whole (a large prime-sized axis would otherwise run one slice per iteration).
-MAX_EXTRA_ITERATIONS = 4
+from galorax.quantization.blockwise import (
+    QuantizedArray,
+    dequantize_blockwise,
+    is_quantized,
+    lead_axes,
+    quantize_like,
+)
 
 
-def chunk_size(n: int, slice_bytes: int, budget: int | None = None) -> int:
+@dataclasses.dataclass(frozen=True)
+class Chunking:
+    """How large leaves are updated in bounded chunks: ``scale_by_galore(...,
+    chunking=Chunking())``, ``scale_by_adam_8bit``, ``clip_by_global_norm``, ``per_layer``.
+
+    Attributes:
+        max_bytes: Largest f32 temporary (bytes) a chunk may need: 4 MiB. A leaf's chunk
+            holds a few such temporaries at once (moments, update, codes), and XLA may run
+            sibling leaves' loops as one, so the budget is small next to any leaf worth
+            chunking (a 1B model's embedding runs in 64 chunks; one layer of a stack at
+            least). 8 MiB put 60m's 8-bit AdamW above AdamW (``BENCHMARKS.md``).
+        galore: Whether GaLore's update (projection, refresh, back-projection) of a stacked
+            low-precision leaf (or one with a residual) runs in chunks. On: XLA's memory
+            analysis on CPU puts the 1B GaLore step at 12.16 GB chunked against 14.42 whole
+            (``BENCHMARKS.md``). 8-bit moments are always chunked.
+        max_extra_iterations: A chunk is a divisor of the leading axis; when the largest
+            divisor under the cap would cost more than this many times the iterations of
+            an ideal split, the leaf is updated whole (a large prime-sized axis would
+            otherwise run one slice per iteration).
+
+    Example:
+        >>> Chunking(max_bytes=2**20).max_bytes
+        1048576
+    """
+
+    max_bytes: int = 4 * 2**20
+    galore: bool = True
+    max_extra_iterations: int = 4
+
+    def __post_init__(self) -> None:
+        for name in ("max_bytes", "max_extra_iterations"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"Chunking.{name} must be an int >= 1, got {value!r}.")
+        if not isinstance(self.galore, bool):
+            raise TypeError(f"Chunking.galore must be a bool, got {self.galore!r}.")
+
+
+#: The default settings.
+DEFAULT = Chunking()
+
+
+def resolve(value: Chunking | None, name: str = "chunking") -> Chunking:
+    """``value``, or :data:`DEFAULT` for None; anything else is a ``TypeError`` naming ``name``.
+
+    Example:
+        >>> resolve(None) is DEFAULT
+        True
+    """
+    if value is None:
+        return DEFAULT
+    if not isinstance(value, Chunking):
+        raise TypeError(f"`{name}` must be a galorax.Chunking or None, got {value!r}.")
+    return value
+
+
+def chunk_size(n: int, slice_bytes: int, settings: Chunking = DEFAULT) -> int:
     """Slices per chunk of a leading axis of ``n`` slices of ``slice_bytes`` each.
 
-    The largest divisor of ``n`` whose chunk fits ``budget`` (default
-    :data:`CHUNK_BYTES`); ``n`` (no chunking) when everything fits, or when no divisor is
-    close enough to the budget (see :data:`MAX_EXTRA_ITERATIONS`).
+    The largest divisor of ``n`` whose chunk fits ``settings.max_bytes``; ``n`` (no
+    chunking) when everything fits, or when no divisor is close enough to the budget
+    (:attr:`Chunking.max_extra_iterations`).
 
     Example:
         >>> chunk_size(24, 45 * 2**20), chunk_size(24, 2**20), chunk_size(32000, 8192)
         (1, 4, 500)
-        >>> chunk_size(7919, 2**20, budget=2**24)  # prime: 7919 iterations would be slow
+        >>> chunk_size(7919, 2**20, Chunking(max_bytes=2**24))  # prime: 7919 iterations
         7919
     """
-    budget = CHUNK_BYTES if budget is None else budget
-    cap = max(1, budget // max(1, slice_bytes))
+    cap = max(1, settings.max_bytes // max(1, slice_bytes))
     if cap >= n:
         return n
     best = max(d for d in range(1, cap + 1) if n % d == 0)
-    if n // best > MAX_EXTRA_ITERATIONS * math.ceil(n / cap):
+    if n // best > settings.max_extra_iterations * math.ceil(n / cap):
         return n
     return best
 
@@ -115,8 +167,7 @@ def buffer_after(shape: tuple[int, ...], dtype: Any, after: jax.Array) -> jax.Ar
         >>> buffer_after((2, 3), jnp.float32, jnp.ones((4, 4), jnp.bfloat16)).tolist()
         [[0.0, 0.0, 0.0], [0.0, 0.0, 0.0]]
     """
-    first = jax.lax.slice(after, (0,) * after.ndim, (1,) * after.ndim).reshape(())
-    return jnp.zeros(shape, dtype) + jnp.zeros((), dtype) * first.astype(dtype)
+    return jnp.zeros(shape, dtype) + jnp.zeros((), dtype) * _first(after).astype(dtype)
 
 
 def update_chunks(
@@ -213,7 +264,80 @@ def quantized_chunk(like: QuantizedArray, codes: jax.Array, scales: jax.Array) -
     )
 
 
-def slices_chunk(batch: tuple[int, ...], slice_bytes: int) -> int:
+def map_stored(
+    fn: Callable[[Any, Any], Any],
+    bufs: Any,
+    reads: Any,
+    keep: Any = None,
+    *,
+    split: bool = True,
+    isolate: bool = False,
+    settings: Chunking = DEFAULT,
+) -> Any:
+    """``fn(bufs, reads)`` on dense values, for ``bufs`` that may be stored quantized.
+
+    Each :class:`~galorax.quantization.QuantizedArray` of ``bufs`` is dequantized before
+    ``fn`` and its result quantized back like it; the leading axis runs in chunks of at
+    most ``settings.max_bytes`` of f32 per chunk (:func:`update_chunks`: codes and scales
+    are written in place, a chunk's f32 values are the only full-precision copy), whole
+    when ``split`` is False, when it fits, or when a quantized buffer's blocks span two
+    slices. With ``keep`` (a scalar bool) the buffers change only where it holds: a loop of
+    no iteration, or a ``cond`` for a whole leaf (no copy either way).
+
+    Args:
+        fn: ``(dense bufs, reads) -> new dense bufs`` (same structure), slice by slice.
+        bufs: A tree of arrays and ``QuantizedArray``s with the same leading size.
+        reads: A tree of arrays with that leading size, only read.
+        keep: Optional scalar bool.
+        split: Whether the leading axis may be split (False: a single matrix).
+        isolate: See :func:`update_chunks`.
+        settings: The chunk budget.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from galorax.quantization.blockwise import dequantize_blockwise, quantized_zeros
+        >>> m = quantized_zeros((4, 256))
+        >>> new = map_stored(lambda m, g: m + g, m, jnp.ones((4, 256)), settings=Chunking(2048))
+        >>> float(dequantize_blockwise(new).sum()), new.shape
+        (1024.0, (4, 256))
+    """
+    leaves = jax.tree.leaves(bufs, is_leaf=is_quantized)
+    treedef: Any = jax.tree.structure(bufs, is_leaf=is_quantized)
+    stored = [q for q in leaves if is_quantized(q)]
+    first = leaves[0]
+    n = first.shape[0] if first.shape else 1
+    splits = split and bool(first.shape) and all(can_split(q) for q in stored)
+    chunk = chunk_size(n, 4 * math.prod(first.shape[1:]), settings) if splits else n
+
+    def dense(parts: list[Any]) -> Any:
+        return treedef.unflatten([dequantize_blockwise(p) if is_quantized(p) else p for p in parts])
+
+    def encode(new: Any, like: list[Any]) -> list[Any]:
+        out = treedef.flatten_up_to(new)
+        return [
+            quantize_like(x, q) if is_quantized(q) else x for x, q in zip(out, like, strict=True)
+        ]
+
+    if chunk >= n:  # whole: scalars, small leaves, blocks across slices
+        run = lambda: treedef.unflatten(encode(fn(dense(leaves), reads), leaves))  # noqa: E731
+        return run() if keep is None else jax.lax.cond(keep, run, lambda: bufs)
+
+    def body(raw: list[Any], reads: Any) -> list[Any]:
+        parts = [
+            quantized_chunk(q, *r) if is_quantized(q) else r
+            for q, r in zip(leaves, raw, strict=True)
+        ]
+        new = encode(fn(dense(parts), reads), parts)
+        return [(x.codes, x.scales) if is_quantized(x) else x for x in new]
+
+    raw = [(q.codes, q.scales) if is_quantized(q) else q for q in leaves]
+    raw = update_chunks(body, raw, reads, chunk, keep, isolate=isolate)
+    return treedef.unflatten(
+        [quantized_chunk(q, *r) if is_quantized(q) else r for q, r in zip(leaves, raw, strict=True)]
+    )
+
+
+def slices_chunk(batch: tuple[int, ...], slice_bytes: int, settings: Chunking = DEFAULT) -> int:
     """Slices per iteration of :func:`map_slices` over the batch axes ``batch`` (their
     product when it runs ``fn`` whole).
 
@@ -222,7 +346,7 @@ def slices_chunk(batch: tuple[int, ...], slice_bytes: int) -> int:
         (1, 24, 1)
     """
     b = math.prod(batch)
-    return chunk_size(b, slice_bytes) if batch and slice_bytes else b
+    return chunk_size(b, slice_bytes, settings) if batch and slice_bytes else b
 
 
 def map_slices(
@@ -232,10 +356,11 @@ def map_slices(
     n_batch: int,
     slice_bytes: int,
     keep: Any = None,
+    settings: Chunking = DEFAULT,
 ) -> Any:
     """:func:`update_chunks` over the matrices of arrays shaped ``(*batch, ...)``
-    (``n_batch`` batch axes), a chunk of at most :data:`CHUNK_BYTES` (``slice_bytes`` per
-    matrix) at a time.
+    (``n_batch`` batch axes), a chunk of at most ``settings.max_bytes`` (``slice_bytes``
+    per matrix) at a time.
 
     The batch axes are flattened into one (a free reshape); without batch axes, with
     ``slice_bytes=0`` or when the stack fits, ``fn(bufs, reads)`` as it is. With ``keep``
@@ -246,12 +371,12 @@ def map_slices(
     Example:
         >>> import jax.numpy as jnp
         >>> x = jnp.ones((2, 3, 4, 5))
-        >>> map_slices(lambda b, r: b + r, x, x, 2, slice_bytes=CHUNK_BYTES).shape
+        >>> map_slices(lambda b, r: b + r, x, x, 2, slice_bytes=DEFAULT.max_bytes).shape
         (2, 3, 4, 5)
     """
     batch = jax.tree.leaves(bufs)[0].shape[:n_batch]
     b = math.prod(batch)
-    chunk = slices_chunk(batch, slice_bytes)
+    chunk = slices_chunk(batch, slice_bytes, settings)
     if chunk >= b:
         if keep is None:
             return fn(bufs, reads)
@@ -261,10 +386,12 @@ def map_slices(
     return jax.tree.map(lambda y: y.reshape((*batch, *y.shape[1:])), out)
 
 
-def reduce_chunks(fn: Callable[[jax.Array], jax.Array], x: jax.Array) -> jax.Array:
+def reduce_chunks(
+    fn: Callable[[jax.Array], jax.Array], x: jax.Array, settings: Chunking = DEFAULT
+) -> jax.Array:
     """The sum of ``fn`` (a scalar per chunk) over chunks of ``x``'s leading axis.
 
-    ``fn(x)`` whole when the f32 image of ``x`` fits :data:`CHUNK_BYTES`; otherwise a
+    ``fn(x)`` whole when the f32 image of ``x`` fits ``settings.max_bytes``; otherwise a
     loop over chunks of at most that size, so a reduction of a large leaf (the squares of
     a bf16 gradient stack, its finite mask) has one chunk's temporaries: on CPU, XLA runs
     reductions outside the fusion that produces their input, materializing it whole.
@@ -278,7 +405,7 @@ def reduce_chunks(fn: Callable[[jax.Array], jax.Array], x: jax.Array) -> jax.Arr
     if x.ndim == 0:
         return fn(x)
     n = x.shape[0]
-    chunk = chunk_size(n, 4 * (x.size // n))
+    chunk = chunk_size(n, 4 * (x.size // n), settings)
     if chunk >= n:
         return fn(x)
     zero = jnp.zeros((), jax.eval_shape(fn, x[:chunk]).dtype)
@@ -290,7 +417,7 @@ def reduce_chunks(fn: Callable[[jax.Array], jax.Array], x: jax.Array) -> jax.Arr
     return jax.lax.fori_loop(0, n // chunk, body, zero)
 
 
-def tree_sum_squares(tree: Any) -> jax.Array:
+def tree_sum_squares(tree: Any, settings: Chunking = DEFAULT) -> jax.Array:
     """The sum of squares (f32) of every leaf of ``tree``, in bounded chunks
     (:func:`reduce_chunks`); its square root is ``optax.global_norm(tree)``.
 
@@ -300,10 +427,11 @@ def tree_sum_squares(tree: Any) -> jax.Array:
         16.0
     """
     sq = lambda c: jnp.sum(jnp.square(c.astype(jnp.float32)))  # noqa: E731
-    return sum((reduce_chunks(sq, x) for x in jax.tree.leaves(tree)), jnp.zeros([], jnp.float32))
+    leaves = jax.tree.leaves(tree)
+    return sum((reduce_chunks(sq, x, settings) for x in leaves), jnp.zeros([], jnp.float32))
 
 
-def tree_all_finite(tree: Any) -> jax.Array:
+def tree_all_finite(tree: Any, settings: Chunking = DEFAULT) -> jax.Array:
     """Whether every element of every leaf of ``tree`` is finite, in bounded chunks
     (:func:`reduce_chunks`).
 
@@ -313,32 +441,6 @@ def tree_all_finite(tree: Any) -> jax.Array:
         (True, False)
     """
     bad = lambda c: jnp.any(~jnp.isfinite(c)).astype(jnp.int32)  # noqa: E731
-    n_bad = sum((reduce_chunks(bad, x) for x in jax.tree.leaves(tree)), jnp.zeros([], jnp.int32))
+    leaves = jax.tree.leaves(tree)
+    n_bad = sum((reduce_chunks(bad, x, settings) for x in leaves), jnp.zeros([], jnp.int32))
     return n_bad == 0
-
-
-def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
-    """``optax.clip_by_global_norm`` with the norm taken in bounded chunks
-    (:func:`tree_sum_squares`): the same state (``optax.EmptyState``) and the same updates
-    (for low-precision gradients the norm is accumulated in f32, optax's in their dtype),
-    without a whole f32 copy of each gradient leaf on CPU.
-
-    Example:
-        >>> import jax.numpy as jnp
-        >>> tx = clip_by_global_norm(1.0)
-        >>> g, _ = tx.update({"w": jnp.array([3.0, 4.0])}, tx.init(None))
-        >>> g["w"].tolist()
-        [0.6000000238418579, 0.800000011920929]
-    """
-
-    def update_fn(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
-        del params
-        norm = jnp.sqrt(tree_sum_squares(updates))
-        keep = norm < max_norm
-
-        def clip(t: jax.Array) -> jax.Array:
-            return jax.lax.select(keep, t, (t / norm.astype(t.dtype)) * max_norm)
-
-        return jax.tree.map(clip, updates), state
-
-    return optax.GradientTransformation(lambda _: optax.EmptyState(), update_fn)

@@ -19,6 +19,7 @@ import optax
 
 from galorax import placement
 from galorax import projector as leaf_steps
+from galorax.chunking import Chunking
 from galorax.dimension_numbers import is_masked
 from galorax.leaf import LeafProjector, is_projector_leaf
 from galorax.moments import Transition, check_moments, per_parameter_fields, rotate_moments
@@ -161,7 +162,8 @@ def update_state(
     treedef: Any = jax.tree.structure(projectors, is_leaf=is_projector_leaf)
     with_residual = opts.residual is not None
     norms = state.residual_norm if with_residual else treedef.unflatten([None] * treedef.num_leaves)
-    group = _Group(count, True if gate is None else gate.finite, keep, base_tx, kinds, extra_args)
+    finite = True if gate is None else gate.finite
+    group = _Group(count, finite, keep, base_tx, kinds, extra_args, opts.chunking)
     leaves = (projectors, updates, state.projector, state.schedule, norms)
     live = sum(not is_masked(g) for g in treedef.flatten_up_to(updates))
     if opts.leafwise_base and treedef.num_leaves > 1 and live:
@@ -186,6 +188,7 @@ class _Group(NamedTuple):
     base_tx: Any
     kinds: Mapping[str, str]
     extra_args: dict[str, Any]
+    chunking: Chunking
 
     def __call__(
         self, projectors: Any, updates: Any, old: Any, schedule: Any, norms: Any, base_state: Any
@@ -205,7 +208,7 @@ class _Group(NamedTuple):
         lows, projector, schedule, transitions, carry = _unzip(treedef, per_leaf, 5)
         flat_transitions = treedef.flatten_up_to(transitions)
         if any(t is not None for t in flat_transitions):
-            base_state = rotate_moments(base_state, flat_transitions, self.kinds)
+            base_state = rotate_moments(base_state, flat_transitions, self.kinds, self.chunking)
         low_updates, new_base = _base_update(self.base_tx, lows, base_state, self.extra_args)
         per_leaf = jax.tree.map(
             _back_leaf, projectors, updates, carry, low_updates, norms, is_leaf=is_projector_leaf

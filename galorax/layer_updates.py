@@ -53,7 +53,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from galorax.chunking import loop_variant
+from galorax.chunking import Chunking, loop_variant, resolve, tree_all_finite, tree_sum_squares
 from galorax.layer_stack import forward_layers, n_layers, put_layer, take_layer, unstack
 from galorax.quantization.blockwise import is_quantized, lead_axes
 from galorax.step_gate import gate_step
@@ -88,11 +88,12 @@ class PerLayerState(NamedTuple):
 
 class PerLayerTransformation(optax.GradientTransformation):
     """A :func:`per_layer` transformation; it carries its settings for :func:`per_layer_step`
-    as the attributes ``inner``, ``stack`` and ``max_grad_norm``."""
+    as the attributes ``inner``, ``stack``, ``max_grad_norm`` and ``chunking``."""
 
     inner: optax.GradientTransformation
     stack: str
     max_grad_norm: float | None
+    chunking: Chunking
 
 
 def _masked(tree: Any) -> Any:
@@ -185,6 +186,7 @@ def per_layer(
     *,
     stack: str = "layers",
     max_grad_norm: float | None = None,
+    chunking: Chunking | None = None,
 ) -> PerLayerTransformation:
     """``tx`` with per-layer semantics, as a whole-tree transformation (see the module).
 
@@ -193,6 +195,8 @@ def per_layer(
             numbers included: a tree for the whole params works).
         stack: The key of ``params`` holding the stacked layers.
         max_grad_norm: Clip by the previous step's global gradient norm; None: no clipping.
+        chunking: The chunk budget of the finite checks and the gradient norm
+            (:class:`galorax.Chunking`).
 
     Returns:
         A :class:`PerLayerTransformation` whose state is a :class:`PerLayerState`.
@@ -218,20 +222,8 @@ def per_layer(
 
     out = PerLayerTransformation(init_fn, update_fn)
     out.inner, out.stack, out.max_grad_norm = tx, stack, max_grad_norm
+    out.chunking = resolve(chunking)
     return out
-
-
-def _all_finite(tree: Any) -> jax.Array:
-    ok = jnp.array(True)
-    for x in jax.tree.leaves(tree):
-        ok &= jnp.all(jnp.isfinite(x))
-    return ok
-
-
-def _sum_squares(tree: Any) -> jax.Array:
-    return sum(
-        (jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)), jnp.zeros([])
-    )
 
 
 def _update_outer(
@@ -242,10 +234,11 @@ def _update_outer(
     outer: Any,
     masked_stack: Any,
     ok: jax.Array,
+    chunking: Chunking,
 ) -> tuple[Any, Any]:
     """The parameters outside the stack, updated (unless their gradients or the loss are
     not finite), and their state; galorax's transforms skip in place (:mod:`galorax.step_gate`)."""
-    with gate_step(ok & _all_finite(grads)) as gate:
+    with gate_step(ok & tree_all_finite(grads, chunking)) as gate:
         upd, new_state = inner.update(
             {**grads, stack: masked_stack}, state, {**outer, stack: masked_stack}
         )
@@ -297,7 +290,7 @@ def per_layer_step(
             g1 = jax.tree.map(lambda a: a[None], _scaled(g, scale))
             s1 = take_layer(layer_state, i)
             upd, s1_new = inner.update({**masked_outer, stack: g1}, s1, {**masked_outer, stack: p1})
-            good = ok & _all_finite(g)
+            good = ok & tree_all_finite(g, tx.chunking)
             p1_new = optax.tree_utils.tree_where(good, optax.apply_updates(p1, upd[stack]), p1)
             layer_state = put_layer(layer_state, i, optax.tree_utils.tree_where(good, s1_new, s1))
             return (
@@ -305,7 +298,7 @@ def per_layer_step(
                 layer_state,
                 dx,
                 s1_new,
-                sq + _sum_squares(g),
+                sq + tree_sum_squares(g, tx.chunking),
             ), None
 
         first = take_layer(state.layers, 0)
@@ -316,9 +309,16 @@ def per_layer_step(
         layer_state = _shared_from(layer_state, optax.tree_utils.tree_where(ok, last, first))
         (grads_embed,) = embed_vjp(dx)
         grads = jax.tree.map(jnp.add, grads_head, grads_embed)
-        norm = jnp.sqrt(sq + _sum_squares(grads))
+        norm = jnp.sqrt(sq + tree_sum_squares(grads, tx.chunking))
         new_outer, outer_state = _update_outer(
-            inner, stack, _scaled(grads, scale), state.outer, outer, _masked(layers), ok
+            inner,
+            stack,
+            _scaled(grads, scale),
+            state.outer,
+            outer,
+            _masked(layers),
+            ok,
+            tx.chunking,
         )
         grad_norm = jnp.where(ok, norm, state.grad_norm)
         return (

@@ -16,7 +16,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from galorax import chunking
 from galorax.dimension_numbers import (
     GaLoreDimNumsOrFn,
     MatrixView,
@@ -79,7 +78,7 @@ class LeafProjector:
         gradients without residual need no full-size temporary beyond the update)."""
         opts = self.options
         pays = compute_dtype(dtype) != dtype or opts.residual is not None
-        return 4 * self.view.m * self.view.n if pays and chunking.CHUNK_GALORE else 0
+        return 4 * self.view.m * self.view.n if pays and opts.chunking.galore else 0
 
 
 def is_projector_leaf(x: Any) -> bool:

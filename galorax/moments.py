@@ -13,18 +13,16 @@ with another name is an error (:func:`unrecognized_fields`), not silently left b
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 
 from galorax import galore_math
-from galorax.chunking import can_split, chunk_size, quantized_chunk, update_chunks
+from galorax.chunking import DEFAULT, Chunking, map_stored
 from galorax.dimension_numbers import is_masked
 from galorax.projector_storage import change_of_basis
-from galorax.quantization.blockwise import dequantize_blockwise, is_quantized, quantize_like
+from galorax.quantization.blockwise import is_quantized
 
 #: Field names of known base-optimizer states and how each moves at a refresh: ``mu``
 #: (adam, lion, belief, amsgrad, adam_8bit...), ``trace`` (sgd/trace momentum),
@@ -183,7 +181,9 @@ def check_moments(state: Any, like: Any, kinds: Mapping[str, str]) -> None:
         )
 
 
-def rotate_moment(m: Any, new: Any, old: Any, *, left: bool, second: bool) -> Any:
+def rotate_moment(
+    m: Any, new: Any, old: Any, *, left: bool, second: bool, settings: Chunking = DEFAULT
+) -> Any:
     """One low-rank moment carried from basis ``old`` into basis ``new``:
     :func:`carry_moment` by their :func:`~galorax.projector_storage.change_of_basis`.
 
@@ -195,6 +195,7 @@ def rotate_moment(m: Any, new: Any, old: Any, *, left: bool, second: bool) -> An
         old: The old projector, the basis of ``m``.
         left: Which side the projectors project.
         second: A second moment: rotated with ``C * C`` instead of ``C = new^T old``.
+        settings: The chunk budget of a stacked moment.
 
     Example:
         >>> import jax.numpy as jnp
@@ -204,17 +205,25 @@ def rotate_moment(m: Any, new: Any, old: Any, *, left: bool, second: bool) -> An
         Array([[2.],
                [1.]], dtype=float32)
     """
-    return carry_moment(m, change_of_basis(new, old), left=left, second=second)
+    c = change_of_basis(new, old)
+    return carry_moment(m, c, left=left, second=second, settings=settings)
 
 
 def carry_moment(
-    m: Any, c: jax.Array, *, left: bool, second: bool, when: jax.Array | None = None
+    m: Any,
+    c: jax.Array,
+    *,
+    left: bool,
+    second: bool,
+    when: jax.Array | None = None,
+    settings: Chunking = DEFAULT,
 ) -> Any:
     """One low-rank moment carried by the change of basis ``c = P_new^T P_old``
-    (``(*batch, r, r)``, f32): ``C m`` (left) or ``m C^T`` (right); ``C * C`` for a
-    second moment. A stacked leaf's moment a chunk of slices at a time, in place (an 8-bit
-    one never all in f32). With ``when`` (a scalar bool) only if it holds: a chunk loop
-    of no iteration, or a cond for a whole leaf (no copy of the moment either way).
+    (``(*batch, r, r)``, f32): :func:`galorax.galore_math.rotate_moment`, run by
+    :func:`galorax.chunking.map_stored`: a stacked leaf's moment a chunk of slices at a
+    time, in place (an 8-bit one never all in f32). With ``when`` (a scalar bool) only if
+    it holds: a chunk loop of no iteration, or a cond for a whole leaf (no copy of the
+    moment either way).
 
     Example:
         >>> import jax.numpy as jnp
@@ -223,34 +232,12 @@ def carry_moment(
         Array([2., 1.], dtype=float32)
     """
     c = c * c if second else c
-    n_batch = c.ndim - 2
-    n = m.shape[0] if n_batch else 1
-    splits = n_batch and (not is_quantized(m) or can_split(m))
-    chunk = chunk_size(n, 4 * math.prod(m.shape[1:])) if splits else n
-    if chunk >= n:
-        if when is None:
-            return _carry_whole(m, c, left)
-        return jax.lax.cond(when, lambda: _carry_whole(m, c, left), lambda: m)
-    if not is_quantized(m):
-        return update_chunks(lambda x, c: _apply(x, c, left), m, c.astype(m.dtype), chunk, when)
 
-    def body(bufs: tuple[jax.Array, jax.Array], c: jax.Array):
-        x = dequantize_blockwise(quantized_chunk(m, *bufs), jnp.float32)
-        out = quantize_like(_apply(x, c, left), m)
-        return out.codes, out.scales
+    def rotate(x: jax.Array, c: jax.Array) -> jax.Array:
+        return galore_math.rotate_moment(x, c, left=left, second=False)
 
-    return quantized_chunk(m, *update_chunks(body, (m.codes, m.scales), c, chunk, when))
+    return map_stored(rotate, m, c, when, split=c.ndim > 2, settings=settings)
 
-
-def _carry_whole(m: Any, c: jax.Array, left: bool) -> Any:
-    if not is_quantized(m):
-        return _apply(m, c.astype(m.dtype), left)
-    return quantize_like(_apply(dequantize_blockwise(m, jnp.float32), c, left), m)
-
-
-def _apply(x: jax.Array, c: jax.Array, left: bool) -> jax.Array:
-    """``x`` carried by the change of basis ``c`` (already squared for a second moment)."""
-    return galore_math.rotate_moment(x, c, left=left, second=False)
 
 class Transition(NamedTuple):
     """A possible projector change of one leaf, for :func:`rotate_moments`.
@@ -271,7 +258,10 @@ class Transition(NamedTuple):
 
 
 def rotate_moments(
-    state: Any, transitions: Sequence[Transition | None], kinds: Mapping[str, str]
+    state: Any,
+    transitions: Sequence[Transition | None],
+    kinds: Mapping[str, str],
+    settings: Chunking = DEFAULT,
 ) -> Any:
     """``state`` with its moments carried into the new bases (only where a leaf changed).
 
@@ -280,6 +270,7 @@ def rotate_moments(
         transitions: One per parameter leaf (masked ones included), None where the leaf is
             not projected.
         kinds: Which fields are moments (:func:`moment_kinds`).
+        settings: The chunk budget of a stacked leaf's rotation.
 
     Example:
         >>> import optax, jax.numpy as jnp
@@ -299,7 +290,9 @@ def rotate_moments(
         def one(m: Any, t: Transition | None) -> Any:
             if t is None or getattr(m, "shape", None) != t.low_shape:
                 return m  # unprojected, or a container this rule does not know (left as is)
-            return carry_moment(m, t.basis, left=t.left, second=second, when=t.changed)
+            return carry_moment(
+                m, t.basis, left=t.left, second=second, when=t.changed, settings=settings
+            )
 
         return treedef.unflatten([one(m, t) for m, t in zip(leaves, transitions, strict=True)])
 

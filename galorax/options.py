@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 
     import jax
 
+    from galorax.chunking import Chunking
     from galorax.residual import Residual
     from galorax.schedule import AdaptiveRefresh
     from galorax.subspace import Randomized
@@ -325,6 +326,18 @@ def check_leafwise_base(value: Any, option: Option) -> bool:
     return False if value is None else check_bool(value, option)
 
 
+def check_chunking(value: Any, option: Option) -> Chunking:
+    """``chunking`` as :class:`galorax.chunking.Chunking` settings (None: the defaults).
+
+    Example:
+        >>> check_chunking(None, OPTION["chunking"]).max_bytes
+        4194304
+    """
+    from galorax import chunking
+
+    return chunking.resolve(value, option.name)
+
+
 #: Every option of :func:`galorax.scale_by_galore`, in the order of its signature: optax's
 #: positional arguments first (``base_optimizer`` and ``weight_dimension_numbers``, which are
 #: not GaLore settings, come between them and the keyword-only ones there).
@@ -366,6 +379,8 @@ OPTIONS: tuple[Option, ...] = (
            "how unknown base-state fields move at a refresh ('first', 'second', 'none')"),
     Option("leafwise_base", "bool | None", None, check_leafwise_base,
            "run the base optimizer one leaf at a time (None: for the default base optimizer)"),
+    Option("chunking", "Chunking | None", None, check_chunking,
+           "how large leaves are updated in bounded chunks (None: Chunking()'s defaults)"),
 )
 # fmt: on
 #: The declarations by name.
@@ -432,6 +447,7 @@ class GaLoreOptions:
     skip_nonfinite: bool
     moment_fields: tuple[tuple[str, str], ...]
     leafwise_base: bool
+    chunking: Chunking
 
 
 #: :func:`galore_options`' signature: the declarations, as ``scale_by_galore`` takes them.

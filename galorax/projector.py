@@ -114,7 +114,10 @@ def step(
         )
     p = dense(new, compute_dtype(g.dtype))
     low = chunking.buffer_after(leaf.low_shape, p.dtype, g2)  # written whole below
-    low = map_slices(lambda _, r: project(leaf, *r), low, (g2, p), leaf.n_batch, size)
+    settings = leaf.options.chunking
+    low = map_slices(
+        lambda _, r: project(leaf, *r), low, (g2, p), leaf.n_batch, size, None, settings
+    )
     return low, new, sched, tuple(change), (g2, low, new, p)
 
 
@@ -150,5 +153,6 @@ def finish(
     with_norm = opts.residual is not None
     norm_in = norm if with_norm else jnp.zeros(leaf.view.batch_shape)
     size = leaf.chunk_bytes(g.dtype)
-    full, new_norm = map_slices(back, (g2, norm_in), (low, u, p), leaf.n_batch, size)
+    bufs, reads = (g2, norm_in), (low, u, p)
+    full, new_norm = map_slices(back, bufs, reads, leaf.n_batch, size, None, opts.chunking)
     return leaf.view.from_matrix(full), new_norm if with_norm else norm

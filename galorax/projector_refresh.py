@@ -128,7 +128,7 @@ def slice_bytes(leaf: LeafProjector, g2: jax.Array) -> int:
 def in_chunks(leaf: LeafProjector, g2: jax.Array) -> bool:
     """Whether :func:`refresh` loops over chunks of ``g2``'s slices (else one whole call)."""
     batch = g2.shape[: len(leaf.view.batch_shape)]
-    return slices_chunk(batch, slice_bytes(leaf, g2)) < math.prod(batch)
+    return slices_chunk(batch, slice_bytes(leaf, g2), leaf.options.chunking) < math.prod(batch)
 
 
 def refresh(
@@ -193,7 +193,9 @@ def refresh(
     if with_basis:
         bufs = (*bufs, buffer_after((*due.shape, leaf.rank, leaf.rank), jnp.float32, g2))
     reads = (g2, due, fresh)
-    parts, accept, overlap, *basis = map_slices(body, bufs, reads, nb, size, attempted)
+    parts, accept, overlap, *basis = map_slices(
+        body, bufs, reads, nb, size, attempted, opts.chunking
+    )
     new = parts
     if is_quantized(old):
         new = dataclasses.replace(old, codes=parts[0], scales=parts[1])

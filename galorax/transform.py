@@ -34,6 +34,7 @@ from galorax.schedule import AdaptiveRefresh
 from galorax.step_gate import active_gate
 
 if TYPE_CHECKING:
+    from galorax.chunking import Chunking
     from galorax.options import MomentKind, Moments, Side, Subspace
 
 __all__ = ["GaLoreState", "galore", "scale_by_galore"]
@@ -59,6 +60,7 @@ def scale_by_galore(
     skip_nonfinite: bool = False,
     moment_fields: Mapping[str, MomentKind] | None = None,
     leafwise_base: bool | None = None,
+    chunking: Chunking | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """Scale updates using GaLore (Gradient Low-Rank Projection).
 
@@ -138,6 +140,10 @@ def scale_by_galore(
             momentum, AMSGrad): not one that mixes leaves (a global norm, shared noise)
             or nests its own partition (``optax.masked``, ``multi_transform``, SM3's
             lists). None: on for the default base optimizer, off for any other.
+        chunking: How large leaves are updated in bounded chunks
+            (:class:`galorax.chunking.Chunking`: the largest temporary a chunk may need,
+            whether GaLore's update of a stacked low-precision leaf is chunked); None: its
+            defaults.
 
     Returns:
         A ``GradientTransformationExtraArgs``; extra arguments reach the base optimizer.
@@ -212,6 +218,7 @@ def galore(
     skip_nonfinite: bool = False,
     moment_fields: Mapping[str, MomentKind] | None = None,
     leafwise_base: bool | None = None,
+    chunking: Chunking | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """GaLore: Memory-efficient training via gradient low-rank projection.
 

@@ -25,7 +25,6 @@ from optax.contrib import GaLoreDimensionNumbers as OptaxDimensionNumbers
 from optax.contrib import galore as optax_galore
 
 import galorax
-from galorax import chunking
 from galorax.app import model as model_lib
 from galorax.app.config import EIGHT_BIT, GALORE_DEFAULTS, GALORE_OFF, OPTIMIZERS, RunConfig
 
@@ -175,7 +174,7 @@ def make_optimizer(
             **_galore_keywords(galore, seed, eight_bit),
         )
     if grad_clip > 0:
-        opt = optax.chain(chunking.clip_by_global_norm(grad_clip), opt)
+        opt = optax.chain(galorax.clip_by_global_norm(grad_clip), opt)
     return opt
 
 

@@ -18,9 +18,9 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-from optax.contrib import GaLoreState as OptaxGaLoreState
 
-from galorax.accounting import find_galore_states, tree_bytes
+import galorax
+from galorax import tree_bytes
 from galorax.app import model as model_lib
 from galorax.app.config import EIGHT_BIT, OPTIMIZERS, TrainConfig, resolve_config
 from galorax.app.optimizers import make_optimizer
@@ -150,41 +150,25 @@ def plan_memory(
         projector_dtype=projector_dtype,
         projector_bits=bits or 32,
     )
-    state = jax.eval_shape(opt.init, params)
-    state_bytes = tree_bytes(state)
-    proj = _projector_bytes(state)
     if bits:
         option = f"{option}+int{bits}P"
-    weights = tree_bytes(params)
-    grads = weights
+    grads = None
     if per_layer_updates:
         layer = sum(tree_bytes(x) // cfg.n_layers for x in jax.tree.leaves(params["layers"]))
         others = [tree_bytes(x) for k, x in params.items() if k != "layers"]
         grads = max([layer, *others])
+    plan = galorax.plan_memory(params, opt, grads=grads)
     return MemoryEstimate(
         option=option,
         rank=rank if projects(option) else 0,
         n_params=model_lib.count_params(params),
-        weights=weights,
-        grads=grads,
-        state=state_bytes,
-        projectors=proj,
+        **plan._asdict(),
     )
 
 
 def projects(option: str) -> bool:
     """Whether ``option`` is a GaLore (it has a rank and projectors)."""
     return EIGHT_BIT.get(option, option) != "adamw"
-
-
-def _projector_bytes(state: Any) -> int:
-    """Bytes of the projectors of galorax's and optax's GaLore states inside ``state``."""
-    optax_states = [
-        s
-        for s in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, OptaxGaLoreState))
-        if isinstance(s, OptaxGaLoreState)
-    ]
-    return sum(tree_bytes(s.projector) for s in [*find_galore_states(state), *optax_states])
 
 
 def compiled_step_memory(

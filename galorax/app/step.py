@@ -1,6 +1,6 @@
 """The one train step: :func:`make_train_step` (what ``galorax train`` runs and
-``galorax memory --xla`` compiles), :func:`compile_step`, and the one memory record of a
-compiled step from XLA's memory analysis (:class:`StepMemory`).
+``galorax memory --xla`` compiles) and :func:`compile_step`; its memory record is the
+library's :class:`galorax.StepMemory`.
 
 Example:
     >>> import jax, jax.numpy as jnp
@@ -11,7 +11,7 @@ Example:
     >>> opt = make_optimizer("adamw", params)
     >>> state = jax.eval_shape(opt.init, params)
     >>> batch = jax.ShapeDtypeStruct((2, 17), jnp.int32)
-    >>> mem = step_memory(compile_step(mcfg, opt, params, state, batch))
+    >>> mem = galorax.step_memory(compile_step(mcfg, opt, params, state, batch))
     >>> mem is None or mem.peak == mem.argument + mem.output - mem.alias + mem.temp
     True
 """
@@ -19,15 +19,14 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
 
 import galorax
-from galorax import chunking
-from galorax.accounting import tree_bytes
+from galorax import StepMemory, chunking, step_memory, tree_bytes
 from galorax.app import model as model_lib
 from galorax.app.checkpoint import with_shardings
 from galorax.app.config import DTYPES, RunConfig
@@ -112,47 +111,6 @@ def compile_step(
     """:func:`make_train_step` lowered on (real or abstract) inputs and compiled."""
     step = make_train_step(mcfg, opt, remat, out_shardings)
     return step.lower(params, opt_state, batch).compile()
-
-
-class StepMemory(NamedTuple):
-    """XLA's memory analysis of a compiled step, in bytes.
-
-    Attributes:
-        argument: Input buffers (params, state, batch).
-        output: Output buffers.
-        alias: Outputs written into donated inputs (counted once).
-        temp: Temporaries (activations, gradients, SVD workspace...).
-    """
-
-    argument: int
-    output: int
-    alias: int
-    temp: int
-
-    @property
-    def peak(self) -> int:
-        """The bytes the step needs live at once: arguments + outputs - aliased + temps."""
-        return self.argument + self.output - self.alias + self.temp
-
-    def as_dict(self) -> dict[str, int]:
-        """``argument``, ``output``, ``alias``, ``temp`` and ``peak`` (``summary.json``'s)."""
-        return {**self._asdict(), "peak": self.peak}
-
-
-def step_memory(compiled: Any) -> StepMemory | None:
-    """The memory record of a compiled program; None if the backend does not report it."""
-    try:
-        m = compiled.memory_analysis()
-    except Exception:  # not every backend implements it
-        return None
-    if m is None:
-        return None
-    return StepMemory(
-        argument=int(m.argument_size_in_bytes),
-        output=int(m.output_size_in_bytes),
-        alias=int(m.alias_size_in_bytes),
-        temp=int(m.temp_size_in_bytes),
-    )
 
 
 def run_step_memory(

@@ -27,6 +27,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
+from galorax import step_memory
 from galorax.accounting import tree_bytes
 from galorax.app import checkpoint as ckpt_lib
 from galorax.app import distributed
@@ -42,7 +43,7 @@ from galorax.app.config import TrainConfig
 from galorax.app.interrupt import StopRequest
 from galorax.app.loop import MAX_NONFINITE_IN_A_ROW, OnPoint, Skips, run_loop
 from galorax.app.rundir import RunDir, recover_asides
-from galorax.app.step import CompiledStep, adamw_reference, compile_step, step_memory
+from galorax.app.step import CompiledStep, adamw_reference, compile_step
 from galorax.app.summary import finished_summary, summarize
 
 # run_loop, Skips and MAX_NONFINITE_IN_A_ROW live in galorax.app.loop (phase 5).

@@ -330,13 +330,10 @@ def test_a_projector_whose_rows_do_not_split_is_sharded_over_its_rank():
     assert sharding.canonical(scales.sharding.spec) == P()
 
 
-def test_the_refresh_works_in_chunks_on_a_mesh(monkeypatch):
+def test_the_refresh_works_in_chunks_on_a_mesh():
     """A bf16 stack's refresh loops over chunks of its layers on an FSDP mesh as on one
     device (it was whole on a mesh: every device held the sketch of all the layers), with
     the same updates."""
-    from galorax import chunking
-
-    monkeypatch.setattr(chunking, "CHUNK_BYTES", 2 * 4 * 64 * 32)  # 2 of the 8 slices
     mesh = sharding.make_mesh("data=2,fsdp=4", explicit=False)
     params = {"s": jnp.ones((8, 64, 32), jnp.bfloat16)}
     grads = [
@@ -348,6 +345,7 @@ def test_the_refresh_works_in_chunks_on_a_mesh(monkeypatch):
         update_proj_gap=1,
         subspace=galorax.Randomized(qr="gram", power_iters=0),
         weight_dimension_numbers={"s": Dims(1, 2)},
+        chunking=galorax.Chunking(max_bytes=2 * 4 * 64 * 32),  # 2 of the 8 slices
     )
 
     def run(shard):

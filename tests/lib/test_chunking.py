@@ -11,8 +11,8 @@ import pytest
 
 from galorax import chunking
 from galorax.chunking import (
+    Chunking,
     chunk_size,
-    clip_by_global_norm,
     loop_variant,
     map_slices,
     reduce_chunks,
@@ -20,6 +20,7 @@ from galorax.chunking import (
     tree_sum_squares,
     update_chunks,
 )
+from galorax.clipping import clip_by_global_norm
 
 
 @pytest.mark.parametrize(
@@ -27,7 +28,7 @@ from galorax.chunking import (
     [(24, 10, 1000, 24), (24, 10, 50, 4), (24, 10, 9, 1), (7, 10, 30, 1), (7919, 1, 16, 7919)],
 )
 def test_chunk_size_is_a_divisor_under_the_budget(n, slice_bytes, budget, want):
-    assert chunk_size(n, slice_bytes, budget) == want
+    assert chunk_size(n, slice_bytes, Chunking(max_bytes=budget)) == want
 
 
 def test_update_chunks_equals_the_whole_call():
@@ -87,18 +88,19 @@ def test_loop_variant_reads_the_same_values():
     np.testing.assert_array_equal(out, x)
 
 
-def test_map_slices_flattens_batch_axes(monkeypatch):
-    monkeypatch.setattr(chunking, "CHUNK_BYTES", 4 * 4 * 5)  # one matrix per chunk
+def test_map_slices_flattens_batch_axes():
+    one = Chunking(max_bytes=4 * 4 * 5)  # one matrix per chunk
     x = jax.random.normal(jax.random.key(0), (2, 3, 4, 5))
-    out = map_slices(lambda b, r: b * r, x, x + 1, 2, slice_bytes=4 * 4 * 5)
+    out = map_slices(lambda b, r: b * r, x, x + 1, 2, slice_bytes=4 * 4 * 5, settings=one)
     np.testing.assert_array_equal(out, x * (x + 1))
 
 
 @pytest.mark.parametrize("slice_bytes", [4 * 4 * 5, 0])  # a loop of chunks; one whole call
-def test_map_slices_keep_false_leaves_the_buffers(monkeypatch, slice_bytes):
-    monkeypatch.setattr(chunking, "CHUNK_BYTES", 4 * 4 * 5)
+def test_map_slices_keep_false_leaves_the_buffers(slice_bytes):
+    one = Chunking(max_bytes=4 * 4 * 5)
     x = jax.random.normal(jax.random.key(0), (2, 3, 4, 5))
-    fn = jax.jit(lambda x, keep: map_slices(lambda b, r: b * r, x, x + 1, 2, slice_bytes, keep))
+    mul = lambda b, r: b * r  # noqa: E731
+    fn = jax.jit(lambda x, keep: map_slices(mul, x, x + 1, 2, slice_bytes, keep, one))
     np.testing.assert_array_equal(fn(x, jnp.asarray(False)), x)
     np.testing.assert_array_equal(fn(x, jnp.asarray(True)), x * (x + 1))
 
@@ -135,29 +137,29 @@ def _grads(dtype):
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("max_norm", [0.5, 1e3])
-def test_clip_by_global_norm_matches_optax_in_chunks(monkeypatch, dtype, max_norm):
-    monkeypatch.setattr(chunking, "CHUNK_BYTES", 3 * 4 * 6 * 5)  # 3 slices per chunk
+def test_clip_by_global_norm_matches_optax_in_chunks(dtype, max_norm):
+    three = Chunking(max_bytes=3 * 4 * 6 * 5)  # 3 slices per chunk
     grads = _grads(dtype)
     want, _ = optax.clip_by_global_norm(max_norm).update(grads, optax.EmptyState())
-    tx = clip_by_global_norm(max_norm)
+    tx = clip_by_global_norm(max_norm, chunking=three)
     got, state = jax.jit(tx.update)(grads, tx.init(grads))
     assert state == optax.EmptyState()
     tol = 1e-6 if dtype == jnp.float32 else 1e-2
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         assert a.dtype == b.dtype
         np.testing.assert_allclose(np.float32(a), np.float32(b), rtol=tol, atol=tol)
-    norm = jnp.sqrt(jax.jit(tree_sum_squares)(grads))
+    norm = jnp.sqrt(jax.jit(lambda g: tree_sum_squares(g, three))(grads))
     f32 = jax.tree.map(lambda g: g.astype(jnp.float32), grads)
     np.testing.assert_allclose(norm, optax.global_norm(f32), rtol=1e-5)  # in f32
 
 
 @pytest.mark.parametrize("where", [0, 5, 11])
-def test_tree_all_finite_finds_a_nan_in_any_chunk(monkeypatch, where):
-    monkeypatch.setattr(chunking, "CHUNK_BYTES", 3 * 4 * 6 * 5)
+def test_tree_all_finite_finds_a_nan_in_any_chunk(where):
+    finite = jax.jit(lambda g: tree_all_finite(g, Chunking(max_bytes=3 * 4 * 6 * 5)))
     grads = _grads(jnp.bfloat16)
-    assert bool(jax.jit(tree_all_finite)(grads))
+    assert bool(finite(grads))
     grads["stack"] = grads["stack"].at[where, 2, 1].set(jnp.nan)
-    assert not bool(jax.jit(tree_all_finite)(grads))
+    assert not bool(finite(grads))
 
 
 def test_chunked_reductions_of_a_bf16_stack_are_bounded():
@@ -166,6 +168,6 @@ def test_chunked_reductions_of_a_bf16_stack_are_bounded():
     x = jax.ShapeDtypeStruct((16, 1024, 1024), jnp.bfloat16)  # 64 MiB of f32: several chunks
     for fn in (tree_sum_squares, tree_all_finite):
         temp = jax.jit(fn).lower(x).compile().memory_analysis().temp_size_in_bytes
-        assert temp <= chunking.CHUNK_BYTES * 1.25, fn.__name__
+        assert temp <= chunking.DEFAULT.max_bytes * 1.25, fn.__name__
     sq = lambda c: jnp.sum(jnp.square(c.astype(jnp.float32)))  # noqa: E731
     assert float(reduce_chunks(sq, jnp.ones((4, 3)))) == 12.0

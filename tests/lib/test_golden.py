@@ -20,11 +20,10 @@ import optax
 import pytest
 
 import galorax
-from galorax import chunking
 
 GOLDEN = pathlib.Path(__file__).with_name("golden_updates.npz")
 STEPS = 6  # update_proj_gap 2: refreshes at steps 0, 2 and 4
-CHUNK = 2 * 4 * 16 * 12  # two f32 layers of the stack per chunk
+CHUNKING = galorax.Chunking(max_bytes=2 * 4 * 16 * 12)  # two f32 layers of the stack
 
 PARAMS = {
     "layers": {"w": jnp.full((4, 16, 12), 0.1)},
@@ -44,6 +43,7 @@ def _galore(**kw: Any) -> optax.GradientTransformation:
         update_proj_gap=2,
         weight_decay=1e-3,
         weight_dimension_numbers=galorax.dimension_numbers_from_rules,
+        chunking=CHUNKING,
         **kw,
     )
 
@@ -51,14 +51,18 @@ def _galore(**kw: Any) -> optax.GradientTransformation:
 CONFIGS: dict[str, Callable[[], optax.GradientTransformation]] = {
     "plain": lambda: _galore(),
     "8bit": lambda: _galore(
-        base_optimizer=galorax.scale_by_adam_8bit(min_8bit_size=16, block_size=32)
+        base_optimizer=galorax.scale_by_adam_8bit(
+            min_8bit_size=16, block_size=32, chunking=CHUNKING
+        )
     ),
     "int8P": lambda: _galore(projector_bits=8),
     "int4P-residual": lambda: _galore(projector_bits=4, residual=True),
     "residual": lambda: _galore(residual=True),
     "svd-keep": lambda: _galore(subspace="svd", moments="keep", stagger=False),
     "adaptive-skip": lambda: _galore(adaptive=True, skip_nonfinite=True),
-    "adamw8bit": lambda: galorax.adamw_8bit(1e-2, min_8bit_size=16, block_size=32),
+    "adamw8bit": lambda: galorax.adamw_8bit(
+        1e-2, min_8bit_size=16, block_size=32, chunking=CHUNKING
+    ),
 }
 
 
@@ -86,8 +90,9 @@ def run_config(name: str) -> dict[str, np.ndarray]:
             grads = _grads(t + 100)  # a finite one for configs that do not skip
         u, state = update(grads, state, params)
         params = optax.apply_updates(params, u)
-    diff = jax.tree.map(lambda a, b: np.asarray(a, np.float32) - np.asarray(b, np.float32),
-                        params, PARAMS)
+    diff = jax.tree.map(
+        lambda a, b: np.asarray(a, np.float32) - np.asarray(b, np.float32), params, PARAMS
+    )
     return {
         f"{name}/{jax.tree_util.keystr(path)}": leaf
         for path, leaf in jax.tree.leaves_with_path(diff)
@@ -109,7 +114,7 @@ def per_layer_params() -> Any:
 def run_per_layer() -> dict[str, np.ndarray]:
     """Summed updates of a per-layer GaLore step on a tiny stacked model."""
     params = per_layer_params()
-    tx = galorax.per_layer(_galore(), max_grad_norm=1.0)
+    tx = galorax.per_layer(_galore(), max_grad_norm=1.0, chunking=CHUNKING)
     state = tx.init(params)
     step = jax.jit(
         galorax.per_layer_step(
@@ -131,14 +136,8 @@ def run_per_layer() -> dict[str, np.ndarray]:
     }
 
 
-def _set_chunks(setter: Callable[[Any, str, Any], None]) -> None:
-    setter(chunking, "CHUNK_BYTES", CHUNK)
-    setter(chunking, "CHUNK_GALORE", True)
-
-
 @pytest.mark.parametrize("name", [*CONFIGS, "per-layer"])
-def test_updates_equal_the_stored_reference(name, monkeypatch):
-    _set_chunks(monkeypatch.setattr)
+def test_updates_equal_the_stored_reference(name):
     got = run_per_layer() if name == "per-layer" else run_config(name)
     ref = np.load(GOLDEN)
     assert got and all(key in ref.files for key in got), sorted(got)
@@ -151,7 +150,6 @@ def test_updates_equal_the_stored_reference(name, monkeypatch):
 
 
 if __name__ == "__main__":
-    _set_chunks(setattr)
     out: dict[str, np.ndarray] = {}
     for config in CONFIGS:
         out.update(run_config(config))

@@ -34,12 +34,13 @@ def _is_type_checking(node: ast.If) -> bool:
     )
 
 
-def _imports(tree: ast.AST) -> list[ast.Import | ast.ImportFrom]:
-    """Every import statement, nested ones included, except under ``if TYPE_CHECKING:``."""
+def _imports(tree: ast.AST, type_only: bool = False) -> list[ast.Import | ast.ImportFrom]:
+    """Every import statement, nested ones included; under ``if TYPE_CHECKING:`` only with
+    ``type_only``."""
     found: list[ast.Import | ast.ImportFrom] = []
 
     def visit(node: ast.AST) -> None:
-        if isinstance(node, ast.If) and _is_type_checking(node):
+        if isinstance(node, ast.If) and _is_type_checking(node) and not type_only:
             for child in node.orelse:
                 visit(child)
             return
@@ -60,11 +61,11 @@ def _resolve(module: str, node: ast.ImportFrom) -> str:
     return ".".join(base + ([node.module] if node.module else []))
 
 
-def _edges(module: str) -> set[str]:
-    """The galorax modules that ``module`` imports."""
+def _edges(module: str, type_only: bool = False) -> set[str]:
+    """The galorax modules that ``module`` imports (type-only imports too with ``type_only``)."""
     tree = ast.parse(MODULES[module].read_text())
     out: set[str] = set()
-    for node in _imports(tree):
+    for node in _imports(tree, type_only):
         if isinstance(node, ast.Import):
             targets = [alias.name for alias in node.names]
         else:
@@ -80,7 +81,7 @@ def _edges(module: str) -> set[str]:
 
 
 def _cycle() -> list[str] | None:
-    graph = {m: _edges(m) for m in MODULES}
+    graph = {m: _edges(m, type_only=True) for m in MODULES}
     state: dict[str, int] = {}  # 1: on the current path, 2: done
     path: list[str] = []
 
@@ -108,8 +109,23 @@ def test_the_module_graph_is_read():
 
 
 def test_no_import_cycle_among_galorax_modules():
+    """Type-only imports (``if TYPE_CHECKING:``) included."""
     cycle = _cycle()
     assert cycle is None, " -> ".join(cycle or [])
+
+
+def test_the_library_never_imports_the_application():
+    """No module of ``galorax/`` outside ``galorax/app`` imports (or lazily exports) a
+    module of the application, type-only imports included."""
+    # galorax/__main__.py is ``python -m galorax``: the command line's entry, not the library.
+    library = [m for m in MODULES if not m.startswith("galorax.app") and m != "galorax.__main__"]
+    bad = {
+        m: sorted(e)
+        for m in library
+        if (e := {n for n in _edges(m, True) if n.startswith("galorax.app")})
+    }
+    lazy = [m for m in library if "galorax.app." in MODULES[m].read_text().split('"""', 2)[-1]]
+    assert not bad and not lazy, (bad, lazy)
 
 
 def _private_uses(module: str) -> list[str]:

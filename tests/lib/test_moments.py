@@ -223,12 +223,11 @@ def test_galore_and_scale_by_galore_share_the_keyword_list():
         return [(p.name, p.default) for p in params if p.kind is p.KEYWORD_ONLY]
 
     assert keywords(galorax.galore) == keywords(galorax.scale_by_galore)
-    assert keywords(galorax.galore)[-1] == ("leafwise_base", None)
+    assert keywords(galorax.galore)[-1] == ("chunking", None)
 
 
-def test_chunked_rotation_of_8bit_moments_is_bit_identical(monkeypatch):
+def test_chunked_rotation_of_8bit_moments_is_bit_identical():
     """A stacked 8-bit moment rotated a slice at a time equals the whole rotation."""
-    from galorax import chunking
     from galorax.moments import rotate_moment
     from galorax.quantization.blockwise import quantize_blockwise
 
@@ -238,23 +237,26 @@ def test_chunked_rotation_of_8bit_moments_is_bit_identical(monkeypatch):
     new = jnp.linalg.qr(jax.random.normal(keys[2], (4, 32, 8)))[0]
     rot = jax.jit(lambda m, n, o: rotate_moment(m, n, o, left=True, second=False))
     whole = rot(m, new, old)
-    monkeypatch.setattr(chunking, "CHUNK_BYTES", 8 * 256 * 4)
-    chunked = jax.jit(lambda m, n, o: rotate_moment(m, n, o, left=True, second=False))(m, new, old)
+    one = galorax.Chunking(max_bytes=8 * 256 * 4)
+    chunked = jax.jit(
+        lambda m, n, o: rotate_moment(m, n, o, left=True, second=False, settings=one)
+    )(m, new, old)
     jax.tree.map(np.testing.assert_array_equal, chunked, whole)
 
 
 @pytest.mark.parametrize("when", [None, True, False])
-def test_chunked_rotation_of_dense_moments_is_in_place_and_gated(when, monkeypatch):
+def test_chunked_rotation_of_dense_moments_is_in_place_and_gated(when):
     """A stacked f32 moment is carried a chunk of slices at a time (in place), equal to the
     whole rotation; ``when=False`` runs no chunk and returns the moment."""
-    from galorax import chunking
     from galorax.moments import carry_moment
 
     keys = jax.random.split(jax.random.key(1), 2)
     m = jax.random.normal(keys[0], (6, 8, 32))
     c = jax.random.normal(keys[1], (6, 8, 8))
     whole = jnp.matmul(c * c, m, precision=jax.lax.Precision.HIGHEST)
-    monkeypatch.setattr(chunking, "CHUNK_BYTES", 2 * 8 * 32 * 4)  # two slices a chunk
+    two = galorax.Chunking(max_bytes=2 * 8 * 32 * 4)  # two slices a chunk
     flag = None if when is None else jnp.asarray(when)
-    out = jax.jit(lambda m, c, w: carry_moment(m, c, left=True, second=True, when=w))(m, c, flag)
+    out = jax.jit(lambda m, c, w: carry_moment(m, c, left=True, second=True, when=w, settings=two))(
+        m, c, flag
+    )
     np.testing.assert_allclose(out, m if when is False else whole, rtol=1e-6, atol=1e-6)

@@ -145,6 +145,7 @@ def _unlike_default(o):
         "skip_nonfinite": True,
         "moment_fields": {"ema": "first"},
         "leafwise_base": True,
+        "chunking": galorax.chunking.Chunking(max_bytes=2**20),
     }
     value = others[o.name] if o.name in others else [c for c in o.choices if c != o.default][0]
     assert o.check(value, o) != o.check(o.default, o), o.name

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -159,13 +160,9 @@ def _leaf_steps(leaf, grads):
     ],
 )
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
-def test_chunked_leaf_steps_match_the_whole_stack(
-    monkeypatch, left, subspace, bits, residual, dtype
-):
+def test_chunked_leaf_steps_match_the_whole_stack(left, subspace, bits, residual, dtype):
     """A stacked leaf projected, refreshed and projected back a chunk of slices at a time
     gives the whole-stack updates within f32 rounding (bf16 gradients, residual)."""
-    from galorax import chunking
-
     view = MatrixView.of((4, 24, 20), Dims(1, 2))
     opts = galore_options(
         rank=3, update_proj_gap=2, subspace=subspace, projector_bits=bits, residual=residual
@@ -174,8 +171,8 @@ def test_chunked_leaf_steps_match_the_whole_stack(
     keys = jax.random.split(jax.random.key(0), 3)
     grads = [jax.random.normal(k, view.shape).astype(dtype) for k in keys]
     whole = _leaf_steps(leaf, grads)
-    monkeypatch.setattr(chunking, "CHUNK_GALORE", True)
-    monkeypatch.setattr(chunking, "CHUNK_BYTES", 2 * 4 * 24 * 20)  # 2 slices per chunk
+    two = galorax.Chunking(max_bytes=2 * 4 * 24 * 20)  # 2 slices per chunk
+    leaf = LeafProjector(view, left, 3, 0, 0, dataclasses.replace(opts, chunking=two))
     chunked = _leaf_steps(leaf, grads)
     assert chunked[0][0].dtype == dtype
     tol = 1e-6 if dtype == jnp.float32 else 1e-2
@@ -184,15 +181,14 @@ def test_chunked_leaf_steps_match_the_whole_stack(
 
 
 @pytest.mark.parametrize("bits, moments", [(None, "rotate"), (8, "keep")])
-def test_a_chunked_leaf_keeps_its_projector_when_not_refreshing(monkeypatch, bits, moments):
+def test_a_chunked_leaf_keeps_its_projector_when_not_refreshing(bits, moments):
     """In chunks, a refresh that is not due or not attempted (a non-finite step) runs a
     loop of no iteration: projector and schedule come back unchanged, bit for bit."""
-    from galorax import chunking
-
-    monkeypatch.setattr(chunking, "CHUNK_GALORE", True)
-    monkeypatch.setattr(chunking, "CHUNK_BYTES", 2 * 4 * 24 * 20)  # 2 slices per chunk
+    two = galorax.Chunking(max_bytes=2 * 4 * 24 * 20)  # 2 slices per chunk
     view = MatrixView.of((4, 24, 20), Dims(1, 2))
-    opts = galore_options(rank=3, update_proj_gap=4, projector_bits=bits, moments=moments)
+    opts = galore_options(
+        rank=3, update_proj_gap=4, projector_bits=bits, moments=moments, chunking=two
+    )
     leaf = LeafProjector(view, True, 3, 0, 0, opts)
     g = jax.random.normal(jax.random.key(0), view.shape).astype(jnp.bfloat16)  # chunked
     p, _, sched, _ = projector.init_leaf(leaf, g)

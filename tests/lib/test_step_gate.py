@@ -10,7 +10,6 @@ import optax
 import pytest
 
 import galorax
-from galorax import chunking
 from galorax.step_gate import active_gate, gate_step
 
 PARAMS = {"stack": jnp.ones((4, 16, 8)), "w": jnp.ones((16, 8)), "b": jnp.ones(8)}
@@ -21,21 +20,23 @@ DIMS = {
 }
 
 
+CHUNKS = galorax.Chunking(max_bytes=2 * 16 * 8 * 4)  # stacks in chunks
+
+
 def _optimizers():
-    eight = galorax.scale_by_adam_8bit(min_8bit_size=16, block_size=32)
+    eight = galorax.scale_by_adam_8bit(min_8bit_size=16, block_size=32, chunking=CHUNKS)
+    kw = {"rank": 2, "weight_dimension_numbers": DIMS, "chunking": CHUNKS}
     return {
-        "galore": galorax.scale_by_galore(rank=2, weight_dimension_numbers=DIMS),
+        "galore": galorax.scale_by_galore(**kw),
         "galore-int8P-residual": galorax.scale_by_galore(
-            rank=2, weight_dimension_numbers=DIMS, projector_bits=8, residual=galorax.Residual()
+            **kw, projector_bits=8, residual=galorax.Residual()
         ),
-        "galore-8bit": galorax.scale_by_galore(
-            rank=2, weight_dimension_numbers=DIMS, base_optimizer=eight
-        ),
+        "galore-8bit": galorax.scale_by_galore(**kw, base_optimizer=eight),
         "adam8bit": eight,
         "chained": optax.chain(
             optax.clip_by_global_norm(1.0),
             optax.inject_hyperparams(galorax.galore, static_args=("rank", "update_proj_gap"))(
-                learning_rate=0.1, rank=2, weight_dimension_numbers=DIMS
+                learning_rate=0.1, **kw
             ),
         ),
     }
@@ -72,8 +73,7 @@ def _assert_trees_close(a, b):
 
 
 @pytest.mark.parametrize("name", list(_optimizers()))
-def test_a_finite_step_is_what_it_is_without_the_gate(name, monkeypatch):
-    monkeypatch.setattr(chunking, "CHUNK_BYTES", 2 * 16 * 8 * 4)  # stacks in chunks
+def test_a_finite_step_is_what_it_is_without_the_gate(name):
     opt = _optimizers()[name]
     state = opt.init(PARAMS)
     plain = jax.jit(lambda g, s: opt.update(g, s, PARAMS))
@@ -88,8 +88,7 @@ def test_a_finite_step_is_what_it_is_without_the_gate(name, monkeypatch):
 
 @pytest.mark.parametrize("name", list(_optimizers()))
 @pytest.mark.parametrize("bad", [False, True])
-def test_a_skipped_step_leaves_the_state_as_it_was(name, bad, monkeypatch):
-    monkeypatch.setattr(chunking, "CHUNK_BYTES", 2 * 16 * 8 * 4)
+def test_a_skipped_step_leaves_the_state_as_it_was(name, bad):
     opt = _optimizers()[name]
     state = opt.init(PARAMS)
     _, state = jax.jit(lambda g, s: opt.update(g, s, PARAMS))(_grads(0), state)
@@ -126,11 +125,11 @@ def _step_temp(opt, state, grads, gated: bool) -> int:
     return lowered.compile().memory_analysis().temp_size_in_bytes
 
 
-def test_a_gated_8bit_step_needs_no_copy_of_the_codes(monkeypatch):
+def test_a_gated_8bit_step_needs_no_copy_of_the_codes():
     """The select after a chunked (in-place) 8-bit update copies every code; the gate's
     select inside the chunk loop does not."""
-    monkeypatch.setattr(chunking, "CHUNK_BYTES", 2 * 4 * 256 * 256)  # two f32 slices
-    opt = galorax.scale_by_adam_8bit()
+    two = galorax.Chunking(max_bytes=2 * 4 * 256 * 256)  # two f32 slices
+    opt = galorax.scale_by_adam_8bit(chunking=two)
     grads = {"stack": jax.ShapeDtypeStruct((16, 256, 256), jnp.bfloat16)}
     state = jax.eval_shape(opt.init, grads)
     codes = 2 * 16 * 256 * 256  # mu's and nu's int8 codes
