@@ -65,7 +65,6 @@ _EXPORTS = {
     "adamw": "galorax.adam",
     "scale_by_adam": "galorax.adam",
     "StepGate": "galorax.step_gate",
-    "gate_step": "galorax.step_gate",
     # 8-bit Adam
     "ScaleByAdam8bitState": "galorax.adam8bit",
     "adamw_8bit": "galorax.adam8bit",
@@ -137,6 +136,6 @@ if TYPE_CHECKING:
     from galorax.residual import Residual
     from galorax.rules import dimension_numbers_from_rules
     from galorax.schedule import AdaptiveRefresh, RefreshSchedule, subspace_overlap
-    from galorax.step_gate import StepGate, gate_step
+    from galorax.step_gate import StepGate
     from galorax.subspace import Randomized, captured_energy, exact_basis, randomized_basis
     from galorax.transform import GaLoreState, galore, scale_by_galore

@@ -1,12 +1,14 @@
 """Adam that skips a non-finite step in place: ``optax.scale_by_adam`` and ``optax.adamw``,
-the same updates and state, for a train step under :func:`galorax.gate_step`.
+the same updates and state, given a train step's :class:`galorax.StepGate` (``gate=``).
+
+Why galorax owns this copy of optax's Adam: optax's cannot skip in place.
 
 A step that selects ``where(finite, new, old)`` after ``optax.scale_by_adam`` reads each
 new moment twice (for the update and for the select) and the old one after it is
 overwritten: XLA keeps a copy of every moment (at 1b, ~2 GB of AdamW's peak). Here the
 moments are selected first and the update is taken from the selected ones (equal when the
 step is finite; a skipped step's update is discarded), so each old moment's only reader is
-the select and it is overwritten in place. Outside a gate it is ``optax.scale_by_adam``.
+the select and it is overwritten in place. Without a gate it is ``optax.scale_by_adam``.
 GaLore's default base optimizer.
 
 Example:
@@ -29,7 +31,7 @@ import jax.numpy as jnp
 import optax
 from optax import ScaleByAdamState
 
-from galorax.step_gate import active_gate
+from galorax.step_gate import gate_of
 
 __all__ = ["adamw", "scale_by_adam"]
 
@@ -44,7 +46,8 @@ def scale_by_adam(
     nesterov: bool = False,
 ) -> optax.GradientTransformation:
     """``optax.scale_by_adam`` (same arguments, updates and ``ScaleByAdamState``) that,
-    under a :func:`galorax.gate_step`, skips a non-finite step in place (see the module).
+    given a :class:`galorax.StepGate` (``update(..., gate=gate)``), skips a non-finite step
+    in place (see the module).
 
     Args:
         b1: Decay rate of the first moment.
@@ -61,8 +64,8 @@ def scale_by_adam(
     tree = optax.tree_utils  # the functions optax.scale_by_adam is made of
     dtype = None if mu_dtype is None else jax.dtypes.canonicalize_dtype(mu_dtype)
 
-    def update_fn(updates: Any, state: ScaleByAdamState, params: Any = None):
-        gate = active_gate()
+    def update_fn(updates: Any, state: ScaleByAdamState, params: Any = None, **extra_args: Any):
+        gate = gate_of(extra_args)
         if gate is None:
             return plain.update(updates, state, params)
         # optax.scale_by_adam's update, the moments selected before the update is read.
@@ -93,7 +96,7 @@ def scale_by_adam(
         )
         return out, gate.cover(new)
 
-    return optax.GradientTransformation(plain.init, update_fn)
+    return optax.GradientTransformationExtraArgs(plain.init, update_fn)
 
 
 def adamw(

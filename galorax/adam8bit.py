@@ -26,7 +26,7 @@ from galorax.quantization.blockwise import (
     lead_axes,
     quantized_zeros,
 )
-from galorax.step_gate import active_gate
+from galorax.step_gate import gate_of
 
 _DEFAULT_MIN_8BIT_SIZE = 4096
 
@@ -124,10 +124,13 @@ def scale_by_adam_8bit(
         )
 
     def update_fn(
-        updates: optax.Updates, state: ScaleByAdam8bitState, params: optax.Params | None = None
+        updates: optax.Updates,
+        state: ScaleByAdam8bitState,
+        params: optax.Params | None = None,
+        **extra_args: Any,
     ) -> tuple[optax.Updates, ScaleByAdam8bitState]:
         del params
-        gate = active_gate()  # a step that may be skipped: skip in place
+        gate = gate_of(extra_args)  # a step that may be skipped: skip in place
         keep = None if gate is None else gate.finite
         count = optax.safe_increment(state.count)
         t = count.astype(jnp.float32)
@@ -157,7 +160,7 @@ def scale_by_adam_8bit(
         return pick(0), new if gate is None else gate.cover(new)
 
     # On an explicit mesh the body runs with automatic axes (blocks may span shards).
-    return optax.GradientTransformation(init_fn, placement.auto_axes_update(update_fn))
+    return optax.GradientTransformationExtraArgs(init_fn, placement.auto_axes_update(update_fn))
 
 
 def placed_like(q: QuantizedArray, param: Any) -> QuantizedArray:

@@ -11,10 +11,10 @@ updated whole. The function must act slice by slice (the same result for a slice
 chunk it sits in): elementwise math, batched matmuls, per-slice reductions.
 
 Who runs through it: :func:`map_slices` (a GaLore leaf's batch axes: projection, refresh,
-back-projection, :mod:`galorax.projector`), :func:`map_stored` (any state stored quantized:
-dequantize, compute, requantize a chunk at a time; the moments' rotation of
-:mod:`galorax.moments` and 8-bit Adam), and the reductions (:func:`reduce_chunks`,
-:func:`tree_sum_squares`, :func:`tree_all_finite`).
+back-projection, :mod:`galorax.projector`) and :func:`map_stored` (any state stored
+quantized: dequantize, compute, requantize a chunk at a time; the moments' rotation of
+:mod:`galorax.moments` and 8-bit Adam). Reductions in bounded chunks (a global norm, a
+finite check): :mod:`galorax.reductions`.
 
 What steers XLA's memory lives here, named for what it guarantees (each with the figure it
 protects in its docstring): :func:`loop_variant` (no whole-stack upcast outside a loop),
@@ -384,63 +384,3 @@ def map_slices(
     flat = lambda x: x.reshape((b, *x.shape[n_batch:]))  # noqa: E731
     out = update_chunks(fn, jax.tree.map(flat, bufs), jax.tree.map(flat, reads), chunk, keep)
     return jax.tree.map(lambda y: y.reshape((*batch, *y.shape[1:])), out)
-
-
-def reduce_chunks(
-    fn: Callable[[jax.Array], jax.Array], x: jax.Array, settings: Chunking = DEFAULT
-) -> jax.Array:
-    """The sum of ``fn`` (a scalar per chunk) over chunks of ``x``'s leading axis.
-
-    ``fn(x)`` whole when the f32 image of ``x`` fits ``settings.max_bytes``; otherwise a
-    loop over chunks of at most that size, so a reduction of a large leaf (the squares of
-    a bf16 gradient stack, its finite mask) has one chunk's temporaries: on CPU, XLA runs
-    reductions outside the fusion that produces their input, materializing it whole.
-
-    Example:
-        >>> import jax.numpy as jnp
-        >>> x = jnp.ones((64, 2**20), jnp.bfloat16)  # 256 MiB as f32: 32 chunks
-        >>> float(reduce_chunks(lambda c: jnp.sum(c.astype(jnp.float32)), x))
-        67108864.0
-    """
-    if x.ndim == 0:
-        return fn(x)
-    n = x.shape[0]
-    chunk = chunk_size(n, 4 * (x.size // n), settings)
-    if chunk >= n:
-        return fn(x)
-    zero = jnp.zeros((), jax.eval_shape(fn, x[:chunk]).dtype)
-
-    def body(i: jax.Array, acc: jax.Array) -> jax.Array:
-        xs, i = loop_variant(x, i)
-        return acc + fn(jax.lax.dynamic_slice_in_dim(xs, i * chunk, chunk))
-
-    return jax.lax.fori_loop(0, n // chunk, body, zero)
-
-
-def tree_sum_squares(tree: Any, settings: Chunking = DEFAULT) -> jax.Array:
-    """The sum of squares (f32) of every leaf of ``tree``, in bounded chunks
-    (:func:`reduce_chunks`); its square root is ``optax.global_norm(tree)``.
-
-    Example:
-        >>> import jax.numpy as jnp
-        >>> float(tree_sum_squares({"a": jnp.full(3, 2.0), "b": jnp.ones((2, 2), jnp.bfloat16)}))
-        16.0
-    """
-    sq = lambda c: jnp.sum(jnp.square(c.astype(jnp.float32)))  # noqa: E731
-    leaves = jax.tree.leaves(tree)
-    return sum((reduce_chunks(sq, x, settings) for x in leaves), jnp.zeros([], jnp.float32))
-
-
-def tree_all_finite(tree: Any, settings: Chunking = DEFAULT) -> jax.Array:
-    """Whether every element of every leaf of ``tree`` is finite, in bounded chunks
-    (:func:`reduce_chunks`).
-
-    Example:
-        >>> import jax.numpy as jnp
-        >>> bool(tree_all_finite({"a": jnp.ones(3)})), bool(tree_all_finite([jnp.array([jnp.inf])]))
-        (True, False)
-    """
-    bad = lambda c: jnp.any(~jnp.isfinite(c)).astype(jnp.int32)  # noqa: E731
-    leaves = jax.tree.leaves(tree)
-    n_bad = sum((reduce_chunks(bad, x, settings) for x in leaves), jnp.zeros([], jnp.int32))
-    return n_bad == 0

@@ -3,7 +3,7 @@
 ``optax.clip_by_global_norm`` squares each gradient leaf whole: on CPU, XLA materializes
 an f32 copy of every bf16 leaf to sum it. :func:`clip_by_global_norm` is the same
 transformation with the sum of squares taken a chunk of each leaf at a time
-(:func:`galorax.chunking.tree_sum_squares`).
+(:func:`galorax.reductions.tree_sum_squares`).
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from galorax.chunking import Chunking, resolve, tree_sum_squares
+from galorax.chunking import Chunking, resolve
+from galorax.reductions import tree_sum_squares
 
 __all__ = ["clip_by_global_norm"]
 

@@ -1,11 +1,13 @@
-"""GaLore's state and its two transitions over the parameter tree: ``init`` and ``update``.
+"""GaLore's state and its two transitions over the parameter tree: ``init`` and ``update``:
+the spine of the algorithm.
 
-:class:`GaLoreState` is what :func:`galorax.scale_by_galore` keeps. :func:`init_state`
-and :func:`update_state` map the per-leaf steps of :mod:`galorax.projector` over the tree
-of :class:`~galorax.leaf.LeafProjector` (None where a leaf is not projected), rotate
-the base optimizer's moments at a refresh (:mod:`galorax.moments`) and run the base
-optimizer on the low-rank gradients. :mod:`galorax.transform` wraps them in the optax
-transformation (boxing, checks, non-finite skipping, placement).
+:class:`GaLoreState` is what :func:`galorax.scale_by_galore` keeps. :func:`update_state`
+runs GaLore's five steps (``_Group.__call__``: refresh, project, carry the moments, the
+base optimizer's step, project back) over the tree of :class:`~galorax.leaf.LeafProjector`
+(None where a leaf is not projected), all leaves at once or one leaf at a time
+(``leafwise_base``), each step a call of :mod:`galorax.projector` per leaf.
+:mod:`galorax.transform` wraps them in the optax transformation (boxing, checks, the
+step's gate, non-finite leaves, placement).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from galorax import projector as leaf_steps
 from galorax.chunking import Chunking
 from galorax.dimension_numbers import is_masked
 from galorax.leaf import LeafProjector, is_projector_leaf
-from galorax.moments import Transition, check_moments, per_parameter_fields, rotate_moments
+from galorax.moments import check_moments, per_parameter_fields, rotate_moments
 from galorax.options import GaLoreOptions
 from galorax.step_gate import StepGate
 
@@ -59,6 +61,11 @@ class GaLoreState(NamedTuple):
     residual_norm: optax.Updates = None
 
 
+def _keep(*entries: Any) -> tuple[Any, ...]:
+    """An unprojected leaf's entries, as they are."""
+    return entries
+
+
 def _unzip(treedef: Any, tree: Any, n: int) -> tuple[Any, ...]:
     """A tree of per-leaf ``n``-tuples (at ``treedef``'s leaves) as ``n`` trees."""
     cols = list(zip(*treedef.flatten_up_to(tree), strict=True)) or [()] * n
@@ -78,21 +85,16 @@ def _init_leaf(proj: LeafProjector | None, param: Any) -> tuple[Any, ...]:
     return masked, proxy, masked, masked, masked
 
 
-def _project_leaf(
-    proj: LeafProjector | None, g: Any, old: Any, sched: Any, count: Any, finite: Any
-):
-    """``(low-rank gradient, projector, schedule, transition, carry)`` of one leaf."""
-    if proj is None:
-        return g, old, sched, None, None
-    low, new, sched, (changed, basis), carry = leaf_steps.step(proj, g, old, sched, count, finite)
-    rotate = proj.options.moments == "rotate"
-    transition = Transition(changed, basis, proj.left, proj.low_shape) if rotate else None
-    return low, new, sched, transition, carry
-
-
-def _back_leaf(proj: LeafProjector | None, g: Any, carry: Any, u: Any, norm: Any):
-    """One leaf's update in parameter space and its new residual norm."""
-    return (u, norm) if proj is None else leaf_steps.finish(proj, g, carry, u, norm)
+def _each(leaves: Any, fn: Any, skip: Any, *trees: Any) -> tuple[Any, ...]:
+    """``fn(leaf, *entries)`` for each projected leaf, ``skip(*entries)`` for the others
+    (a tuple each), unzipped into one tree per result."""
+    treedef: Any = jax.tree.structure(leaves, is_leaf=is_projector_leaf)
+    flat = [treedef.flatten_up_to(t) for t in trees]
+    out = [
+        skip(*entries) if leaf is None else fn(leaf, *entries)
+        for leaf, *entries in zip(treedef.flatten_up_to(leaves), *flat, strict=True)
+    ]
+    return _unzip(treedef, treedef.unflatten(out), len(out[0]) if out else 0)
 
 
 def init_state(
@@ -191,30 +193,44 @@ class _Group(NamedTuple):
     chunking: Chunking
 
     def __call__(
-        self, projectors: Any, updates: Any, old: Any, schedule: Any, norms: Any, base_state: Any
+        self, leaves: Any, grads: Any, old: Any, schedules: Any, norms: Any, base_state: Any
     ) -> tuple[Any, ...]:
         """``(updates, projectors, schedules, base state, residual norms)`` of the group:
-        refresh and project each leaf, rotate the moments, run the base optimizer, project
-        back."""
-        treedef: Any = jax.tree.structure(projectors, is_leaf=is_projector_leaf)
-        per_leaf = jax.tree.map(
-            lambda proj, g, p, sched: _project_leaf(proj, g, p, sched, self.count, self.finite),
-            projectors,
-            updates,
+        GaLore's steps over its projected leaves (:mod:`galorax.projector`); the others go
+        to the base optimizer as they are."""
+        (g2,) = _each(leaves, lambda leaf, g: (leaf_steps.as_matrices(leaf, g),), _keep, grads)
+        # 1. Refresh: new projectors for the slices that are due (none in a skipped step).
+        new, schedules, moves = _each(
+            leaves,
+            lambda leaf, g2, p, s: leaf_steps.refresh(leaf, g2, p, s, self.count, self.finite),
+            lambda g2, p, s: (p, s, None),
+            g2,
             old,
-            schedule,
-            is_leaf=is_projector_leaf,
+            schedules,
         )
-        lows, projector, schedule, transitions, carry = _unzip(treedef, per_leaf, 5)
-        flat_transitions = treedef.flatten_up_to(transitions)
-        if any(t is not None for t in flat_transitions):
-            base_state = rotate_moments(base_state, flat_transitions, self.kinds, self.chunking)
+        # 2. Project each gradient into its subspace.
+        lows, dense = _each(leaves, leaf_steps.project, lambda g2, p: (g2, p), g2, new)
+        # 3. Carry the base optimizer's moments into the new bases.
+        treedef: Any = jax.tree.structure(leaves, is_leaf=is_projector_leaf)
+        moves = [None if t is None or t.basis is None else t for t in treedef.flatten_up_to(moves)]
+        if any(t is not None for t in moves):
+            base_state = rotate_moments(base_state, moves, self.kinds, self.chunking)
+        # 4. The base optimizer's step on the low-rank gradients.
         low_updates, new_base = _base_update(self.base_tx, lows, base_state, self.extra_args)
-        per_leaf = jax.tree.map(
-            _back_leaf, projectors, updates, carry, low_updates, norms, is_leaf=is_projector_leaf
+        # 5. Project back to the weights' shape (plus the residual outside the subspace).
+        out, new_norms = _each(
+            leaves,
+            leaf_steps.project_back,
+            lambda g, g2, low, u, new, p, norm: (u, norm),
+            grads,
+            g2,
+            lows,
+            low_updates,
+            new,
+            dense,
+            norms,
         )
-        out, new_norms = _unzip(treedef, per_leaf, 2)
-        return out, projector, schedule, self.keep(new_base, base_state), new_norms
+        return out, new, schedules, self.keep(new_base, base_state), new_norms
 
 
 def _leafwise(group: _Group, treedef: Any, leaves: tuple[Any, ...], state: GaLoreState):

@@ -53,10 +53,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from galorax.chunking import Chunking, loop_variant, resolve, tree_all_finite, tree_sum_squares
+from galorax.chunking import Chunking, loop_variant, resolve
 from galorax.layer_stack import forward_layers, n_layers, put_layer, take_layer, unstack
 from galorax.quantization.blockwise import is_quantized, lead_axes
-from galorax.step_gate import gate_step
+from galorax.reductions import tree_all_finite, tree_sum_squares
+from galorax.step_gate import StepGate
 
 __all__ = [
     "PerLayerState",
@@ -238,10 +239,10 @@ def _update_outer(
 ) -> tuple[Any, Any]:
     """The parameters outside the stack, updated (unless their gradients or the loss are
     not finite), and their state; galorax's transforms skip in place (:mod:`galorax.step_gate`)."""
-    with gate_step(ok & tree_all_finite(grads, chunking)) as gate:
-        upd, new_state = inner.update(
-            {**grads, stack: masked_stack}, state, {**outer, stack: masked_stack}
-        )
+    gate = StepGate(ok & tree_all_finite(grads, chunking))
+    upd, new_state = optax.with_extra_args_support(inner).update(
+        {**grads, stack: masked_stack}, state, {**outer, stack: masked_stack}, gate=gate
+    )
     new_outer = optax.apply_updates(outer, {k: upd[k] for k in outer})
     return gate.keep((new_outer, new_state), (outer, state))
 
@@ -289,10 +290,11 @@ def per_layer_step(
             g, dx = layer_vjp(dx)
             g1 = jax.tree.map(lambda a: a[None], _scaled(g, scale))
             s1 = take_layer(layer_state, i)
+            # Selected, not gated: the shared counters advance (s1_new is carried on).
+            gate = StepGate(ok & tree_all_finite(g, tx.chunking))
             upd, s1_new = inner.update({**masked_outer, stack: g1}, s1, {**masked_outer, stack: p1})
-            good = ok & tree_all_finite(g, tx.chunking)
-            p1_new = optax.tree_utils.tree_where(good, optax.apply_updates(p1, upd[stack]), p1)
-            layer_state = put_layer(layer_state, i, optax.tree_utils.tree_where(good, s1_new, s1))
+            p1_new = gate.keep(optax.apply_updates(p1, upd[stack]), p1)
+            layer_state = put_layer(layer_state, i, gate.keep(s1_new, s1))
             return (
                 put_layer(layers, i, p1_new),
                 layer_state,

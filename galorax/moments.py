@@ -246,13 +246,14 @@ class Transition(NamedTuple):
         changed: Scalar bool: whether any slice of the leaf got a new projector.
         basis: Each slice's change of basis ``P_new^T P_old`` (``(*batch, r, r)``; slices
             that did not change: ``P_old^T P_old``; zeros when the leaf was not refreshed,
-            which ``changed`` then says: used only when it holds).
+            which ``changed`` then says: used only when it holds); None where the moments
+            do not follow the basis (``moments="keep"``/``"align"``).
         left: Which side the projectors project.
         low_shape: Shape of the leaf's low-rank moments.
     """
 
     changed: jax.Array
-    basis: jax.Array
+    basis: jax.Array | None
     left: bool
     low_shape: tuple[int, ...]
 
@@ -288,7 +289,7 @@ def rotate_moments(
             return tree  # not a per-parameter moment tree (e.g. a scalar count)
 
         def one(m: Any, t: Transition | None) -> Any:
-            if t is None or getattr(m, "shape", None) != t.low_shape:
+            if t is None or t.basis is None or getattr(m, "shape", None) != t.low_shape:
                 return m  # unprojected, or a container this rule does not know (left as is)
             return carry_moment(
                 m, t.basis, left=t.left, second=second, when=t.changed, settings=settings

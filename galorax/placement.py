@@ -21,7 +21,7 @@ from typing import Any
 import jax
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
-from galorax.step_gate import active_gate
+from galorax.step_gate import gate_of
 
 
 def on_several_devices(x: jax.Array) -> bool:
@@ -166,17 +166,19 @@ def auto_axes_update(update_fn: Any) -> Any:
     automatic (``jax.sharding.auto_axes``): the compiler places the intermediates. The
     outputs are pinned to the inputs' shardings (updates like the gradients, new state
     like the old), so the next call compiles to the same program. A state the body
-    skipped in place under a :func:`galorax.gate_step` is covered outside it too.
+    skipped in place under a :class:`galorax.StepGate` is covered outside it too.
     """
 
     def wrapped(updates: Any, state: Any, params: Any = None, **extra_args: Any):
         mesh = explicit_mesh_of(updates)
         if mesh is None:
             return update_fn(updates, state, params, **extra_args)
-        gate, covered = active_gate(), []
+        # The gate is no JAX value: closed over, not passed through auto_axes.
+        gate, covered = gate_of(extra_args), []
+        extra_args = {k: v for k, v in extra_args.items() if k != "gate"}
 
         def run(u: Any, s: Any, p: Any, e: Any) -> Any:
-            new_u, new_s = update_fn(u, s, p, **e)
+            new_u, new_s = update_fn(u, s, p, **e, **({} if gate is None else {"gate": gate}))
             covered.append(gate is not None and gate.covers(new_s))
             return new_u, new_s
 

@@ -1,9 +1,7 @@
-"""GaLore's steps on one projected leaf: its initial state, refresh-and-project, and the
-way back.
-
-:func:`init_leaf` builds a leaf's projector, low-rank proxy, schedule and residual norm;
-:func:`step` refreshes the due slices (:mod:`galorax.projector_refresh`) and projects the
-gradient; :func:`finish` projects the base optimizer's output back (plus the residual).
+"""GaLore's steps on one projected leaf, as the spine (:mod:`galorax.galore_state`) calls
+them: :func:`init_leaf` (projector, low-rank proxy, schedule, residual norm),
+:func:`as_matrices`, :func:`refresh` (the due slices, :mod:`galorax.projector_refresh`),
+:func:`project` and :func:`project_back` (plus the residual).
 The math is :mod:`galorax.galore_math`'s; what is decided here is how it runs: a stacked
 leaf a chunk of slices at a time (:func:`galorax.chunking.map_slices`, written over the
 buffers it replaces), quantized projectors dequantized once, placed on the mesh like the
@@ -20,12 +18,13 @@ import jax.numpy as jnp
 from galorax import chunking, galore_math, placement, projector_refresh
 from galorax.chunking import map_slices
 from galorax.leaf import LeafProjector
+from galorax.moments import Transition
 from galorax.projector_storage import compute_dtype, dense, quantized_spec
 from galorax.quantization.blockwise import is_quantized
 from galorax.quantization.projectors import quantize_slices
 from galorax.schedule import RefreshSchedule
 
-__all__ = ["finish", "init_leaf", "project", "project_back", "step"]
+__all__ = ["as_matrices", "init_leaf", "project", "project_back", "refresh"]
 
 
 def init_leaf(leaf: LeafProjector, param: Any) -> tuple[Any, jax.Array, RefreshSchedule, jax.Array]:
@@ -39,7 +38,7 @@ def init_leaf(leaf: LeafProjector, param: Any) -> tuple[Any, jax.Array, RefreshS
         >>> view = MatrixView.of((8, 4), GaLoreDimensionNumbers())
         >>> leaf = LeafProjector(view, True, 2, 0, 0, galore_options(rank=2))
         >>> p, proxy, schedule, norm = init_leaf(leaf, jnp.zeros((8, 4)))
-        >>> p.shape, proxy.shape, project(leaf, jnp.ones((8, 4)), p).shape
+        >>> p.shape, proxy.shape, project(leaf, jnp.ones((8, 4)), p)[0].shape
         ((8, 2), (2, 4), (2, 4))
     """
     opts = leaf.options
@@ -69,72 +68,89 @@ def init_leaf(leaf: LeafProjector, param: Any) -> tuple[Any, jax.Array, RefreshS
     return projector, proxy, schedule, put(jnp.zeros(batch, jnp.float32), "batch")
 
 
-def project(leaf: LeafProjector, g2: jax.Array, p: jax.Array) -> jax.Array:
-    """:func:`galorax.galore_math.project` with the leaf's side and precision."""
-    return galore_math.project(g2, p, left=leaf.left, precision=leaf.options.precision)
-
-
-def project_back(leaf: LeafProjector, u: jax.Array, p: jax.Array) -> jax.Array:
-    """:func:`galorax.galore_math.project_back` with the leaf's side and precision."""
-    return galore_math.project_back(u, p, left=leaf.left, precision=leaf.options.precision)
-
-
-def step(
-    leaf: LeafProjector,
-    g: jax.Array,
-    old: Any,
-    sched: RefreshSchedule,
-    count: Any,
-    finite: Any = True,
-):
-    """Refreshes the projector when a slice is due (and the step ``finite``: a skipped
-    step leaves projector and schedule as they were, in place) and projects ``g``.
-
-    Returns ``(low-rank gradient, projector, schedule, change, carry)``: ``change`` the
-    pair (whether any slice got a new projector, the slices' change of basis or None:
-    :func:`galorax.projector_refresh.refresh`), ``carry`` what :func:`finish` reuses. The
-    projection runs a chunk of a stacked leaf's slices at a time, so a low-precision
-    gradient is upcast a chunk at a time, never whole.
-    """
+def as_matrices(leaf: LeafProjector, g: jax.Array) -> jax.Array:
+    """The gradient as the leaf's ``(*batch, m, n)`` matrices: in f32 at once where the
+    leaf runs whole (one f32 copy for refresh and projection), else in its own dtype (a
+    chunked leaf is upcast a chunk at a time, never whole)."""
     g2 = leaf.view.to_matrix(g)
-    size = leaf.chunk_bytes(g.dtype)
-    if not size:  # whole: one f32 copy for refresh and projection
-        g2 = g2.astype(compute_dtype(g.dtype))
+    return g2 if leaf.chunk_bytes(g.dtype) else g2.astype(compute_dtype(g.dtype))
+
+
+def refresh(
+    leaf: LeafProjector, g2: jax.Array, old: Any, sched: RefreshSchedule, count: Any, finite: Any
+) -> tuple[Any, RefreshSchedule, Transition]:
+    """The projector after refreshing the slices that are due (and the step ``finite``: a
+    skipped step leaves projector and schedule as they were, in place), the schedule, and
+    and the :class:`~galorax.moments.Transition` the moments follow (its ``basis`` None
+    unless ``moments="rotate"``).
+
+    A chunked leaf runs :func:`galorax.projector_refresh.refresh` as a loop of no
+    iteration when nothing is attempted (no copies); a whole one under a ``cond``.
+    """
     attempted = jnp.any(count >= sched.next_step) & finite
-    if projector_refresh.in_chunks(leaf, g2):  # a loop of no iteration: no copies
-        new, sched, *change = projector_refresh.refresh(leaf, g2, old, sched, count, attempted)
+    rotate = leaf.options.moments == "rotate"
+    if projector_refresh.in_chunks(leaf, g2):
+        new, sched, changed, basis = projector_refresh.refresh(
+            leaf, g2, old, sched, count, attempted
+        )
     else:
-        rotate = leaf.options.moments == "rotate"
         basis_shape = (*leaf.view.batch_shape, leaf.rank, leaf.rank)
         no_basis = jnp.zeros(basis_shape, jnp.float32) if rotate else None  # as refresh's
-        new, sched, *change = jax.lax.cond(
+        new, sched, changed, basis = jax.lax.cond(
             attempted,
             lambda: projector_refresh.refresh(leaf, g2, old, sched, count),
             lambda: (old, sched, jnp.zeros((), bool), no_basis),
         )
-    p = dense(new, compute_dtype(g.dtype))
+    return new, sched, Transition(changed, basis, leaf.left, leaf.low_shape)
+
+
+def project(leaf: LeafProjector, g2: jax.Array, new: Any) -> tuple[jax.Array, jax.Array]:
+    """The low-rank gradient (:func:`galorax.galore_math.project`, in f32) and the dense
+    projector it used; a chunk of a stacked leaf's slices at a time."""
+    opts = leaf.options
+    p = dense(new, compute_dtype(g2.dtype))
     low = chunking.buffer_after(leaf.low_shape, p.dtype, g2)  # written whole below
-    settings = leaf.options.chunking
-    low = map_slices(
-        lambda _, r: project(leaf, *r), low, (g2, p), leaf.n_batch, size, None, settings
-    )
-    return low, new, sched, tuple(change), (g2, low, new, p)
+
+    def one(_: Any, reads: tuple[jax.Array, jax.Array]) -> jax.Array:
+        return galore_math.project(*reads, left=leaf.left, precision=opts.precision)
+
+    size = leaf.chunk_bytes(g2.dtype)
+    low = map_slices(one, low, (g2, p), leaf.n_batch, size, None, opts.chunking)
+    return low, p
 
 
-def finish(
-    leaf: LeafProjector, g: jax.Array, carry: Any, u: jax.Array, norm: Any
+def project_back(
+    leaf: LeafProjector,
+    g: jax.Array,
+    g2: jax.Array,
+    low: jax.Array,
+    u: jax.Array,
+    new: Any,
+    p: jax.Array,
+    norm: Any,
 ) -> tuple[jax.Array, Any]:
     """The update in ``g``'s shape and dtype from the base optimizer's output ``u``
-    (scaled, plus the residual with ``residual``), and the new residual norm; a chunk
-    of a stacked leaf's slices at a time, cast to ``g``'s dtype and written over the
-    gradient's buffer (no second full-size buffer)."""
-    g2, low, new, pd = carry
+    (:func:`galorax.galore_math.project_back`, scaled, plus Fira's compensation with
+    ``residual``) and the new residual norm; a chunk of a stacked leaf's slices at a time,
+    cast to ``g``'s dtype and written over the gradient's buffer (no second full-size
+    buffer).
+
+    Args:
+        leaf: The projected leaf.
+        g: The gradient (its shape and dtype are the update's).
+        g2: :func:`as_matrices` of it.
+        low: :func:`project`'s low-rank gradient.
+        u: The base optimizer's output for ``low``.
+        new: The stored projector.
+        p: :func:`project`'s dense projector.
+        norm: The residual's last norm per matrix.
+    """
     opts = leaf.options
-    p = (pd if is_quantized(new) else new).astype(u.dtype)
+    p = (p if is_quantized(new) else new).astype(u.dtype)
 
     def back(bufs: tuple[jax.Array, Any], reads: tuple[jax.Array, ...]):
         (g2, norm), (low, u, p) = bufs, reads
-        full = project_back(leaf, u, p)
+        full = galore_math.project_back(u, p, left=leaf.left, precision=opts.precision)
         if opts.residual is not None:
             g2 = g2.astype(compute_dtype(g2.dtype))
             term, norm = galore_math.compensation(

@@ -40,4 +40,3 @@ class Residual:
             )
         if not self.limit >= 1.0:
             raise ValueError(f"Residual.limit must be >= 1, got {self.limit!r}.")
-

@@ -1,23 +1,25 @@
-"""Skipping a non-finite train step without a copy of the optimizer state.
+"""Skipping a non-finite train step without a copy of the optimizer state: the step's gate,
+passed to the optimizer's ``update`` as an argument.
 
 A train step that skips updates whose loss or gradients are not finite returns
 ``where(finite, new, old)`` for every state leaf. Where a leaf is updated in place (a chunk
-loop over 8-bit codes, a projector refresh under a cond), that select keeps the old leaf
-alive beside the new one: XLA copies it, and the copy of every such leaf is in the step's
-peak. :func:`gate_step` lets the transforms that can do better skip in place instead:
-while an optimizer update is traced inside it, :func:`active_gate` hands them the step's
-``finite`` flag; they write each chunk, refresh and moment only where it holds, and
-:meth:`StepGate.cover` their state, which :meth:`StepGate.keep` then passes as it is.
-galorax's :func:`~galorax.scale_by_galore`, :func:`~galorax.scale_by_adam` (and
-:func:`~galorax.adamw`) and :func:`~galorax.scale_by_adam_8bit` do.
-
-The gate is read while the update is traced: open it inside the jitted step (as
-``galorax train`` does), not around a call of an update jitted on its own, whose cached
-program would keep the gate (or miss it) for every later call.
+loop over 8-bit codes, a projector refresh), that select keeps the old leaf alive beside
+the new one: XLA copies it, and the copy of every such leaf is in the step's peak. The
+transforms that can do better skip in place instead when given the step's
+:class:`StepGate` as optax's extra argument ``gate=``: they write each chunk, refresh and
+moment only where ``gate.finite`` holds, and :meth:`StepGate.cover` their state, which
+:meth:`StepGate.keep` then passes as it is. galorax's :func:`~galorax.scale_by_galore`
+(and its base optimizer), :func:`~galorax.scale_by_adam` / :func:`~galorax.adamw` and
+:func:`~galorax.scale_by_adam_8bit` do; ``optax.chain``, ``optax.masked`` and
+``optax.inject_hyperparams`` pass the argument on, and transforms without extra arguments
+never see it.
 
 The contract of a covered state: it equals the transform's new state where ``finite``
-holds and the state it was given otherwise. Anything a wrapper builds anew (a
-re-traced or re-packed state) is not covered and gets the select.
+holds and the state it was given otherwise. Anything a wrapper builds anew (a re-packed
+state, an optax transform's count) is not covered and gets the select.
+
+The gate is a Python object made inside the traced step (it is not a JAX value: a jitted
+``update`` cannot take it across its boundary), so create it where the step is traced.
 
 Example:
     >>> import jax, jax.numpy as jnp, optax
@@ -26,8 +28,8 @@ Example:
     >>> params = {"w": jnp.ones((4, 4))}
     >>> state = opt.init(params)
     >>> grads = {"w": jnp.full((4, 4), jnp.nan)}
-    >>> with gate_step(jnp.array(False)) as gate:
-    ...     updates, new = opt.update(grads, state)
+    >>> gate = galorax.StepGate(jnp.array(False))
+    >>> updates, new = opt.update(grads, state, gate=gate)
     >>> kept = gate.keep(new, state)
     >>> int(kept[1].count), bool((kept[1].mu["w"].codes == state[1].mu["w"].codes).all())
     (0, True)
@@ -35,26 +37,24 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
-import threading
-from collections.abc import Iterator
+from collections.abc import Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-__all__ = ["StepGate", "active_gate", "gate_step"]
+__all__ = ["StepGate", "gate_of"]
 
 
 class StepGate:
-    """A train step's ``finite`` flag while its optimizer update is traced.
+    """A train step's ``finite`` flag for the optimizer update it is passed to.
 
     Attributes:
         finite: Scalar bool: whether the step's loss and gradients are all finite.
     """
 
-    def __init__(self, finite: jax.Array) -> None:
-        self.finite = finite
+    def __init__(self, finite: jax.typing.ArrayLike) -> None:
+        self.finite = jnp.asarray(finite)
         self._covered: list[Any] = []
 
     def cover(self, state: Any) -> Any:
@@ -73,34 +73,17 @@ class StepGate:
         return jax.tree.map(select, new, old, is_leaf=self.covers)
 
 
-_LOCAL = threading.local()
+def gate_of(extra_args: Mapping[str, Any]) -> StepGate | None:
+    """The :class:`StepGate` among an ``update``'s extra arguments (``gate=``), or None.
 
+    Raises:
+        TypeError: ``gate`` is something else.
 
-def _gates() -> list[StepGate]:
-    if not hasattr(_LOCAL, "gates"):
-        _LOCAL.gates = []
-    return _LOCAL.gates
-
-
-@contextlib.contextmanager
-def gate_step(finite: jax.Array) -> Iterator[StepGate]:
-    """The step's :class:`StepGate` for the optimizer updates traced inside.
-
-    Args:
-        finite: Scalar bool: whether the step may change anything.
-
-    Yields:
-        The gate: select the state with :meth:`StepGate.keep` after the update.
+    Example:
+        >>> gate_of({}) is None, type(gate_of({"gate": StepGate(True)})).__name__
+        (True, 'StepGate')
     """
-    gate = StepGate(finite)
-    _gates().append(gate)
-    try:
-        yield gate
-    finally:
-        _gates().pop()
-
-
-def active_gate() -> StepGate | None:
-    """The innermost :func:`gate_step`'s gate, or None outside one."""
-    gates = _gates()
-    return gates[-1] if gates else None
+    gate = extra_args.get("gate")
+    if gate is not None and not isinstance(gate, StepGate):
+        raise TypeError(f"`gate` must be a galorax.StepGate, got {type(gate).__name__}.")
+    return gate

@@ -6,11 +6,15 @@ wrong: per-slice projectors for stacked weights (batch axes), a matmul-only rand
 refresh, moments carried across refreshes, staggered refreshes, a f32 projector for
 low-precision weights and refreshes that survive zero or non-finite gradients.
 
-The pieces live in their own modules: the options and their checks in
-:mod:`galorax.options`, the per-leaf math in :mod:`galorax.projector`, the moments'
-rotation in :mod:`galorax.moments`, :class:`GaLoreState` and its ``init`` / ``update``
-over the parameter tree in :mod:`galorax.galore_state`. Here they become the optax
-transformation.
+An update, per projected leaf: (1) refresh the projector where a slice is due, (2)
+project the gradient, (3) carry the base optimizer's moments into the new basis, (4) the
+base optimizer's step on the low-rank gradient, (5) project back (plus the residual).
+The steps over the tree: :mod:`galorax.galore_state`; each step on one leaf:
+:mod:`galorax.projector`; its math on dense arrays: :mod:`galorax.galore_math`; how it runs
+(chunks, in place, quantized storage): :mod:`galorax.chunking`; the options, each declared
+once: :mod:`galorax.options`. Here they become the optax transformation (boxes, checks,
+the step's gate, non-finite leaves, explicit meshes). The whole map:
+``docs/architecture.md``.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from galorax.nonfinite import keep_nonfinite_leaves
 from galorax.options import check_base_optimizer, document_options, galore_options, given_options
 from galorax.residual import Residual
 from galorax.schedule import AdaptiveRefresh
-from galorax.step_gate import active_gate
+from galorax.step_gate import gate_of
 
 if TYPE_CHECKING:
     from galorax.chunking import Chunking
@@ -184,7 +188,7 @@ def scale_by_galore(
         plain, boxed, state = as_plain(updates), state, unbox(state)
         check_same_tree(plain, state.projector)
         projectors = make_projectors(plain, weight_dimension_numbers, opts)
-        gate = active_gate()  # a step that may be skipped: skip in place
+        gate = gate_of(extra_args)  # a step that may be skipped: skip in place
         new = update_state(plain, state, projectors, opts, base_tx, kinds, extra_args, gate)
         out, state = keep_nonfinite_leaves(plain, state, new) if opts.skip_nonfinite else new
         state = restore_boxes(boxed, state)

@@ -26,13 +26,12 @@ import jax.numpy as jnp
 import optax
 
 import galorax
-from galorax import StepMemory, chunking, step_memory, tree_bytes
+from galorax import StepMemory, reductions, step_memory, tree_bytes
 from galorax.app import model as model_lib
 from galorax.app.checkpoint import with_shardings
 from galorax.app.config import DTYPES, RunConfig
 from galorax.app.distributed import TrainPlacement
 from galorax.app.optimizers import run_optimizer
-from galorax.step_gate import gate_step
 
 
 def make_train_step(
@@ -86,12 +85,13 @@ def plain_train_step(mcfg: model_lib.ModelConfig, opt: Any, remat: bool) -> Any:
     def step(params: Any, opt_state: Any, batch: jax.Array) -> tuple[Any, Any, jax.Array]:
         loss, grads = jax.value_and_grad(model_lib.loss_fn)(params, batch, mcfg, remat)
         # Per leaf, not the global norm: finite gradients whose squares overflow are kept.
-        finite = jnp.isfinite(loss) & chunking.tree_all_finite(grads)
+        finite = jnp.isfinite(loss) & reductions.tree_all_finite(grads)
         # A select, not a cond: the finite path computes what it did unguarded (to the
         # last bit where XLA fuses the gated program alike).
-        # galorax's transforms skip in place under the gate (no copy of their state).
-        with gate_step(finite) as gate:
-            updates, new_state = opt.update(grads, opt_state, params)
+        # galorax's transforms skip in place given the gate (no copy of their state).
+        gate = galorax.StepGate(finite)
+        update = optax.with_extra_args_support(opt).update
+        updates, new_state = update(grads, opt_state, params, gate=gate)
         new_params = optax.apply_updates(params, updates)
         loss = jnp.where(finite | ~jnp.isfinite(loss), loss, jnp.nan)
         return gate.keep(new_params, params), gate.keep(new_state, opt_state), loss

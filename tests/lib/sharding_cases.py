@@ -232,8 +232,8 @@ def test_the_gate_covers_galore_on_an_explicit_mesh():
     covered = []
 
     def step(g, s, finite):
-        with galorax.gate_step(finite) as gate:
-            _, new = tx.update(g, s)
+        gate = galorax.StepGate(finite)
+        _, new = tx.update(g, s, gate=gate)
         covered.append(gate.covers(new))
         return gate.keep(new, s)
 

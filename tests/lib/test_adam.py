@@ -10,7 +10,7 @@ import optax
 import pytest
 
 import galorax
-from galorax.step_gate import gate_step
+from galorax.step_gate import StepGate
 
 PARAMS = {"w": jnp.ones((8, 4), jnp.bfloat16), "b": jnp.ones(4), "skip": None}
 
@@ -30,8 +30,8 @@ def _run(opt, finite=None, steps=3):
     def update(g, s):
         if finite is None:
             return opt.update(g, s, PARAMS)
-        with gate_step(jnp.asarray(finite)) as gate:
-            u, new = opt.update(g, s, PARAMS)
+        gate = StepGate(jnp.asarray(finite))
+        u, new = opt.update(g, s, PARAMS, gate=gate)
         return u, gate.keep(new, s)
 
     state, outs = opt.init(PARAMS), []
@@ -75,8 +75,8 @@ def _donated_temp(opt, grads, gated: bool) -> int:
 
     def step(params, state, grads, finite):
         if gated:
-            with gate_step(finite) as gate:
-                u, new = opt.update(grads, state)
+            gate = StepGate(finite)
+            u, new = opt.update(grads, state, gate=gate)
             keep = gate.keep
         else:
             u, new = opt.update(grads, state)

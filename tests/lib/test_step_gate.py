@@ -1,5 +1,6 @@
 """Tests of galorax.step_gate: a skipped step leaves galorax's states as they were, in place
-(no copy of the state in the compiled step), and a finite step is unchanged by the gate."""
+(no copy of the state in the compiled step), and a finite step is unchanged by the gate,
+which reaches the transforms as an argument (``update(..., gate=gate)``)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import optax
 import pytest
 
 import galorax
-from galorax.step_gate import active_gate, gate_step
+from galorax.step_gate import StepGate, gate_of
 
 PARAMS = {"stack": jnp.ones((4, 16, 8)), "w": jnp.ones((16, 8)), "b": jnp.ones(8)}
 DIMS = {
@@ -53,8 +54,8 @@ def _grads(seed: int, bad: bool = False):
 def _gated_update(opt, finite):
     @jax.jit
     def update(grads, state, finite):
-        with gate_step(finite) as gate:
-            updates, new = opt.update(grads, state, PARAMS)
+        gate = StepGate(finite)
+        updates, new = opt.update(grads, state, PARAMS, gate=gate)
         return updates, gate.keep(new, state)
 
     return lambda grads, state: update(grads, state, jnp.asarray(finite))
@@ -99,10 +100,8 @@ def test_a_skipped_step_leaves_the_state_as_it_was(name, bad):
 def test_galorax_transforms_cover_their_state_and_others_get_the_select():
     opt = _optimizers()["chained"]
     state = opt.init(PARAMS)
-    with gate_step(jnp.asarray(False)) as gate:
-        assert active_gate() is gate
-        _, new = opt.update(_grads(0), state, PARAMS)
-    assert active_gate() is None
+    gate = StepGate(jnp.asarray(False))
+    _, new = opt.update(_grads(0), state, PARAMS, gate=gate)
     galore_state = new[1].inner_state[0]  # galore = chain(scale_by_galore, decay, lr)
     assert gate.covers(galore_state) and not gate.covers(new[1])
     kept = gate.keep(new, state)
@@ -115,8 +114,8 @@ def _step_temp(opt, state, grads, gated: bool) -> int:
 
     def step(grads, state, finite):
         if gated:
-            with gate_step(finite) as gate:
-                _, new = opt.update(grads, state)
+            gate = StepGate(finite)
+            _, new = opt.update(grads, state, gate=gate)
             return gate.keep(new, state)
         _, new = opt.update(grads, state)
         return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state)
@@ -135,3 +134,15 @@ def test_a_gated_8bit_step_needs_no_copy_of_the_codes():
     codes = 2 * 16 * 256 * 256  # mu's and nu's int8 codes
     gated, plain = (_step_temp(opt, state, grads, g) for g in (True, False))
     assert plain - gated >= codes, (gated, plain, codes)  # one copy of every code less
+
+
+def test_the_gate_is_an_argument_not_ambient_state():
+    """Without ``gate=`` the update is the ungated one; a wrong ``gate`` is named."""
+    opt = _optimizers()["chained"]
+    state = opt.init(PARAMS)
+    plain, _ = opt.update(_grads(1, bad=True), state, PARAMS)
+    assert not bool(
+        jnp.all(jnp.isfinite(plain[1]["b"] if isinstance(plain, tuple) else plain["b"]))
+    )
+    with pytest.raises(TypeError, match="`gate` must be a galorax.StepGate"):
+        gate_of({"gate": True})
