@@ -114,7 +114,7 @@ def per_layer_params() -> Any:
 def run_per_layer() -> dict[str, np.ndarray]:
     """Summed updates of a per-layer GaLore step on a tiny stacked model."""
     params = per_layer_params()
-    tx = galorax.per_layer(_galore(), max_grad_norm=1.0, chunking=CHUNKING)
+    tx = galorax.per_layer(_galore(), max_grad_norm=1.0)
     state = tx.init(params)
     step = jax.jit(
         galorax.per_layer_step(
