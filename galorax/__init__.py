@@ -21,8 +21,7 @@ neither JAX nor the training application until one is touched):
 * Bytes, for any model and optimizer: :func:`tree_bytes`, :func:`plan_memory` /
   :class:`MemoryPlan` (weights, gradients, state), :func:`compiled_memory` /
   :func:`step_memory` / :class:`StepMemory` (XLA's analysis of a compiled step). The
-  LLaMA presets and ``galorax memory``'s tables are the application's
-  (``galorax.app.planner``).
+  LLaMA presets and ``galorax memory``'s tables are the application's.
 * Namespaces: :mod:`galorax.quantization` (block-wise codes, quantized projectors),
   :mod:`galorax.sharding` (meshes and state shardings), :mod:`galorax.torch` (PyTorch).
 """

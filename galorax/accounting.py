@@ -1,7 +1,7 @@
 """Byte accounting for any model and optimizer: bytes of pytrees (real or abstract), of a
 training setup's weights, gradients and optimizer state (:func:`plan_memory`), and XLA's
 memory analysis of a compiled step (:func:`compiled_memory`). The LLaMA presets and the
-``galorax memory`` tables built on these live in the application (``galorax.app.planner``).
+``galorax memory`` tables built on these are the application's (its planner).
 
 Example:
     >>> import jax, jax.numpy as jnp

@@ -291,13 +291,8 @@ def per_layer_step(
             upd, s1_new = inner.update({**masked_outer, stack: g1}, s1, {**masked_outer, stack: p1})
             p1_new = gate.keep(optax.apply_updates(p1, upd[stack]), p1)
             layer_state = put_layer(layer_state, i, gate.keep(s1_new, s1))
-            return (
-                put_layer(layers, i, p1_new),
-                layer_state,
-                dx,
-                s1_new,
-                sq + tree_sum_squares(g, WHOLE),
-            ), None
+            sq = sq + tree_sum_squares(g, WHOLE)
+            return (put_layer(layers, i, p1_new), layer_state, dx, s1_new, sq), None
 
         first = take_layer(state.layers, 0)
         carry = (params[stack], state.layers, dx, first, jnp.zeros([]))
@@ -309,19 +304,10 @@ def per_layer_step(
         grads = jax.tree.map(jnp.add, grads_head, grads_embed)
         norm = jnp.sqrt(sq + tree_sum_squares(grads, WHOLE))
         new_outer, outer_state = _update_outer(
-            inner,
-            stack,
-            _scaled(grads, scale),
-            state.outer,
-            outer,
-            _masked(layers),
-            ok,
+            inner, stack, _scaled(grads, scale), state.outer, outer, _masked(layers), ok
         )
         grad_norm = jnp.where(ok, norm, state.grad_norm)
-        return (
-            loss,
-            {**new_outer, stack: layers},
-            PerLayerState(outer_state, layer_state, grad_norm),
-        )
+        new_state = PerLayerState(outer_state, layer_state, grad_norm)
+        return loss, {**new_outer, stack: layers}, new_state
 
     return step

@@ -4,7 +4,7 @@ A declaration (:class:`Option`) gives an option's name, type, default, check and
 doc. Everything else is built from it: :func:`galore_options` checks the given values, once,
 when the transform is built (not when it first runs), into one frozen :class:`GaLoreOptions`
 that the per-leaf code and the transform read; the application's command line takes its
-GaLore flags' choices and defaults from it (``galorax.app.config``) and ``galorax.torch`` its
+GaLore flags' choices and defaults from it (the application's config) and ``galorax.torch`` its
 param-group keys (``galorax.torch.groups``). ``scale_by_galore`` and ``galore`` write their
 signatures out, for readers and type checkers; a test holds them to the declarations.
 

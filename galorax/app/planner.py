@@ -64,31 +64,41 @@ Assumptions (ours vs the paper's estimates):
 
 
 class MemoryEstimate(NamedTuple):
-    """Bytes of one training configuration (all sizes in bytes).
+    """One training configuration of a preset and its bytes (:class:`galorax.MemoryPlan`:
+    ``weights``, ``grads``, ``state``, ``projectors`` and ``total``, read through).
 
     Attributes:
         option: One of :data:`OPTIONS` (with a ``+int8P`` / ``+int4P`` suffix for quantized
             projectors).
         rank: GaLore rank (0 for full-rank optimizers).
         n_params: Number of parameters.
-        weights: Parameter bytes.
-        grads: Gradient bytes (one per parameter, in the params dtype).
-        state: Optimizer state bytes (for GaLore: moments, projectors, refresh schedules).
-        projectors: The part of ``state`` held by GaLore projectors.
+        plan: Its bytes.
     """
 
     option: str
     rank: int
     n_params: int
-    weights: int
-    grads: int
-    state: int
-    projectors: int
+    plan: galorax.MemoryPlan
+
+    @property
+    def weights(self) -> int:
+        return self.plan.weights
+
+    @property
+    def grads(self) -> int:
+        return self.plan.grads
+
+    @property
+    def state(self) -> int:
+        return self.plan.state
+
+    @property
+    def projectors(self) -> int:
+        return self.plan.projectors
 
     @property
     def total(self) -> int:
-        """Weights + gradients + optimizer state."""
-        return self.weights + self.grads + self.state
+        return self.plan.total
 
 
 def parse_bytes(text: str) -> int:
@@ -162,7 +172,7 @@ def plan_memory(
         option=option,
         rank=rank if projects(option) else 0,
         n_params=model_lib.count_params(params),
-        **plan._asdict(),
+        plan=plan,
     )
 
 
@@ -227,7 +237,8 @@ def divergence_note(estimate: MemoryEstimate, step_peak: int) -> str:
     """Why XLA's compiled peak and the planner's total differ, when by more than 15%.
 
     Example:
-        >>> e = MemoryEstimate("adamw", 0, 10, weights=100, grads=100, state=200, projectors=0)
+        >>> import galorax
+        >>> e = MemoryEstimate("adamw", 0, 10, galorax.MemoryPlan(100, 100, 200, 0))
         >>> divergence_note(e, 420), divergence_note(e, 600)[:40]
         ('', 'XLA peak 50% above the planner: activati')
     """
