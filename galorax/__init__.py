@@ -7,6 +7,8 @@ The public surface, by what it is for (names load on first use: ``import galorax
 neither JAX nor the training application until one is touched):
 
 * The transform: :func:`galore`, :func:`scale_by_galore`, :class:`GaLoreState`.
+* APOLLO and APOLLO-Mini: :func:`apollo`, :func:`apollo_mini`, :func:`scale_by_apollo`,
+  :class:`ApolloState`.
 * How weights become matrices: :class:`GaLoreDimensionNumbers`, :class:`MatrixView`,
   :func:`default_dimension_numbers`, :func:`dimension_numbers_from_rules`.
 * Refresh options and their math: :class:`Randomized`, :func:`randomized_basis`,
@@ -39,6 +41,11 @@ _EXPORTS = {
     "GaLoreState": "galorax.transform",
     "galore": "galorax.transform",
     "scale_by_galore": "galorax.transform",
+    # APOLLO
+    "ApolloState": "galorax.apollo_transform",
+    "apollo": "galorax.apollo_transform",
+    "apollo_mini": "galorax.apollo_transform",
+    "scale_by_apollo": "galorax.apollo_transform",
     # weights as matrices
     "GaLoreDimNumsOrFn": "galorax.dimension_numbers",
     "GaLoreDimensionNumbers": "galorax.dimension_numbers",
@@ -109,6 +116,7 @@ if TYPE_CHECKING:
     )
     from galorax.adam import adamw, scale_by_adam
     from galorax.adam8bit import ScaleByAdam8bitState, adamw_8bit, scale_by_adam_8bit
+    from galorax.apollo_transform import ApolloState, apollo, apollo_mini, scale_by_apollo
     from galorax.chunking import Chunking
     from galorax.clipping import clip_by_global_norm
     from galorax.dimension_numbers import (
