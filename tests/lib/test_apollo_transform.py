@@ -1,6 +1,6 @@
-"""Tests of galorax.apollo_transform: APOLLO against a dense reference written from apollo-torch 1.0.3's
-``AdamW.step`` (numpy, the same projections), batch axes, per-layer updates, the step's gate,
-8-bit moments and the aliases."""
+"""Tests of galorax.apollo_transform: APOLLO against a dense reference written from
+apollo-torch 1.0.3's ``AdamW.step`` (numpy, the same projections), batch axes, per-layer
+updates, the step's gate, 8-bit moments and the aliases."""
 
 from __future__ import annotations
 
