@@ -54,7 +54,7 @@ from galorax.chunking import Chunking, map_slices, map_stored
 from galorax.compat import as_plain, rebox
 from galorax.dimension_numbers import GaLoreDimNumsOrFn, check_same_tree, is_masked
 from galorax.leaf import LeafProjector, is_projector_leaf, make_projectors
-from galorax.options import galore_options
+from galorax.options import galore_options, with_keywords_of
 from galorax.quantization.blockwise import dequantize_blockwise, is_quantized, quantized_zeros
 from galorax.step_gate import gate_of
 
@@ -270,6 +270,7 @@ def _projected(
     return leaf.view.from_matrix(full), mu, nu, norm if hyper.growth is not None else prev
 
 
+@with_keywords_of(scale_by_apollo)
 def apollo(
     learning_rate: optax.ScalarOrSchedule,
     rank: int = 256,
@@ -292,6 +293,7 @@ def apollo(
     )
 
 
+@with_keywords_of(scale_by_apollo)
 def apollo_mini(
     learning_rate: optax.ScalarOrSchedule,
     update_proj_gap: int = 200,

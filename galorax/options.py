@@ -23,6 +23,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from collections.abc import Callable, Mapping
 from inspect import Parameter, Signature
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
@@ -81,6 +82,7 @@ __all__ = [
     "document_options",
     "galore_options",
     "given_options",
+    "with_keywords_of",
 ]
 
 #: Every option of :func:`galorax.scale_by_galore`, in the order of its signature: optax's
@@ -143,6 +145,32 @@ def given_options(scope: Mapping[str, Any]) -> dict[str, Any]:
         (4, False, True)
     """
     return {o.name: scope[o.name] for o in OPTIONS}
+
+
+def with_keywords_of(like: Callable[..., Any]) -> Callable[[_F], _F]:
+    """Decorates an alias that forwards ``**options`` to ``like`` (``galore`` to
+    ``scale_by_galore``): its signature shows ``like``'s keyword-only parameters in place of
+    ``**options`` (``inspect.signature``, ``help``, ``optax.inject_hyperparams``), written
+    once, in ``like``'s signature.
+
+    Example:
+        >>> def f(a, *, b=1): ...
+        >>> @with_keywords_of(f)
+        ... def g(x, **options): ...
+        >>> import inspect
+        >>> str(inspect.signature(g))
+        '(x, *, b=1)'
+    """
+
+    def decorate(fn: _F) -> _F:
+        own = inspect.signature(fn)
+        kept = [p for p in own.parameters.values() if p.kind is not Parameter.VAR_KEYWORD]
+        extra = inspect.signature(like).parameters.values()
+        keywords = [p for p in extra if p.kind is Parameter.KEYWORD_ONLY]
+        fn.__signature__ = own.replace(parameters=[*kept, *keywords])  # type: ignore[attr-defined]
+        return fn
+
+    return decorate
 
 
 def document_options(fn: _F) -> _F:

@@ -32,7 +32,13 @@ from galorax.galore_state import GaLoreState, init_state, update_state
 from galorax.leaf import make_projectors
 from galorax.moments import moment_kinds
 from galorax.nonfinite import keep_nonfinite_leaves
-from galorax.options import check_base_optimizer, document_options, galore_options, given_options
+from galorax.options import (
+    check_base_optimizer,
+    document_options,
+    galore_options,
+    given_options,
+    with_keywords_of,
+)
 from galorax.residual import Residual
 from galorax.schedule import AdaptiveRefresh
 from galorax.step_gate import gate_of
@@ -198,6 +204,7 @@ def scale_by_galore(
     return optax.GradientTransformationExtraArgs(init_fn, placement.auto_axes_update(update_fn))
 
 
+@with_keywords_of(scale_by_galore)
 @document_options
 def galore(
     learning_rate: optax.ScalarOrSchedule,
@@ -208,21 +215,7 @@ def galore(
     weight_decay: jax.typing.ArrayLike = 0.0,
     mask: Any | Callable[[optax.Params], Any] | None = None,
     weight_dimension_numbers: GaLoreDimNumsOrFn | None = None,
-    *,
-    subspace: Subspace = "randomized",
-    moments: Moments = "rotate",
-    stagger: bool = True,
-    side: Side = "auto",
-    projector_dtype: Any = "float32",
-    precision: jax.lax.Precision | str | None = jax.lax.Precision.HIGHEST,
-    residual: Residual | bool | None = None,
-    adaptive: AdaptiveRefresh | bool | None = None,
-    projector_bits: int | None = None,
-    refresh_axes: str | Sequence[str] | None = None,
-    skip_nonfinite: bool = False,
-    moment_fields: Mapping[str, MomentKind] | None = None,
-    leafwise_base: bool | None = None,
-    chunking: Chunking | None = None,
+    **options: Any,
 ) -> optax.GradientTransformationExtraArgs:
     """GaLore: Memory-efficient training via gradient low-rank projection.
 
@@ -300,12 +293,9 @@ def galore(
     Returns:
         A ``GradientTransformationExtraArgs`` implementing GaLore.
     """
-    options = given_options(locals())  # every option as given (galorax.options.OPTIONS)
     return optax.chain(
         scale_by_galore(
-            base_optimizer=base_optimizer,
-            weight_dimension_numbers=weight_dimension_numbers,
-            **options,
+            rank, update_proj_gap, scale, base_optimizer, weight_dimension_numbers, **options
         ),
         optax.add_decayed_weights(weight_decay, mask),
         optax.scale_by_learning_rate(learning_rate),
