@@ -36,7 +36,13 @@ import jax
 import galorax
 from galorax.app import compare, distributed, memory
 from galorax.app.checkpoint import CheckpointError
-from galorax.app.config import EIGHT_BIT, GALORE_DEFAULTS, UsageError
+from galorax.app.config import (
+    DEFAULT_LR,
+    EIGHT_BIT,
+    GALORE_DEFAULTS,
+    LOW_RANK_SETTINGS,
+    UsageError,
+)
 from galorax.app.data import DataError, cache_dir
 from galorax.app.flags import (
     add_model_arguments,
@@ -63,11 +69,8 @@ class Subcommand(NamedTuple):
 
 def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     add_option(p, "--optimizer", shown="galore")
-    p.add_argument(
-        "--lr",
-        type=float,
-        help="peak learning rate (default: adamw 1e-3, galore and optax-galore 1e-2)",
-    )
+    lrs = ", ".join(f"{name} {lr:g}" for name, lr in DEFAULT_LR.items())
+    p.add_argument("--lr", type=float, help=f"peak learning rate (default: {lrs})")
     add_model_arguments(p)
     g = p.add_argument_group("output and checkpoints")
     add_option(g, "--out", shown="runs/<preset>-<optimizer>-<time>")
@@ -117,12 +120,14 @@ def _default_out(prefix: str) -> str:
     return f"runs/{prefix}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-#: The ``TrainConfig`` fields only the GaLore optimizers use (``--rank`` ... ``--adaptive``).
+#: The ``TrainConfig`` fields only the low-rank optimizers use (``--rank`` ... ``--adaptive``):
+#: GaLore's, APOLLO's (``rank``, ``update_proj_gap``, ``scale``: :data:`LOW_RANK_SETTINGS`).
 GALORE_ONLY = ("rank", "update_proj_gap", "scale", *GALORE_DEFAULTS)
 
 
 def check_galore_only(flags: dict[str, object]) -> None:
-    """Rejects GaLore-only flags the user set for an AdamW run (they would be ignored).
+    """Rejects GaLore-only flags the user set for an AdamW run (they would be ignored); those
+    an APOLLO run does not take are :func:`~galorax.app.config.resolve_config`'s to refuse.
 
     Args:
         flags: The fields set on the command line (:func:`~galorax.app.flags.given_flags`).
@@ -135,17 +140,20 @@ def check_galore_only(flags: dict[str, object]) -> None:
         >>> check_galore_only({"optimizer": "adamw", "rank": 4})
         Traceback (most recent call last):
         ...
-        galorax.app.config.UsageError: --rank applies to GaLore optimizers; drop it or use ...
+        galorax.app.config.UsageError: --rank applies to GaLore and APOLLO optimizers; drop ...
     """
     optimizer = str(flags.get("optimizer", ""))
     if EIGHT_BIT.get(optimizer, optimizer) != "adamw":
         return
-    given = ["--" + k.replace("_", "-") for k in GALORE_ONLY if k in flags]
+    given = [k for k in GALORE_ONLY if k in flags]
     if given:
         them = ("it", "applies") if len(given) == 1 else ("them", "apply")
         galore = "galore8bit" if optimizer in EIGHT_BIT else "galore"
+        apollo = set(given) <= set(LOW_RANK_SETTINGS["apollo"])  # APOLLO takes them too
+        which = "GaLore and APOLLO" if apollo else "GaLore"
+        flags_text = ", ".join("--" + k.replace("_", "-") for k in given)
         raise UsageError(
-            f"{', '.join(given)} {them[1]} to GaLore optimizers; drop {them[0]} or use "
+            f"{flags_text} {them[1]} to {which} optimizers; drop {them[0]} or use "
             f"--optimizer {galore}"
         )
 
@@ -185,7 +193,10 @@ def _run_train(args: argparse.Namespace) -> int:
 #: The subcommands, in the order ``galorax --help`` lists them.
 SUBCOMMANDS: tuple[Subcommand, ...] = (
     Subcommand(
-        "train", "train a LLaMA-style model (GaLore by default)", _add_train_arguments, _run_train
+        "train",
+        "train a LLaMA-style model (GaLore by default; AdamW, APOLLO...)",
+        _add_train_arguments,
+        _run_train,
     ),
     Subcommand(
         "compare",
@@ -212,7 +223,8 @@ class _Parser(argparse.ArgumentParser):
 def build_parser(subcommands: Sequence[Subcommand] = SUBCOMMANDS) -> argparse.ArgumentParser:
     """The ``galorax`` parser with ``subcommands`` (default: :data:`SUBCOMMANDS`)."""
     parser = _Parser(
-        prog="galorax", description="GaLore (Gradient Low-Rank Projection) for JAX/optax."
+        prog="galorax",
+        description="GaLore (Gradient Low-Rank Projection) and APOLLO for JAX/optax.",
     )
     parser.add_argument("--version", action="version", version=f"galorax {galorax.__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)

@@ -3,7 +3,9 @@
 Each run spec is ``OPTIMIZER[:key=value]...``; ``lr`` may list several values (a sweep) and
 the best final validation loss is kept. Keys: ``lr``, ``rank``, ``scale``, ``gap``
 (``update_proj_gap``), ``subspace``, ``moments``, ``stagger``, ``side``, ``weight_decay``,
-``residual``, ``adaptive``, ``state_bits``, ``projector_bits``, ``label``. Writes
+``residual``, ``adaptive``, ``state_bits``, ``projector_bits``, ``label``; ``rank``,
+``scale`` and ``gap`` are galore's, optax-galore's and apollo's (apollo-mini's rank is 1:
+only ``scale`` and ``gap``), GaLore's own keys galore's only. Writes
 ``compare.md`` (best run per spec, the whole sweep, the command) and ``compare.png`` (all
 curves plus a memory/speed table) into ``--out``; each run's own files are under
 ``runs/<label>/lr-<lr>/`` (a label is a plain name, never a path); ``--resume`` reuses the
@@ -35,7 +37,9 @@ from galorax.app import data as data_lib
 from galorax.app.compare_report import format_report, plot_comparison
 from galorax.app.config import (
     EIGHT_BIT,
+    FIXED_RANK,
     GALORE_DEFAULTS,
+    LOW_RANK_SETTINGS,
     OPTIMIZERS,
     RunConfig,
     TrainConfig,
@@ -77,7 +81,8 @@ _KEYS: dict[str, Any] = {
 }
 
 
-#: Spec keys by optimizer family: AdamW takes none of GaLore's, optax-galore only these.
+#: Spec keys of the low-rank settings (:data:`~galorax.app.config.LOW_RANK_SETTINGS` says
+#: which optimizer takes which; GaLore's own keys only galore).
 _GALORE_KEYS = ("rank", "scale", "gap", "update_proj_gap")
 _LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
@@ -99,8 +104,10 @@ def _check_key(key: str, optimizer: str) -> None:
     base = EIGHT_BIT.get(optimizer, optimizer)
     if base == "adamw" and (key in _GALORE_KEYS or key in GALORE_DEFAULTS):
         raise ValueError(f"{optimizer} takes no {key}; only galore (and optax-galore) do")
-    if base == "optax-galore" and key in GALORE_DEFAULTS:
-        raise ValueError(f"optax-galore takes no {key}; use galore:{key}=...")
+    if base in FIXED_RANK and key == "rank":
+        raise ValueError(f"{optimizer} has rank {FIXED_RANK[base]}; use apollo:rank=...")
+    if base != "galore" and key in GALORE_DEFAULTS:
+        raise ValueError(f"{optimizer} takes no {key}; use galore:{key}=...")
 
 
 def _check_label(label: str) -> str:
@@ -155,6 +162,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_option(p, "--resume")
     add_option(p, "--overwrite")
     add_option(p, "--no-progress")
+
+
+def _settings(optimizer: str) -> tuple[str, ...]:
+    """The low-rank settings ``optimizer`` takes (``rank``, ``update_proj_gap``, ``scale``)."""
+    return LOW_RANK_SETTINGS[EIGHT_BIT.get(optimizer, optimizer)]
+
+
+def _run_config(base: TrainConfig, spec: RunSpec, lr: float | None) -> TrainConfig:
+    """One compared run's settings: ``base`` with the spec's; the shared ``--rank`` (etc.)
+    reaches the runs that take it (APOLLO-Mini's rank is fixed: not its)."""
+    cfg = dataclasses.replace(base, optimizer=spec.optimizer, lr=lr, **spec.overrides)
+    if EIGHT_BIT.get(spec.optimizer, spec.optimizer) in FIXED_RANK:
+        cfg = dataclasses.replace(cfg, rank=None)
+    return cfg
 
 
 def _lr_dir(lr: float | None) -> str:
@@ -214,7 +235,7 @@ def run_comparison(
     results = []
     for spec in specs:
         for lr in spec.lrs:
-            cfg = dataclasses.replace(base, optimizer=spec.optimizer, lr=lr, **spec.overrides)
+            cfg = _run_config(base, spec, lr)
             run_dir = out / "runs" / spec.label / _lr_dir(lr)
             log(f"== {spec.label} lr={lr if lr is not None else 'default'}")
             try:
@@ -250,12 +271,16 @@ def _check_specs(base: TrainConfig, specs: list[RunSpec]) -> None:
     set_here = [
         k for k in ("rank", "update_proj_gap", "scale") if getattr(base, k) != getattr(defaults, k)
     ]
-    if set_here and all(EIGHT_BIT.get(s.optimizer, s.optimizer) == "adamw" for s in specs):
-        flags = ", ".join("--" + k.replace("_", "-") for k in set_here)
-        raise UsageError(f"{flags}: no run in --runs is a GaLore run; drop it or add one")
+    unused = [k for k in set_here if not any(k in _settings(s.optimizer) for s in specs)]
+    if unused:
+        flags = ", ".join("--" + k.replace("_", "-") for k in unused)
+        it = "it" if len(unused) == 1 else "them"
+        raise UsageError(
+            f"{flags}: no run in --runs takes {it}; drop {it} or add a galore or apollo run"
+        )
     for spec in specs:
         for lr in spec.lrs:
-            cfg = dataclasses.replace(base, optimizer=spec.optimizer, lr=lr, **spec.overrides)
+            cfg = _run_config(base, spec, lr)
             try:
                 resolve_config(cfg)
             except UsageError as e:

@@ -8,6 +8,9 @@ Example:
     (1, 0.001, 'adamw')
     >>> resolve_config(TrainConfig(optimizer="galore8bit")).name  # = galore --state-bits 8
     'galore8bit'
+    >>> run = resolve_config(TrainConfig(optimizer="apollo-mini", preset="60m"))
+    >>> run.rank, run.scale  # APOLLO-Mini: rank 1, the paper's scale
+    (1, 128.0)
 """
 
 from __future__ import annotations
@@ -26,16 +29,55 @@ class UsageError(ValueError):
     """A bad flag or output directory; the message names the flag and the fix."""
 
 
-#: Every optimizer the application builds (``galorax train --optimizer``).
-OPTIMIZERS = ("galore", "adamw", "optax-galore", "galore8bit", "adamw8bit")
+#: Every optimizer the application builds (``galorax train --optimizer``): GaLore
+#: (:func:`galorax.galore`), AdamW, optax's GaLore, APOLLO and APOLLO-Mini
+#: (:func:`galorax.apollo`, :func:`galorax.apollo_mini`) and their 8-bit names.
+OPTIMIZERS = (
+    "galore",
+    "adamw",
+    "optax-galore",
+    "apollo",
+    "apollo-mini",
+    "galore8bit",
+    "adamw8bit",
+    "apollo8bit",
+    "apollo-mini8bit",
+)
 #: Names for an optimizer with 8-bit Adam moments: the optimizer with ``--state-bits 8``.
-EIGHT_BIT = {"galore8bit": "galore", "adamw8bit": "adamw"}
+EIGHT_BIT = {
+    "galore8bit": "galore",
+    "adamw8bit": "adamw",
+    "apollo8bit": "apollo",
+    "apollo-mini8bit": "apollo-mini",
+}
 #: The optimizers ``galorax memory`` sizes by default (it sizes every one of
 #: :data:`OPTIMIZERS`; ``optax-galore``, which shares one projector across the layers, on
 #: request). ``galore8bit``: GaLore with 8-bit Adam as base optimizer (the embeddings,
 #: norms and head, which GaLore leaves full-rank, get 8-bit moments too, as in the paper's
-#: ``GaLoreAdamW8bit``).
-PLANNED_OPTIMIZERS = tuple(sorted(o for o in OPTIMIZERS if o != "optax-galore"))
+#: ``GaLoreAdamW8bit``); ``apollo8bit``, ``apollo-mini8bit``: APOLLO's moments in 8 bits
+#: (``moment_bits=8``), the full-rank leaves' too.
+PLANNED_OPTIMIZERS = (
+    "adamw",
+    "adamw8bit",
+    "galore",
+    "galore8bit",
+    "apollo",
+    "apollo8bit",
+    "apollo-mini",
+    "apollo-mini8bit",
+)
+#: Which of the run settings ``rank``, ``update_proj_gap`` and ``scale`` each optimizer
+#: takes (flags ``--rank``, ``--update-proj-gap``, ``--scale``; the others are refused):
+#: APOLLO-Mini's rank is fixed (:data:`FIXED_RANK`), AdamW has none of them.
+LOW_RANK_SETTINGS: dict[str, tuple[str, ...]] = {
+    "galore": ("rank", "update_proj_gap", "scale"),
+    "optax-galore": ("rank", "update_proj_gap", "scale"),
+    "apollo": ("rank", "update_proj_gap", "scale"),
+    "apollo-mini": ("update_proj_gap", "scale"),
+    "adamw": (),
+}
+#: Optimizers whose rank is not a setting: APOLLO-Mini projects to rank 1.
+FIXED_RANK = {"apollo-mini": 1}
 #: Dtypes by name (the flags' values; the short names are :data:`DTYPE_ALIASES`').
 DTYPES: dict[str, Any] = {
     "float32": jnp.float32,
@@ -50,8 +92,24 @@ DTYPE_ALIASES = {"f32": "float32", "bf16": "bfloat16", "f16": "float16"}
 TRAIN_DTYPES = ("float32", "bfloat16")
 #: GaLore projector storage dtypes (``galorax memory --projector-dtype``).
 PROJECTOR_DTYPES = ("float32", "bfloat16", "float16")
-#: Per-optimizer default peak learning rates (the paper tuned GaLore higher, scale 0.25).
-DEFAULT_LR = {"adamw": 1e-3, "galore": 1e-2, "optax-galore": 1e-2}
+#: Per-optimizer default peak learning rates (the paper tuned GaLore higher, scale 0.25;
+#: APOLLO's paper trains APOLLO and APOLLO-Mini at GaLore's 1e-2).
+DEFAULT_LR = {
+    "adamw": 1e-3,
+    "galore": 1e-2,
+    "optax-galore": 1e-2,
+    "apollo": 1e-2,
+    "apollo-mini": 1e-2,
+}
+#: Per-optimizer default ``--scale``: GaLore's paper 0.25; APOLLO 1 and APOLLO-Mini 128,
+#: the APOLLO paper's (:func:`galorax.apollo`, :func:`galorax.apollo_mini`). AdamW takes none.
+DEFAULT_SCALE = {
+    "galore": 0.25,
+    "optax-galore": 0.25,
+    "apollo": 1.0,
+    "apollo-mini": 128.0,
+    "adamw": 0.25,
+}
 #: The options of :func:`galorax.galore` that ``--optimizer galore`` takes as flags of their
 #: own name (``--subspace`` ...), in the order of the help. Their meaning, choices and defaults
 #: are the library's declarations (:data:`galorax.options.OPTIONS`); ``rank``,
@@ -86,16 +144,20 @@ class TrainConfig:
     Attributes:
         preset: Model size, a key of :data:`galorax.app.model.PRESETS`.
         optimizer: One of :data:`OPTIMIZERS`.
-        rank: GaLore rank (default: the paper's rank for the preset; d_model / 4 for tiny).
-        update_proj_gap: Steps between projector refreshes.
-        scale: GaLore update scale (the paper's 0.25).
+        rank: GaLore or APOLLO rank (default: GaLore's paper's rank for the preset; d_model
+            / 4 for tiny); APOLLO-Mini's is 1 (:data:`FIXED_RANK`: not a setting).
+        update_proj_gap: Steps between projector refreshes (APOLLO: between draws of its
+            random projection).
+        scale: Update scale (default per optimizer: :data:`DEFAULT_SCALE`, GaLore's paper's
+            0.25, APOLLO 1, APOLLO-Mini 128).
         lr: Peak learning rate (default per optimizer: :data:`DEFAULT_LR`).
         warmup: Linear warmup steps (default 10% of ``steps``), then cosine decay to 10%.
         steps: Total optimizer steps.
         batch_size: Sequences per step.
         seq_len: Tokens per sequence.
         dtype: Parameter dtype, ``float32`` or ``bfloat16``.
-        seed: Seed of the initialization and the data order.
+        seed: Seed of the initialization and the data order (and of GaLore's randomized
+            refreshes' sketches, APOLLO's random projections).
         weight_decay: Decoupled weight decay (all optimizers; the paper used 0).
         grad_clip: Global-norm gradient clipping (0 disables).
         data: ``None`` (embedded stdlib corpus), a path, ``c4`` or ``hf:NAME[:CONFIG]``.
@@ -110,7 +172,8 @@ class TrainConfig:
             (:class:`galorax.Residual`); None: off.
         adaptive: galore only: adaptive refresh gaps (:class:`galorax.AdaptiveRefresh`).
         state_bits: 32, or 8 for 8-bit Adam moments (adamw: :func:`galorax.adamw_8bit`;
-            galore: :func:`galorax.scale_by_adam_8bit` as the base optimizer).
+            galore: :func:`galorax.scale_by_adam_8bit` as the base optimizer; apollo and
+            apollo-mini: ``moment_bits=8``).
         projector_bits: galore only: store projectors in 8 or 4 bits (None: f32).
         remat: Recompute activations in the backward pass (less memory, more compute).
         per_layer_updates: Update each layer as its gradient is ready, one layer's gradient
@@ -126,7 +189,7 @@ class TrainConfig:
     optimizer: str = "galore"
     rank: int | None = None
     update_proj_gap: int = 200
-    scale: float = 0.25
+    scale: float | None = None
     lr: float | None = None
     warmup: int | None = None
     steps: int | None = None
@@ -157,10 +220,11 @@ class TrainConfig:
 class RunConfig:
     """A resolved, validated :class:`TrainConfig`: every field concrete.
 
-    ``optimizer`` is ``galore``, ``adamw`` or ``optax-galore`` (8-bit names become
-    ``state_bits=8``); the GaLore-only fields hold :data:`GALORE_DEFAULTS` unless given
-    (and are unused by the other optimizers); ``data`` ``""`` is the embedded stdlib corpus,
-    ``mesh`` ``""`` one device.
+    ``optimizer`` is ``galore``, ``adamw``, ``optax-galore``, ``apollo`` or ``apollo-mini``
+    (8-bit names become ``state_bits=8``); the GaLore-only fields hold
+    :data:`GALORE_DEFAULTS` unless given (and are unused by the other optimizers); ``rank``
+    is APOLLO-Mini's fixed 1 for it; ``data`` ``""`` is the embedded stdlib corpus, ``mesh``
+    ``""`` one device.
     """
 
     preset: str
@@ -205,11 +269,14 @@ class RunConfig:
 
     def as_train_config(self) -> TrainConfig:
         """The explicit :class:`TrainConfig` of this run (saved in ``config.json``): GaLore
-        options at their defaults, and unused ones, are ``None`` again."""
+        options at their defaults, and unused ones, are ``None`` again (so is a fixed rank,
+        which is not a setting)."""
         fields = dataclasses.asdict(self)
         for k, default in GALORE_DEFAULTS.items():
             if self.optimizer != "galore" or fields[k] == default:
                 fields[k] = None
+        if self.optimizer in FIXED_RANK:
+            fields["rank"] = None
         fields["data"] = self.data or None
         fields["mesh"] = self.mesh or None
         return TrainConfig(**fields)
@@ -244,8 +311,15 @@ def _check_choices(cfg: TrainConfig) -> None:
     if given:
         flags = ", ".join("--" + k.replace("_", "-") for k in given)
         raise UsageError(f"{flags}: only --optimizer galore takes these (got {cfg.optimizer})")
+    if cfg.optimizer in FIXED_RANK and cfg.rank is not None:
+        fixed = FIXED_RANK[cfg.optimizer]
+        raise UsageError(
+            f"--rank: {cfg.optimizer} has rank {fixed}; drop it or use --optimizer apollo"
+        )
     if cfg.optimizer == "optax-galore" and cfg.state_bits != 32:
-        raise UsageError("--state-bits 8: use --optimizer galore or adamw (not optax-galore)")
+        raise UsageError(
+            "--state-bits 8: use --optimizer galore, adamw or apollo (not optax-galore)"
+        )
 
 
 def _check_sizes(run: RunConfig) -> None:
@@ -279,7 +353,7 @@ def _check_numbers(run: RunConfig) -> None:
     if run.lr <= 0 or not math.isfinite(run.lr):
         raise UsageError(f"--lr must be a positive number, got {run.lr}")
     if run.scale <= 0 or not math.isfinite(run.scale):
-        raise UsageError(f"--scale must be a positive number (GaLore's 0.25), got {run.scale}")
+        raise UsageError(f"--scale must be a positive number, got {run.scale}")
     if run.weight_decay < 0 or not math.isfinite(run.weight_decay):
         raise UsageError(f"--weight-decay must be a number >= 0, got {run.weight_decay}")
     if run.grad_clip < 0 or not math.isfinite(run.grad_clip):
@@ -294,8 +368,8 @@ def resolve_config(cfg: TrainConfig) -> RunConfig:
     """Fills the ``None`` defaults that depend on the preset and optimizer; validates.
 
     Raises:
-        UsageError: an unknown preset, optimizer, dtype or GaLore choice, a non-positive
-            size, a non-finite or out-of-range number.
+        UsageError: an unknown preset, optimizer, dtype or GaLore choice, a flag the
+            optimizer does not take, a non-positive size, a non-finite or out-of-range number.
     """
     if cfg.optimizer in EIGHT_BIT:  # galore8bit = galore with --state-bits 8
         cfg = dataclasses.replace(cfg, optimizer=EIGHT_BIT[cfg.optimizer], state_bits=8)
@@ -305,12 +379,14 @@ def resolve_config(cfg: TrainConfig) -> RunConfig:
     fields = dataclasses.asdict(cfg) | {
         k: _given(getattr(cfg, k), v) for k, v in GALORE_DEFAULTS.items()
     }
+    rank = FIXED_RANK.get(cfg.optimizer) or _given(cfg.rank, model_lib.PAPER_RANKS[cfg.preset])
     fields |= {
         "steps": steps,
         "batch_size": _given(cfg.batch_size, 16),
         "seq_len": _given(cfg.seq_len, 128 if tiny else 256),
         "lr": _given(cfg.lr, DEFAULT_LR[cfg.optimizer]),
-        "rank": _given(cfg.rank, model_lib.PAPER_RANKS[cfg.preset]),
+        "scale": _given(cfg.scale, DEFAULT_SCALE[cfg.optimizer]),
+        "rank": rank,
         "warmup": _given(cfg.warmup, max(1, steps // 10)),
         "eval_every": _given(cfg.eval_every, max(1, steps // 10)),
         "checkpoint_every": _given(cfg.checkpoint_every, 100),

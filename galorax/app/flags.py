@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 from galorax.app.config import (
+    DEFAULT_SCALE,
     DTYPE_ALIASES,
     GALORE_CHOICES,
     GALORE_DEFAULTS,
@@ -110,7 +111,7 @@ SHARED_OPTIONS: dict[str, Option] = {
     ),
     "--batch-size": Option("sequences per step", type=positive_int),
     "--seq-len": Option("tokens per sequence", type=positive_int),
-    "--rank": Option("GaLore projection rank(s)", type=positive_int),
+    "--rank": Option("GaLore or APOLLO projection rank(s)", type=positive_int),
     "--side": Option("the side of each matrix GaLore projects", choices=GALORE_CHOICES["side"]),
     "--projector-bits": Option(
         "store GaLore's projectors in 8 or 4 bits (galorax.quantization); memory sizes "
@@ -240,12 +241,19 @@ def _add_schedule_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _add_galore_arguments(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("GaLore", "settings of --optimizer galore (and galore8bit)")
-    add_option(g, "--rank", shown="the paper's for the preset; tiny: 64 = d_model/4")
-    g.add_argument(
-        "--update-proj-gap", type=positive_int, help="steps between refreshes (default: 200)"
+    g = p.add_argument_group(
+        "GaLore and APOLLO",
+        "settings of --optimizer galore (and galore8bit); --rank, --update-proj-gap and "
+        "--scale also of optax-galore and apollo, the last two of apollo-mini (rank 1)",
     )
-    g.add_argument("--scale", type=float, help="GaLore update scale (default: 0.25)")
+    add_option(g, "--rank", shown="GaLore's paper's for the preset; tiny: 64 = d_model/4")
+    g.add_argument(
+        "--update-proj-gap",
+        type=positive_int,
+        help="steps between refreshes (APOLLO: between random projections) (default: 200)",
+    )
+    scales = ", ".join(f"{k} {v:g}" for k, v in DEFAULT_SCALE.items() if k != "adamw")
+    g.add_argument("--scale", type=float, help=f"update scale (default: {scales})")
     for name, default in GALORE_DEFAULTS.items():
         flag, opt = galore_flag(name)
         shown = _GALORE_SHOWN.get(name, str(default).lower())

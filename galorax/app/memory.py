@@ -32,7 +32,8 @@ from galorax.app.planner import (
     gb,
     parse_bytes,
     plan_memory,
-    projects,
+    rank_of,
+    takes_rank,
 )
 from galorax.app.targets import INSTALL, TARGETS, target_device
 
@@ -141,7 +142,7 @@ def _plan_rows(
         if sweep and not args.rank:  # smallest to largest sensible rank
             ranks = sorted({r for r in (64, 128, 256, 512, 1024, default_rank) if r <= cfg.d_model})
         for option in args.optimizer:
-            for rank in ranks if projects(option) else [0]:
+            for rank in ranks if takes_rank(option) else [rank_of(option, 0)]:
                 rows.append((name, plan_memory(cfg, option, rank or default_rank, **kw)))
                 if option.startswith("galore") and args.projector_bits:
                     bits = args.projector_bits
@@ -160,10 +161,12 @@ def _print_fits(
             print(f"  {name}: nothing fits")
             continue
         listed = ", ".join(f"{e.option}" + (f" r{e.rank}" if e.rank else "") for e in fit)
-        best = max(fit, key=lambda e: (projects(e.option), e.rank, -e.total))
         print(f"  {name}: {listed}")
-        if best.rank:
-            print(f"    -> largest GaLore rank that fits: {best.rank} ({best.option})")
+        for family in ("GaLore", "APOLLO"):  # optax-galore is a GaLore
+            ranked = [e for e in fit if family.lower() in e.option and takes_rank(e.option)]
+            if ranked:
+                best = max(ranked, key=lambda e: (e.rank, -e.total))
+                print(f"    -> largest {family} rank that fits: {best.rank} ({best.option})")
 
 
 def _xla_peak(

@@ -1,5 +1,5 @@
 """The one optimizer factory (:func:`make_optimizer`) that ``galorax train``, ``compare``,
-``memory`` and the benchmarks build with; which leaves GaLore projects
+``memory`` and the benchmarks build with; which leaves GaLore and APOLLO project
 (:func:`galore_dimension_numbers`), rank clipping (:func:`clip_rank`) and the paper's
 learning-rate schedule (:func:`make_schedule`).
 
@@ -11,6 +11,9 @@ Example:
     >>> params = model.abstract_params(model.get_preset("micro"))
     >>> opt = make_optimizer("galore8bit", params, rank=8)  # planner-style: constant lr
     >>> import jax; _ = jax.eval_shape(opt.init, params)
+    >>> state = jax.eval_shape(make_optimizer("apollo-mini", params).init, params)
+    >>> state[0].mu["layers"]["wq"].shape  # one rank-1 moment per layer of the stack
+    (2, 32, 1)
 """
 
 from __future__ import annotations
@@ -26,7 +29,14 @@ from optax.contrib import galore as optax_galore
 
 import galorax
 from galorax.app import model as model_lib
-from galorax.app.config import EIGHT_BIT, GALORE_DEFAULTS, GALORE_OFF, OPTIMIZERS, RunConfig
+from galorax.app.config import (
+    EIGHT_BIT,
+    GALORE_DEFAULTS,
+    GALORE_OFF,
+    LOW_RANK_SETTINGS,
+    OPTIMIZERS,
+    RunConfig,
+)
 
 
 def make_schedule(lr: float, warmup: int, steps: int, min_ratio: float = 0.1) -> optax.Schedule:
@@ -47,7 +57,8 @@ def _is_matrix(path: tuple[Any, ...]) -> bool:
 
 
 def galore_dimension_numbers(params: Any, folded: bool = False) -> Any:
-    """Which leaves GaLore projects: the stacked layer matrices, not embeddings/norms/head.
+    """Which leaves GaLore (and APOLLO) projects: the stacked layer matrices, not
+    embeddings/norms/head.
 
     Args:
         params: The (real or abstract) parameter tree of :mod:`galorax.app.model`.
@@ -89,7 +100,7 @@ def clip_rank(run: RunConfig, params: Any) -> RunConfig:
         (32, '--rank 1000 exceeds the ')
     """
     limit = max_rank(params)
-    if run.optimizer == "adamw" or run.rank <= limit:
+    if "rank" not in LOW_RANK_SETTINGS[run.optimizer] or run.rank <= limit:
         return run
     warnings.warn(
         f"--rank {run.rank} exceeds the smallest projected matrix side ({limit}); "
@@ -100,7 +111,7 @@ def clip_rank(run: RunConfig, params: Any) -> RunConfig:
 
 
 #: The run settings that reach GaLore (``rank``, ``update_proj_gap`` and ``scale`` reach
-#: ``optax-galore`` too); see :func:`make_optimizer`.
+#: ``optax-galore`` and APOLLO too); see :func:`make_optimizer`.
 GALORE_SETTINGS = ("rank", "update_proj_gap", "scale", *GALORE_DEFAULTS)
 
 
@@ -119,6 +130,32 @@ def _galore_keywords(options: dict[str, Any], seed: int | None, eight_bit: bool)
     return kw
 
 
+def _apollo(
+    base: str,
+    learning_rate: optax.ScalarOrSchedule,
+    weight_decay: float,
+    params: Any,
+    settings: dict[str, Any],
+    seed: int | None,
+    eight_bit: bool,
+) -> optax.GradientTransformation:
+    """:func:`galorax.apollo` or :func:`galorax.apollo_mini` (``base``) with the settings it
+    takes (:data:`~galorax.app.config.LOW_RANK_SETTINGS`; GaLore's others are not APOLLO's),
+    the run's seed as the projections' and ``moment_bits=8`` for the 8-bit names."""
+    kw = {k: v for k, v in settings.items() if k in LOW_RANK_SETTINGS[base]}
+    if seed is not None:
+        kw["seed"] = seed
+    if eight_bit:
+        kw["moment_bits"] = 8
+    apollo = galorax.apollo if base == "apollo" else galorax.apollo_mini
+    return apollo(
+        learning_rate,
+        weight_decay=weight_decay,
+        weight_dimension_numbers=galore_dimension_numbers(params),
+        **kw,
+    )
+
+
 def make_optimizer(
     name: str,
     params: Any,
@@ -133,20 +170,25 @@ def make_optimizer(
     command builds it: global-norm clipping (if ``grad_clip > 0``), then the optimizer.
 
     Args:
-        name: ``galore``, ``adamw``, ``optax-galore``, ``galore8bit`` or ``adamw8bit``
-            (8-bit Adam moments: :func:`galorax.adamw_8bit`, or
-            :func:`galorax.scale_by_adam_8bit` as GaLore's base optimizer).
+        name: ``galore``, ``adamw``, ``optax-galore``, ``apollo``, ``apollo-mini`` or an
+            8-bit name (``galore8bit``, ``adamw8bit``, ``apollo8bit``, ``apollo-mini8bit``:
+            8-bit Adam moments: :func:`galorax.adamw_8bit`,
+            :func:`galorax.scale_by_adam_8bit` as GaLore's base optimizer, APOLLO's
+            ``moment_bits=8``).
         params: The (real or abstract) parameter tree of :mod:`galorax.app.model`.
         learning_rate: A constant (sizing memory: any value) or a schedule.
         weight_decay: Decoupled weight decay.
         grad_clip: Global-norm clipping; 0: none.
-        seed: Seed of the randomized refresh's sketches (None: the library's).
+        seed: Seed of the randomized refresh's sketches, of APOLLO's random projections
+            (None: the library's).
         **galore: :func:`galorax.galore`'s keywords (``rank``, ``update_proj_gap``, ``scale``,
             ``subspace``, ``moments``, ``stagger``, ``side``, ``projector_dtype``,
             ``refresh_axes``...; the library's defaults where left out), except
             ``residual`` (``off``, ``channel`` or ``matrix``), ``adaptive`` (a bool) and
-            ``projector_bits`` (32: float projectors). ``optax-galore`` takes ``rank``,
-            ``update_proj_gap`` and ``scale``; AdamW none of them.
+            ``projector_bits`` (32: float projectors). ``optax-galore`` and ``apollo``
+            take ``rank``, ``update_proj_gap`` and ``scale``, ``apollo-mini`` the last two
+            (:data:`~galorax.app.config.LOW_RANK_SETTINGS`); AdamW none of them. The others
+            are ignored.
 
     Raises:
         ValueError: an unknown ``name``.
@@ -159,6 +201,8 @@ def make_optimizer(
         # optax.adamw's chain and updates, skipping a non-finite step in place
         adamw = galorax.adamw_8bit if eight_bit else galorax.adamw
         opt = adamw(learning_rate, weight_decay=weight_decay)
+    elif base in ("apollo", "apollo-mini"):
+        opt = _apollo(base, learning_rate, weight_decay, params, galore, seed, eight_bit)
     elif base == "optax-galore":
         opt = optax_galore(
             learning_rate,
@@ -190,7 +234,8 @@ def run_optimizer(
         run: The resolved run.
         params: The (real or abstract) parameters.
         schedule: The run's learning-rate schedule (default: :func:`run_schedule`).
-        refresh_axes: Mesh axes GaLore's refreshes split the layers over.
+        refresh_axes: Mesh axes GaLore's refreshes split the layers over (APOLLO has no
+            refreshes: unused).
 
     With ``run.per_layer_updates``, :func:`galorax.per_layer` of it (for
     :func:`galorax.app.step.per_layer_train_step`).

@@ -1,8 +1,9 @@
 """The planner behind ``galorax memory``: bytes of weights, gradients and optimizer state.
 
 :func:`plan_memory` sizes weights, gradients and optimizer state of a model under AdamW,
-8-bit AdamW, GaLore (galorax's or optax's) or 8-bit GaLore from ``jax.eval_shape`` of the
-real model init and the optimizer's init as training builds it
+8-bit AdamW, GaLore (galorax's or optax's), 8-bit GaLore, APOLLO or APOLLO-Mini (and their
+8-bit moments) from ``jax.eval_shape`` of the real model init and the optimizer's init as
+training builds it
 (:func:`galorax.app.optimizers.make_optimizer`; no allocation: 7B takes under a second);
 :func:`compiled_step_memory` adds XLA's memory analysis of the train step that training
 compiles (:mod:`galorax.app.step`) for models that compile quickly; :func:`format_table`
@@ -22,7 +23,14 @@ import jax.numpy as jnp
 import galorax
 from galorax import tree_bytes
 from galorax.app import model as model_lib
-from galorax.app.config import EIGHT_BIT, OPTIMIZERS, TrainConfig, resolve_config
+from galorax.app.config import (
+    EIGHT_BIT,
+    FIXED_RANK,
+    LOW_RANK_SETTINGS,
+    OPTIMIZERS,
+    TrainConfig,
+    resolve_config,
+)
 from galorax.app.optimizers import make_optimizer
 from galorax.app.step import run_step_memory
 
@@ -60,6 +68,10 @@ Assumptions (ours vs the paper's estimates):
   counters; the paper's estimate assumes BF16 for all of these. --projector-dtype bfloat16
   or --projector-bits 8/4 narrow the gap. optax-galore (optax.contrib.galore, as training
   builds it) folds the layer axis: one projector per matrix name, shared by all layers.
+- APOLLO projects the same matrices, the short side (side=std), onto a random rank-r matrix
+  that is regenerated from a key and never stored: its state is rank-r f32 moments per layer
+  (8-bit with apollo8bit, the full-rank leaves' too), one f32 limiter norm per matrix and a
+  count; full-rank Adam elsewhere. APOLLO-Mini is rank 1 (its rank column says 1).
 """
 
 
@@ -70,7 +82,7 @@ class MemoryEstimate(NamedTuple):
     Attributes:
         option: One of :data:`OPTIONS` (with a ``+int8P`` / ``+int4P`` suffix for quantized
             projectors).
-        rank: GaLore rank (0 for full-rank optimizers).
+        rank: GaLore or APOLLO rank (APOLLO-Mini: 1; 0 for full-rank optimizers).
         n_params: Number of parameters.
         plan: Its bytes.
     """
@@ -133,7 +145,7 @@ def plan_memory(
     Args:
         cfg: A :class:`galorax.app.model.ModelConfig`.
         option: One of :data:`OPTIONS`.
-        rank: GaLore rank (ignored for full-rank options).
+        rank: GaLore or APOLLO rank (ignored for full-rank options and APOLLO-Mini).
         dtype: Parameter (and gradient) dtype.
         side: GaLore projection side.
         projector_dtype: GaLore projector storage dtype.
@@ -170,15 +182,31 @@ def plan_memory(
     plan = galorax.plan_memory(params, opt, grads=grads)
     return MemoryEstimate(
         option=option,
-        rank=rank if projects(option) else 0,
+        rank=rank_of(option, rank),
         n_params=model_lib.count_params(params),
         plan=plan,
     )
 
 
-def projects(option: str) -> bool:
-    """Whether ``option`` is a GaLore (it has a rank and projectors)."""
-    return EIGHT_BIT.get(option, option) != "adamw"
+def _base(option: str) -> str:
+    """The optimizer of ``option`` (an 8-bit name's, a ``+int8P`` suffix dropped)."""
+    name = option.partition("+")[0]
+    return EIGHT_BIT.get(name, name)
+
+
+def takes_rank(option: str) -> bool:
+    """Whether ``option``'s rank is a setting (GaLore, APOLLO; not APOLLO-Mini's, nor AdamW)."""
+    return "rank" in LOW_RANK_SETTINGS[_base(option)]
+
+
+def rank_of(option: str, rank: int) -> int:
+    """``option``'s rank when asked for ``rank``: APOLLO-Mini's fixed 1, AdamW 0.
+
+    Example:
+        >>> rank_of("galore8bit+int8P", 128), rank_of("apollo-mini8bit", 128), rank_of("adamw", 1)
+        (128, 1, 0)
+    """
+    return FIXED_RANK.get(_base(option), rank if takes_rank(option) else 0)
 
 
 def compiled_step_memory(
@@ -218,7 +246,7 @@ def compiled_step_memory(
     galore = option.startswith("galore")
     train = TrainConfig(
         optimizer=option,
-        rank=rank,
+        rank=rank if takes_rank(option) else None,
         dtype="bfloat16" if jnp.dtype(dtype) == jnp.bfloat16 else jnp.dtype(dtype).name,
         batch_size=batch_size,
         seq_len=seq_len,

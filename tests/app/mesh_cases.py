@@ -161,3 +161,19 @@ def test_per_layer_updates_on_mesh(tmp_path):
     for a, b in zip(plain, mesh, strict=True):
         for k in a:
             np.testing.assert_allclose(b[k], a[k], rtol=1e-4, err_msg=f"step {a['step']}: {k}")
+
+
+@pytest.mark.parametrize("optimizer", ["apollo", "apollo-mini8bit"])
+def test_apollo_on_mesh(optimizer, tmp_path):
+    """``galorax train --optimizer apollo|apollo-mini8bit --mesh data=2,fsdp=4``: the
+    unsharded run's losses (state FSDP-sharded as GaLore's; a re-draw at step 3)."""
+    data = make_text_dir(tmp_path / "data")
+    settings = dict(steps=4, batch_size=8, eval_every=2, update_proj_gap=2, optimizer=optimizer)
+    T.train(micro_config(data, **settings), tmp_path / "one", progress=False, adamw_ref=False)
+    cfg = micro_config(data, mesh="data=2,fsdp=4", **settings)
+    T.train(cfg, tmp_path / "mesh", progress=False, adamw_ref=False)
+    one, mesh = _metrics(tmp_path / "one"), _metrics(tmp_path / "mesh")
+    assert len(mesh) == len(one) == 5
+    for a, b in zip(one, mesh, strict=True):
+        for k in a:
+            np.testing.assert_allclose(b[k], a[k], rtol=1e-4, err_msg=f"step {a['step']}: {k}")

@@ -97,8 +97,18 @@ def test_kill_during_saves_leaves_a_readable_checkpoint(tmp_path):
         ("galore", {"residual": "channel", "adaptive": True, "state_bits": 8}),
         ("adamw", {"state_bits": 8}),
         ("galore", {"state_bits": 8, "per_layer_updates": True}),
+        ("apollo", {}),
+        ("apollo-mini", {"state_bits": 8, "per_layer_updates": True}),
     ],
-    ids=["galore", "adamw", "galore-residual-adaptive-8bit", "adamw-8bit", "galore-8bit-per-layer"],
+    ids=[
+        "galore",
+        "adamw",
+        "galore-residual-adaptive-8bit",
+        "adamw-8bit",
+        "galore-8bit-per-layer",
+        "apollo",
+        "apollo-mini-8bit-per-layer",
+    ],
 )
 def test_resume_is_bit_identical(optimizer, extra, tmp_path):
     data = make_text_dir(tmp_path / "data")

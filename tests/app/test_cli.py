@@ -44,6 +44,47 @@ def test_train_prints_summary(data, tmp_path, capsys):
     assert (out / "metrics.jsonl").read_text() == before
 
 
+@pytest.mark.parametrize("optimizer, rank", [("apollo", 8), ("apollo-mini", 1)])
+def test_train_apollo_prints_summary_and_memory(optimizer, rank, data, tmp_path, capsys):
+    """``galorax train --optimizer apollo|apollo-mini``: GaLore's summary and memory record."""
+    import json
+
+    out = tmp_path / "run"
+    argv = ["train", *MICRO, "--data", data, "--out", str(out), "--optimizer", optimizer]
+    assert cli.main([*argv, "--seed", "3", "--update-proj-gap", "2"]) == 0
+    text = capsys.readouterr().out
+    assert ["sizes", optimizer] in [line.split()[:2] for line in text.splitlines()]
+    assert "of AdamW" in text and "tokens/s" in text
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["optimizer"] == optimizer and summary["rank"] == rank  # micro's paper rank
+    assert summary["val_loss"] < summary["val_loss_start"]
+    assert summary["opt_state_bytes"] < summary["adamw"]["opt_state_bytes"]
+    assert summary["step_memory"]["peak"] > 0 and summary["refreshes"] is None  # no SVD
+    saved = json.loads((out / "config.json").read_text())["train"]
+    assert saved["optimizer"] == optimizer and saved["seed"] == 3
+    assert saved["rank"] == (8 if optimizer == "apollo" else None)  # APOLLO-Mini's: fixed
+    assert saved["scale"] == {"apollo": 1.0, "apollo-mini": 128.0}[optimizer]
+
+
+def test_train_help_lists_apollo(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "apollo-mini8bit" in text and "apollo 1, apollo-mini 128" in text  # --scale's
+    assert "apollo 0.01" in text  # --lr's defaults
+
+
+def test_compare_gives_the_shared_rank_to_the_runs_that_take_it():
+    from galorax.app import compare
+    from galorax.app.config import TrainConfig
+
+    base = TrainConfig(rank=4, scale=2.0)
+    specs = [compare.parse_spec(s) for s in ("apollo", "apollo-mini8bit", "galore:rank=8")]
+    compare._check_specs(base, specs)
+    cfgs = [compare._run_config(base, s, None) for s in specs]
+    assert [(c.rank, c.scale) for c in cfgs] == [(4, 2.0), (None, 2.0), (8, 2.0)]
+
+
 @pytest.mark.parametrize(
     "argv, needle",
     [
@@ -187,7 +228,11 @@ COMPARE_BAD = [
     (["--runs", "galore:rank=0"], "rank"),
     (["--runs", "galore:gap=0"], "gap"),
     (["--runs", "adamw:rank=4"], "rank"),
-    (["--runs", "adamw", "adamw8bit:label=q", "--rank", "4"], "no run in --runs is a GaLore run"),
+    (["--runs", "adamw", "adamw8bit:label=q", "--rank", "4"], "no run in --runs takes it"),
+    (["--runs", "apollo-mini", "--rank", "4"], "--rank: no run in --runs takes it"),
+    (["--runs", "apollo-mini:rank=4"], "apollo-mini has rank 1; use apollo:rank="),
+    (["--runs", "apollo:moments=keep"], "apollo takes no moments; use galore:moments="),
+    (["--runs", "apollo8bit:projector_bits=8"], "apollo8bit takes no projector_bits"),
     (["--runs", "adamw:subspace=svd"], "subspace"),
     (["--runs", "optax-galore:moments=keep"], "moments"),
     (["--runs", "galore:label=/x"], "label"),
@@ -215,12 +260,21 @@ TRAIN_BAD = [
     (["--subspace", "foo"], "--subspace"),
     (["--optimizer", "adamw", "--subspace", "svd"], "--subspace"),
     # GaLore-only flags with AdamW: named, with the fix (only flags the user set count).
-    (["--optimizer", "adamw", "--rank", "4"], "--rank applies to GaLore optimizers; drop it"),
-    (["--optimizer", "adamw", "--scale", "0.5"], "--scale applies to GaLore optimizers"),
+    (["--optimizer", "adamw", "--rank", "4"], "--rank applies to GaLore and APOLLO optimizers"),
+    (["--optimizer", "adamw", "--scale", "0.5"], "--scale applies to GaLore and APOLLO"),
     (["--optimizer", "adamw", "--update-proj-gap", "5"], "--update-proj-gap applies"),
     (["--optimizer", "adamw8bit", "--rank", "4"], "use --optimizer galore8bit"),
     (["--optimizer", "adamw", "--rank", "4", "--scale", "1"], "--rank, --scale apply"),
-    (["--optimizer", "adamw", "--moments", "keep"], "--moments applies to GaLore"),
+    (["--optimizer", "adamw", "--moments", "keep"], "--moments applies to GaLore optimizers"),
+    (["--optimizer", "adamw", "--rank", "4", "--moments", "keep"], "apply to GaLore optimizers"),
+    # APOLLO: GaLore's own flags refused as for the other optimizers; APOLLO-Mini's rank is 1.
+    (["--optimizer", "apollo", "--moments", "keep"], "--moments: only --optimizer galore"),
+    (["--optimizer", "apollo8bit", "--projector-bits", "8"], "--projector-bits: only"),
+    (["--optimizer", "apollo-mini", "--subspace", "svd"], "--subspace: only --optimizer galore"),
+    (["--optimizer", "apollo", "--side", "left"], "--side: only --optimizer galore"),
+    (["--optimizer", "apollo-mini", "--rank", "4"], "--rank: apollo-mini has rank 1; drop it"),
+    (["--optimizer", "apollo-mini8bit", "--rank", "4"], "--rank: apollo-mini has rank 1"),
+    (["--optimizer", "apollo", "--scale", "-1"], "--scale must be a positive number"),
     (["--optimizer", "adamw", "--projector-bits", "8"], "--projector-bits applies"),
     (["--optimizer", "adamw", "--state-bits", "8", "--stagger", "off"], "--stagger applies"),
     (["--warmup", "1000"], "--warmup"),

@@ -21,6 +21,8 @@ from galorax.app.config import (
         {"optimizer": "adamw", "lr": 3e-3},
         {"optimizer": "galore8bit", "moments": "keep", "residual": "channel"},
         {"optimizer": "optax-galore", "mesh": "data=1", "data": "somewhere"},
+        {"optimizer": "apollo", "rank": 16, "scale": 2.0},
+        {"optimizer": "apollo-mini8bit", "update_proj_gap": 50},
     ],
 )
 def test_resolved_fields_are_concrete_and_round_trip(given):
@@ -35,6 +37,23 @@ def test_resolved_fields_are_concrete_and_round_trip(given):
 def test_defaults_are_saved_as_none():
     saved = resolve_config(TrainConfig(moments="rotate", stagger=False)).as_train_config()
     assert saved.moments is None and saved.stagger is False and saved.data is None
+
+
+@pytest.mark.parametrize(
+    "optimizer, rank, scale, bits",
+    [
+        ("apollo", 128, 1.0, 32),
+        ("apollo8bit", 128, 1.0, 8),
+        ("apollo-mini", 1, 128.0, 32),
+        ("apollo-mini8bit", 1, 128.0, 8),
+        ("galore", 128, 0.25, 32),
+    ],
+)
+def test_apollo_defaults(optimizer, rank, scale, bits):
+    """APOLLO takes GaLore's rank for the preset, APOLLO-Mini rank 1; the papers' scales."""
+    run = resolve_config(TrainConfig(optimizer=optimizer, preset="60m"))
+    assert (run.rank, run.scale, run.state_bits, run.lr) == (rank, scale, bits, 1e-2)
+    assert run.name == optimizer and run.optimizer == optimizer.removesuffix("8bit")
 
 
 def test_resume_config_refuses_a_changed_trajectory():
@@ -60,6 +79,11 @@ def test_resume_config_refuses_a_changed_trajectory():
         ({"seed": -1}, "--seed"),
         ({"steps": 2**40}, "--steps"),
         ({"checkpoint_every": -1}, "--checkpoint-every"),
+        ({"optimizer": "apollo-mini", "rank": 1}, "--rank: apollo-mini has rank 1; drop it"),
+        ({"optimizer": "apollo", "moments": "keep"}, "--moments: only --optimizer galore"),
+        ({"optimizer": "apollo8bit", "residual": "channel"}, "--residual: only --optimizer"),
+        ({"optimizer": "apollo", "scale": 0.0}, "--scale must be a positive number"),
+        ({"optimizer": "optax-galore", "state_bits": 8}, "use --optimizer galore, adamw or"),
     ],
 )
 def test_resolve_config_rejects_out_of_range_values(given, match):

@@ -11,6 +11,7 @@ import pytest
 
 from galorax.accounting import tree_bytes
 from galorax.app import model as model_lib
+from galorax.app.config import PLANNED_OPTIMIZERS
 from galorax.app.memory import add_memory_arguments, run_memory
 from galorax.app.optimizers import make_optimizer
 from galorax.app.planner import (
@@ -63,6 +64,30 @@ def test_orderings_and_8bit_ratio():
     assert est["galore"].state < est["adamw"].state
     assert est["galore8bit"].state < est["galore"].state
     assert est["galore"].projectors > 0 and est["adamw"].projectors == 0
+
+
+def test_apollo_rows():
+    """APOLLO: the rank asked for, no stored projector; APOLLO-Mini rank 1 whatever is asked."""
+    est = {o: plan_memory(SMALL, o, rank=16) for o in OPTIONS if o.startswith("apollo")}
+    assert [e.rank for e in est.values()] == [16, 1, 16, 1]  # OPTIMIZERS' order
+    assert all(e.projectors == 0 for e in est.values())
+    assert est["apollo-mini"].state < est["apollo"].state
+    big = model_lib.get_preset("60m", vocab_size=32000)
+    f32, q8 = (plan_memory(big, o, rank=128) for o in ("apollo", "apollo8bit"))
+    assert q8.state < 0.3 * f32.state  # every moment of 4096 values or more in 8 bits
+
+
+def test_cli_sizes_apollo_by_default(capsys):
+    assert _run(["--preset", "60m"]) == 0
+    lines = [line.split() for line in capsys.readouterr().out.splitlines()]
+    rows = {r[2]: r[3] for r in lines if r[:1] == ["60m"]}
+    assert list(rows) == list(PLANNED_OPTIMIZERS)
+    assert rows["apollo"] == rows["galore"] == "128" and rows["apollo-mini8bit"] == "1"
+    assert _run(["--preset", "60m", "--max-memory", "24GB"]) == 0
+    out = capsys.readouterr().out
+    assert "apollo r512, apollo8bit r64" in out and "apollo-mini r1, apollo-mini8bit r1" in out
+    assert "-> largest APOLLO rank that fits: 512 (apollo8bit)" in out  # the smallest total
+    assert "-> largest GaLore rank that fits: 512 (galore8bit)" in out
 
 
 def test_projector_bits_shrink_only_the_projectors():
@@ -174,8 +199,10 @@ def test_table_columns_say_their_units():
     [
         ["--optimizer", "galore"],
         ["--optimizer", "galore8bit", "--projector-bits", "8", "--per-layer-updates"],
+        ["--optimizer", "apollo"],
+        ["--optimizer", "apollo-mini8bit", "--per-layer-updates"],
     ],
-    ids=["galore", "galore8bit-int8-per-layer"],
+    ids=["galore", "galore8bit-int8-per-layer", "apollo", "apollo-mini8bit-per-layer"],
 )
 def test_planner_compiles_the_step_train_runs(flags, capsys, tmp_path):
     """``galorax memory --xla --json``'s step peak == what ``galorax train`` reports."""

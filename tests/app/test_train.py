@@ -127,8 +127,18 @@ def test_peer_optimizers_run(optimizer, data, tmp_path):
         {"state_bits": 8},
         {"optimizer": "adamw8bit"},
         {"projector_bits": 8},
+        {"optimizer": "apollo", "update_proj_gap": 2},
+        {"optimizer": "apollo-mini8bit", "per_layer_updates": True},
     ],
-    ids=["residual", "adaptive", "galore-8bit", "adamw8bit", "projector-bits"],
+    ids=[
+        "residual",
+        "adaptive",
+        "galore-8bit",
+        "adamw8bit",
+        "projector-bits",
+        "apollo",
+        "apollo-mini-8bit-per-layer",
+    ],
 )
 def test_extensions_train(extra, data, tmp_path):
     import galorax
@@ -160,8 +170,10 @@ def test_rank_larger_than_matrices_is_clipped(data):
     with pytest.warns(UserWarning, match="--rank 1000 exceeds .* clipped to 32"):
         cfg = O.clip_rank(C.resolve_config(micro_config(data, rank=1000)), params)
     assert cfg.rank == 32
-    for opt in ("galore", "optax-galore"):
+    for opt in ("galore", "optax-galore", "apollo"):
         O.run_optimizer(dataclasses.replace(cfg, optimizer=opt), params)  # builds fine
+    with pytest.warns(UserWarning, match="--rank 1000 exceeds"):
+        O.clip_rank(C.resolve_config(micro_config(data, optimizer="apollo", rank=1000)), params)
 
 
 def test_out_holding_a_run_is_refused_and_kept(data, tmp_path):
