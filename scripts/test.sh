@@ -13,10 +13,11 @@ if [[ ! -x "$venv/bin/python" ]]; then
 fi
 py="$venv/bin/python"
 # torch 2.13.0: the CPU build this workplace ships on disk (a bare `torch` would pull
-# CUDA wheels, gigabytes). galore-torch without its dependencies (transformers,
-# bitsandbytes): the differential reference of galorax.torch's tests.
+# CUDA wheels, gigabytes). galore-torch and apollo-torch without their dependencies
+# (transformers, bitsandbytes): the differential references of galorax.torch's tests.
 "$py" -m pip install -q torch==2.13.0
 "$py" -m pip install -q --no-deps galore-torch==1.0
+"$py" -m pip install -q --no-deps apollo-torch==1.0.3
 "$py" -m pip install -q -e ".[dev]"
 "$py" -m ruff check galorax tests benchmarks
 "$py" -m mypy galorax

@@ -16,7 +16,8 @@ The modules, bottom up:
   ``skip_nonfinite`` option.
 * :mod:`~galorax.torch.adamw` (:class:`GaLoreAdamW`, :class:`GaLoreAdamW8bit`, whose moments
   :mod:`~galorax.torch.blockwise` quantizes) and :mod:`~galorax.torch.adafactor`
-  (:class:`GaLoreAdafactor`).
+  (:class:`GaLoreAdafactor`); :mod:`~galorax.torch.apollo` (:class:`ApolloAdamW`,
+  :class:`ApolloAdamW8bit`: APOLLO, apollo-torch's param groups, on the same machinery).
 * :mod:`~galorax.torch.layerwise`: :class:`LayerwiseGaLore`, updates from gradient hooks, and
   :mod:`~galorax.torch.trainer`: :class:`LayerwiseOptimizer`, the same as a
   ``torch.optim.Optimizer`` (for the Hugging Face Trainer).
@@ -37,12 +38,16 @@ from typing import TYPE_CHECKING, Any
 from galorax.lazy import lazy_exports
 
 _EXPORTS = {
+    "APOLLO_DEFAULTS": "galorax.torch.apollo",
+    "ApolloAdamW": "galorax.torch.apollo",
+    "ApolloAdamW8bit": "galorax.torch.apollo",
     "GALORE_DEFAULTS": "galorax.torch.groups",
     "GaLoreAdafactor": "galorax.torch.adafactor",
     "GaLoreAdamW": "galorax.torch.adamw",
     "GaLoreAdamW8bit": "galorax.torch.adamw",
     "LayerwiseGaLore": "galorax.torch.layerwise",
     "LayerwiseOptimizer": "galorax.torch.trainer",
+    "apollo_param_groups": "galorax.torch.targets",
     "find_subspace": "galorax.torch.projector",
     "param_groups": "galorax.torch.targets",
     "resolve_side": "galorax.torch.projector",
@@ -50,6 +55,7 @@ _EXPORTS = {
 _SUBMODULES = (
     "adafactor",
     "adamw",
+    "apollo",
     "base",
     "blockwise",
     "dtensor",
@@ -81,8 +87,9 @@ def __getattr__(name: str) -> Any:
 if TYPE_CHECKING:
     from galorax.torch.adafactor import GaLoreAdafactor
     from galorax.torch.adamw import GaLoreAdamW, GaLoreAdamW8bit
+    from galorax.torch.apollo import APOLLO_DEFAULTS, ApolloAdamW, ApolloAdamW8bit
     from galorax.torch.groups import GALORE_DEFAULTS
     from galorax.torch.layerwise import LayerwiseGaLore
     from galorax.torch.projector import find_subspace, resolve_side
-    from galorax.torch.targets import param_groups
+    from galorax.torch.targets import apollo_param_groups, param_groups
     from galorax.torch.trainer import LayerwiseOptimizer

@@ -51,7 +51,33 @@ from galorax.torch.dtensor import local_tensor, write_param
 from galorax.torch.groups import check_galore_keys
 from galorax.torch.projector import rotate_coordinates
 
-__all__ = ["GaLoreAdamW", "GaLoreAdamW8bit"]
+__all__ = ["BlockwiseMoments", "GaLoreAdamW", "GaLoreAdamW8bit", "adam_defaults"]
+
+
+def adam_defaults(
+    lr: float, betas: tuple[float, float], eps: float, weight_decay: float, correct_bias: bool
+) -> dict[str, Any]:
+    """The AdamW hyperparameters as param-group defaults, checked.
+
+    Example:
+        >>> adam_defaults(-1.0, (0.9, 0.999), 1e-6, 0.0, True)
+        Traceback (most recent call last):
+            ...
+        ValueError: Invalid learning rate: -1.0
+    """
+    if lr < 0.0:
+        raise ValueError(f"Invalid learning rate: {lr}")
+    if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
+        raise ValueError(f"Invalid betas: {betas}")
+    if eps < 0.0:
+        raise ValueError(f"Invalid epsilon: {eps}")
+    return {
+        "lr": lr,
+        "betas": betas,
+        "eps": eps,
+        "weight_decay": weight_decay,
+        "correct_bias": correct_bias,
+    }
 
 
 class GaLoreAdamW(GaLoreOptimizer):
@@ -99,26 +125,21 @@ class GaLoreAdamW(GaLoreOptimizer):
         **galore: Any,
     ):
         del no_deprecation_warning  # galorax's AdamW is not deprecated: nothing to silence
-        if lr < 0.0:
-            raise ValueError(f"Invalid learning rate: {lr}")
-        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
-            raise ValueError(f"Invalid betas: {betas}")
-        if eps < 0.0:
-            raise ValueError(f"Invalid epsilon: {eps}")
         check_galore_keys(galore)
-        defaults = {
-            "lr": lr,
-            "betas": betas,
-            "eps": eps,
-            "weight_decay": weight_decay,
-            "correct_bias": correct_bias,
-            **galore,
-        }
+        defaults = {**adam_defaults(lr, betas, eps, weight_decay, correct_bias), **galore}
         super().__init__(params, defaults)
 
     def update_param(self, p: torch.Tensor, group: dict[str, Any], grad: torch.Tensor) -> None:
         """One AdamW step of ``p`` from ``grad`` (projected or full), moments in f32."""
-        state = self.state[p]
+        norm_grad, step_size = self.adam_step(self.state[p], group, grad)
+        self.apply_step(p, group, self.full_rank_update(p, group, norm_grad), step_size)
+
+    def adam_step(
+        self, state: dict[str, Any], group: dict[str, Any], grad: torch.Tensor
+    ) -> tuple[torch.Tensor, float]:
+        """Advance the step count and the f32 moments on ``grad``; returns the normalized
+        update ``m / (sqrt(v) + eps)`` (uncorrected moments) and the step size, into which
+        the bias corrections go (galore-torch's and apollo-torch's arithmetic)."""
         if "step" not in state:
             state["step"] = 0
         exp_avg, exp_avg_sq = self._load_moments(state, grad)
@@ -133,12 +154,19 @@ class GaLoreAdamW(GaLoreOptimizer):
         step_size = group["lr"]
         if group["correct_bias"]:
             step_size = step_size * math.sqrt(1.0 - beta2**t) / (1.0 - beta1**t)
-        norm_grad = self.full_rank_update(p, group, exp_avg / denom)
+        norm_grad = exp_avg / denom
         self._store_moments(state, exp_avg, exp_avg_sq)
+        return norm_grad, step_size
 
+    @staticmethod
+    def apply_step(
+        p: torch.Tensor, group: dict[str, Any], update: torch.Tensor, step_size: float
+    ) -> None:
+        """``p -= step_size * update``, then the decoupled weight decay
+        ``p -= lr * weight_decay * p``, in f32 (rounded back into a bf16 ``p``)."""
         p_local = local_tensor(p)
         p32 = p_local.float()
-        p32.add_(norm_grad, alpha=-step_size)
+        p32.add_(update, alpha=-step_size)
         if group["weight_decay"] > 0.0:
             p32.add_(p32, alpha=-group["lr"] * group["weight_decay"])
         write_param(p_local, p32)
@@ -167,7 +195,55 @@ class GaLoreAdamW(GaLoreOptimizer):
         self._store_moments(state, m, v)
 
 
-class GaLoreAdamW8bit(GaLoreAdamW):
+class BlockwiseMoments:
+    """Mixin of an AdamW optimizer (:class:`GaLoreAdamW`'s moment hooks): block-wise 8-bit
+    moments. Each moment of at least ``min_8bit_size`` elements is stored as ``uint8`` codes
+    of the dynamic map, signed for the first moment and unsigned for the second, with one f32
+    absmax per block of ``block_size`` elements (per tensor if not ``block_wise``); a step
+    dequantizes, runs the f32 arithmetic and quantizes again."""
+
+    block_size: int = 256
+    block_wise: bool = True
+    min_8bit_size: int = 4096
+
+    def set_8bit(self, block_size: int, block_wise: bool, min_8bit_size: int) -> None:
+        """Set the quantization's settings (before the first step)."""
+        self.block_size = int(block_size)
+        self.block_wise = bool(block_wise)
+        self.min_8bit_size = int(min_8bit_size)
+
+    def _load_moments(
+        self, state: dict[str, Any], grad: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if "exp_avg" not in state:
+            z = torch.zeros_like(grad, dtype=torch.float32)
+            return z, z.clone()
+        return (
+            self._dequantize(state, "exp_avg", signed=True),
+            self._dequantize(state, "exp_avg_sq", signed=False),
+        )
+
+    def _store_moments(self, state: dict[str, Any], m: torch.Tensor, v: torch.Tensor) -> None:
+        self._quantize(state, "exp_avg", m, signed=True)
+        self._quantize(state, "exp_avg_sq", v, signed=False)
+
+    def _quantize(self, state: dict[str, Any], key: str, x: torch.Tensor, signed: bool) -> None:
+        if x.numel() < self.min_8bit_size:
+            state[key] = x
+            state.pop(f"{key}_absmax", None)
+            return
+        block = self.block_size if self.block_wise else x.numel()
+        state[key], state[f"{key}_absmax"] = quantize_blockwise(x, block, signed)
+
+    def _dequantize(self, state: dict[str, Any], key: str, signed: bool) -> torch.Tensor:
+        q = state[key]
+        if q.dtype != torch.uint8:
+            return q
+        block = self.block_size if self.block_wise else q.numel()
+        return dequantize_blockwise(q, state[f"{key}_absmax"], block, signed)
+
+
+class GaLoreAdamW8bit(BlockwiseMoments, GaLoreAdamW):
     """:class:`GaLoreAdamW` with block-wise 8-bit moments, in plain torch (no bitsandbytes).
 
     Each moment of at least ``min_8bit_size`` elements is stored as ``uint8`` codes of the
@@ -232,40 +308,8 @@ class GaLoreAdamW8bit(GaLoreAdamW):
             percentile_clipping=percentile_clipping,
             is_paged=is_paged,
         )
-        self.block_size = int(block_size)
-        self.block_wise = bool(block_wise)
-        self.min_8bit_size = int(min_8bit_size)
+        self.set_8bit(block_size, block_wise, min_8bit_size)
         super().__init__(params, lr, betas, eps, weight_decay, correct_bias, **galore)
-
-    def _load_moments(
-        self, state: dict[str, Any], grad: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        if "exp_avg" not in state:
-            z = torch.zeros_like(grad, dtype=torch.float32)
-            return z, z.clone()
-        return (
-            self._dequantize(state, "exp_avg", signed=True),
-            self._dequantize(state, "exp_avg_sq", signed=False),
-        )
-
-    def _store_moments(self, state: dict[str, Any], m: torch.Tensor, v: torch.Tensor) -> None:
-        self._quantize(state, "exp_avg", m, signed=True)
-        self._quantize(state, "exp_avg_sq", v, signed=False)
-
-    def _quantize(self, state: dict[str, Any], key: str, x: torch.Tensor, signed: bool) -> None:
-        if x.numel() < self.min_8bit_size:
-            state[key] = x
-            state.pop(f"{key}_absmax", None)
-            return
-        block = self.block_size if self.block_wise else x.numel()
-        state[key], state[f"{key}_absmax"] = quantize_blockwise(x, block, signed)
-
-    def _dequantize(self, state: dict[str, Any], key: str, signed: bool) -> torch.Tensor:
-        q = state[key]
-        if q.dtype != torch.uint8:
-            return q
-        block = self.block_size if self.block_wise else q.numel()
-        return dequantize_blockwise(q, state[f"{key}_absmax"], block, signed)
 
 
 def check_bitsandbytes_arguments(

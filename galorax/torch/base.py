@@ -68,6 +68,11 @@ class GaLoreOptimizer(Optimizer):
             :data:`~galorax.torch.GALORE_DEFAULTS`, which fills in the rest).
     """
 
+    #: Whether :meth:`update_param` needs nothing but :meth:`prepare`'s projected gradient, so
+    #: that a layer-wise mode may sum projected micro-batch gradients and free the full ones
+    #: (APOLLO's update scales the full gradient: False there).
+    updates_from_projection: bool = True
+
     def __init__(self, params: Any, defaults: dict[str, Any]):
         merged = dict(GALORE_DEFAULTS)
         merged.update(defaults)
@@ -228,12 +233,20 @@ class GaLoreOptimizer(Optimizer):
             group: its param group (:meth:`group_of`).
             grad: its gradient (``p.grad``, or an accumulated one).
         """
-        if grad.is_sparse:
-            raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
-        loc = LocalView(p, grad)
+        loc = self._local_view(p, grad)
         assert loc.grad is not None
         if not self.is_projected(p, group):
             return loc.grad
+        side = self._refresh_if_due(p, group, loc)
+        return project(loc.grad, self.state[p]["projector"], side, loc.reduce)
+
+    def _local_view(self, p: torch.Tensor, grad: torch.Tensor) -> LocalView:
+        if grad.is_sparse:
+            raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+        return LocalView(p, grad)
+
+    def _refresh_if_due(self, p: torch.Tensor, group: dict[str, Any], loc: LocalView) -> str:
+        """Start a projected ``p``'s state and refresh its projector when due; its side."""
         state = self.state[p]
         if "step" not in state:
             state["step"] = 0
@@ -244,7 +257,7 @@ class GaLoreOptimizer(Optimizer):
         state.setdefault("refresh_offset", offset)
         if self.refresh_due(p, group):
             self._refresh(group, state, loc, side, index)
-        return project(loc.grad, state["projector"], side, loc.reduce)
+        return side
 
     def refresh_due(self, p: torch.Tensor, group: dict[str, Any]) -> bool:
         """Whether the next :meth:`prepare` of ``p`` refreshes its projector (and so needs
@@ -269,11 +282,16 @@ class GaLoreOptimizer(Optimizer):
             return False
         state = self.state.get(p, {})
         s = int(state.get("step", 0))
-        if s == 0 or "projector" not in state or bool(state.get("retry", 0)):
+        if s == 0 or not self.has_projection(state) or bool(state.get("retry", 0)):
             return True
         offset = int(state.get("refresh_offset", self._meta()[id(p)][1]))
         gap = int(group["update_proj_gap"])
         return s % gap == offset % gap
+
+    @staticmethod
+    def has_projection(state: dict[str, Any]) -> bool:
+        """Whether a parameter's ``state`` holds its current projection (one refresh done)."""
+        return "projector" in state
 
     @torch.no_grad()
     def project_gradient(

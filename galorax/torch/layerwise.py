@@ -32,6 +32,12 @@ galore-torch/Hugging Face's layer-wise mode, :class:`LayerwiseGaLore`
   ``state_dict`` is the same as in the plain mode, and one learning-rate scheduler on it,
   stepped once per optimizer step.
 
+:class:`~galorax.torch.ApolloAdamW` runs here too, but its update scales the *full* gradient
+(``updates_from_projection`` is False): its gradients accumulate in ``p.grad``
+(``accumulate='full'``; ``'low_rank'`` raises), and with clipping each full gradient waits
+for :meth:`LayerwiseGaLore.step`. What it saves is the gradients of the layers already
+updated within one backward pass (no accumulation, no clipping).
+
 Not for DDP/FSDP: their gradient reduction ends after the hooks run. For code that needs a
 ``torch.optim.Optimizer`` (the Hugging Face Trainer), see
 :class:`~galorax.torch.trainer.LayerwiseOptimizer`.
@@ -71,15 +77,16 @@ class LayerwiseGaLore:
 
     Args:
         optimizer: a :class:`~galorax.torch.base.GaLoreOptimizer` (``GaLoreAdamW``,
-            ``GaLoreAdamW8bit``, ``GaLoreAdafactor``) over the parameters to update layer-wise
-            (schedulers attach to it, as usual).
+            ``GaLoreAdamW8bit``, ``GaLoreAdafactor``, ``ApolloAdamW``, ``ApolloAdamW8bit``)
+            over the parameters to update layer-wise (schedulers attach to it, as usual).
         accumulation_steps: micro-batches (backward passes) per optimizer step.
         max_grad_norm: clip the global 2-norm of the (accumulated) gradient to this; None: no
             clipping (parameters are then updated inside the backward pass).
         accumulate: how a projected parameter's gradient is accumulated between micro-batches
             (``accumulation_steps > 1``): ``'low_rank'`` (projected in the hook, full gradient
             freed), ``'full'`` (kept in ``p.grad``), or ``'auto'``: ``'full'`` when clipping
-            (the exact global norm needs the full sums), else ``'low_rank'``.
+            (the exact global norm needs the full sums) or for an optimizer that updates from
+            the full gradient (APOLLO), else ``'low_rank'``.
 
     Call :meth:`step` once per optimizer step, after the last micro-batch's backward: it
     applies the clipped updates and updates any parameter whose gradient did not arrive
@@ -100,8 +107,14 @@ class LayerwiseGaLore:
             raise ValueError(f"accumulation_steps must be >= 1, got {accumulation_steps}")
         if accumulate not in ACCUMULATE:
             raise ValueError(f"accumulate must be one of {ACCUMULATE}, got {accumulate!r}")
+        if accumulate == "low_rank" and not optimizer.updates_from_projection:
+            raise ValueError(
+                f"{type(optimizer).__name__} updates from the full gradient: "
+                "accumulate='low_rank' cannot free it (use 'full' or 'auto')"
+            )
         if accumulate == "auto":
-            accumulate = "full" if max_grad_norm is not None else "low_rank"
+            low_rank = max_grad_norm is None and optimizer.updates_from_projection
+            accumulate = "low_rank" if low_rank else "full"
         self.optimizer = optimizer
         self.accumulation_steps = int(accumulation_steps)
         self.max_grad_norm = max_grad_norm

@@ -20,9 +20,9 @@ from typing import Any
 
 import torch
 
-from galorax.torch.groups import check_galore_keys
+from galorax.torch.groups import GALORE_DEFAULTS, check_galore_keys
 
-__all__ = ["matches_target", "param_groups"]
+__all__ = ["apollo_param_groups", "matches_target", "param_groups", "split_targets"]
 
 
 def matches_target(target_modules: str | Sequence[str], name: str) -> bool:
@@ -80,9 +80,78 @@ def param_groups(
         TypeError: ``target_modules`` is neither a string nor a list of strings, or a key in
             ``galore`` is not a GaLore key.
     """
+    check_galore_keys(galore)
+    rest, targeted = split_targets(model, target_modules)
+    galore_group = {
+        "params": targeted,
+        "rank": rank,
+        "update_proj_gap": update_proj_gap,
+        "scale": scale,
+        "proj_type": proj_type,
+        **galore,
+    }
+    return [{"params": rest}, galore_group]
+
+
+def apollo_param_groups(
+    model: torch.nn.Module,
+    target_modules: str | Sequence[str],
+    rank: int = 128,
+    proj: str = "random",
+    scale_type: str = "channel",
+    update_proj_gap: int = 200,
+    scale: float = 1.0,
+    proj_type: str = "std",
+    **apollo: Any,
+) -> list[dict[str, Any]]:
+    """The Trainer's APOLLO param groups (``optim="apollo_adamw"``): ``[plain, apollo]``.
+
+    As :func:`param_groups`, with the APOLLO group's keys and defaults the Trainer's
+    (``optim_args`` unset: rank 128, ``proj='random'``, ``scale_type='channel'``, gap 200,
+    scale 1.0, ``proj_type='std'``), for :class:`~galorax.torch.ApolloAdamW`.
+
+    Args:
+        model, target_modules: as :func:`param_groups`.
+        rank, proj, scale_type, update_proj_gap, scale, proj_type: the APOLLO group's keys.
+        **apollo: more keys for the APOLLO group (``growth=``, ``seed=``, ...).
+
+    Example:
+        >>> model = torch.nn.ModuleDict({"mlp": torch.nn.Linear(8, 8)})
+        >>> plain, apollo = apollo_param_groups(model, ["mlp"], rank=1, scale_type="tensor")
+        >>> len(plain["params"]), apollo["rank"], apollo["proj"], apollo["scale"]
+        (1, 1, 'random', 1.0)
+    """
+    from galorax.torch.apollo import APOLLO_DEFAULTS
+
+    unknown = set(apollo) - set(GALORE_DEFAULTS) - set(APOLLO_DEFAULTS)
+    if unknown:
+        raise TypeError(f"unknown arguments: {sorted(unknown)}")
+    rest, targeted = split_targets(model, target_modules)
+    group = {
+        "params": targeted,
+        "rank": rank,
+        "proj": proj,
+        "scale_type": scale_type,
+        "update_proj_gap": update_proj_gap,
+        "scale": scale,
+        "proj_type": proj_type,
+        **apollo,
+    }
+    return [{"params": rest}, group]
+
+
+def split_targets(
+    model: torch.nn.Module, target_modules: str | Sequence[str]
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """``(rest, weights)``: the weights of the targeted ``nn.Linear`` modules and every other
+    parameter, as the Trainer splits them (:func:`param_groups`).
+
+    Raises:
+        ValueError: no ``nn.Linear`` module matches.
+        TypeError: ``target_modules`` is neither a string nor a list of strings.
+    """
     if not isinstance(target_modules, (str, list, tuple)):
         raise TypeError(f"target_modules must be a str or a list of str, got {target_modules!r}")
-    check_galore_keys(galore)
     all_linear = isinstance(target_modules, str) and target_modules.replace("_", "-") == (
         "all-linear"
     )
@@ -94,13 +163,5 @@ def param_groups(
             targeted.setdefault(id(module.weight), module.weight)
     if not targeted:
         raise ValueError(f"no nn.Linear module matches target_modules={target_modules!r}")
-    rest = [p for p in model.parameters() if id(p) not in targeted]
-    galore_group = {
-        "params": list(targeted.values()),
-        "rank": rank,
-        "update_proj_gap": update_proj_gap,
-        "scale": scale,
-        "proj_type": proj_type,
-        **galore,
-    }
-    return [{"params": rest}, galore_group]
+    rest: list[torch.Tensor] = [p for p in model.parameters() if id(p) not in targeted]
+    return rest, list(targeted.values())

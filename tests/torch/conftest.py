@@ -23,3 +23,13 @@ def galore_torch():
     if mod is None:
         pytest.skip("galore-torch not installed (pip install galore-torch --no-deps)")
     return mod
+
+
+@pytest.fixture(scope="session")
+def apollo_torch():
+    from galorax_torch_testlib import load_apollo_torch
+
+    mod = load_apollo_torch()
+    if mod is None:
+        pytest.skip("apollo-torch not installed (pip install apollo-torch==1.0.3 --no-deps)")
+    return mod

@@ -1,7 +1,7 @@
-"""Helpers of the galorax.torch tests and benchmark: the galore-torch 1.0 reference loader,
-synthetic gradients and the small problem (two matrices and a bias) the optimizer tests share.
-(A uniquely named module, not conftest: `from conftest import` breaks as soon as another
-conftest.py exists higher up.)"""
+"""Helpers of the galorax.torch tests and benchmark: the galore-torch 1.0 and apollo-torch
+1.0.3 reference loaders, synthetic gradients and the small problem (two matrices and a bias)
+the optimizer tests share. (A uniquely named module, not conftest: `from conftest import`
+breaks as soon as another conftest.py exists higher up.)"""
 
 from __future__ import annotations
 
@@ -66,6 +66,55 @@ def load_galore_torch() -> types.ModuleType | None:
     pkg.GaLoreAdamW = pkg.adamw.AdamW
     pkg.GaLoreAdafactor = pkg.adafactor.Adafactor
     return pkg
+
+
+def load_apollo_torch() -> types.ModuleType | None:
+    """apollo-torch 1.0.3's ``apollo`` module (its ``AdamW`` is ``APOLLOAdamW``), without the
+    package __init__.
+
+    apollo-torch's __init__ imports bitsandbytes (its 8-bit GaLore and quantized APOLLO); its
+    ``apollo`` module needs only torch, its two projector modules and transformers' version
+    checker (stubbed when transformers is missing: ``require_version`` only checks torch>=1.5).
+    Install it with ``pip install apollo-torch==1.0.3 --no-deps``.
+    """
+    spec = importlib.util.find_spec("apollo_torch")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    root = list(spec.submodule_search_locations)[0]
+    name = "_apollo_torch_ref"
+    if name in sys.modules:
+        return sys.modules[name].apollo
+    pkg = types.ModuleType(name)
+    pkg.__path__ = [root]
+    stubs = {}
+    if importlib.util.find_spec("transformers") is None:
+        versions = types.ModuleType("transformers.utils.versions")
+        versions.require_version = lambda *a, **k: None
+        stubs = {
+            "transformers": types.ModuleType("transformers"),
+            "transformers.utils": types.ModuleType("transformers.utils"),
+            "transformers.utils.versions": versions,
+        }
+    saved = {k: sys.modules.get(k) for k in stubs}
+    sys.modules.update(stubs)
+    sys.modules[name] = pkg
+    try:
+        for sub in ("svd_projector", "random_projector", "apollo"):
+            s = importlib.util.spec_from_file_location(
+                f"{name}.{sub}", os.path.join(root, f"{sub}.py")
+            )
+            assert s is not None and s.loader is not None
+            mod = importlib.util.module_from_spec(s)
+            sys.modules[s.name] = mod
+            s.loader.exec_module(mod)
+            setattr(pkg, sub, mod)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                sys.modules.pop(k, None)
+            else:
+                sys.modules[k] = v
+    return pkg.apollo
 
 
 def galore_torch_defaults(galore_torch, module: str, cls: str) -> dict[str, object]:

@@ -1,4 +1,5 @@
-"""DDP and FSDP2 with 2 CPU processes on gloo: the same losses as one process.
+"""DDP and FSDP2 with 2 CPU processes on gloo: the same losses as one process (GaLoreAdamW,
+ApolloAdamW).
 
 Each test spawns 2 workers (bounded by a deadline) that train a small MLP on halves of the
 same global batches; the single-process reference trains on the whole batches.
@@ -18,7 +19,7 @@ dist = pytest.importorskip("torch.distributed")
 if not dist.is_available():
     pytest.skip("torch.distributed is not available", allow_module_level=True)
 
-from galorax.torch import GaLoreAdamW  # noqa: E402
+from galorax.torch import ApolloAdamW, GaLoreAdamW  # noqa: E402
 
 STEPS = 7
 CONFIGS = {
@@ -26,6 +27,13 @@ CONFIGS = {
     "default": dict(rank=4, update_proj_gap=3),
     # galore-torch's conventions with the exact SVD (all-gathered under FSDP2, with a warning).
     "svd_std": dict(rank=4, update_proj_gap=3, subspace="svd", moments="keep", proj_type="std"),
+    # ApolloAdamW (a 'proj' key): the same random draws on every process (a sharded left one
+    # is drawn whole, each process keeps its rows); channel and tensor scales, the limiter.
+    "apollo": dict(rank=4, update_proj_gap=3, proj="random", scale_type="channel"),
+    # ... and the projection drawn again every step from its seed (store_projection=False).
+    "apollo_tensor": dict(
+        rank=4, update_proj_gap=3, proj="random", scale_type="tensor", store_projection=False
+    ),
 }
 
 
@@ -45,7 +53,8 @@ def _model():
 def _optimizer(model, cfg):
     mats = [p for p in model.parameters() if p.dim() == 2]
     vecs = [p for p in model.parameters() if p.dim() != 2]
-    return GaLoreAdamW([{"params": mats, **cfg}, {"params": vecs}], lr=2e-2, weight_decay=0.01)
+    cls = ApolloAdamW if "proj" in cfg else GaLoreAdamW
+    return cls([{"params": mats, **cfg}, {"params": vecs}], lr=2e-2, weight_decay=0.01)
 
 
 def _batch(step):
@@ -108,9 +117,7 @@ def _worker(rank, world, port, mode, out):
                 (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
                 for p in model.parameters()
             ]
-            projectors = [
-                opt.state[p]["projector"].clone() for p in model.parameters() if p.dim() == 2
-            ]
+            projectors = [_projection(opt, p) for p in model.parameters() if p.dim() == 2]
             results[name] = {
                 "losses": losses,
                 "params": params,
@@ -124,6 +131,14 @@ def _worker(rank, world, port, mode, out):
         dist.barrier()
     finally:
         dist.destroy_process_group()
+
+
+def _projection(opt, p):
+    """``p``'s current projector (this process's rows), stored or (APOLLO) drawn again."""
+    state = opt.state[p]
+    if "projector" in state:
+        return state["projector"].clone()
+    return opt.projection(p, opt.group_of(p), torch.device("cpu"))
 
 
 def _free_port():
@@ -180,7 +195,12 @@ def test_two_processes_match_one(mode, references):
             # Side 'std': the 48 x 16 weight's right projector (16 x 4) is whole; the 15 x 48
             # and 8 x 15 weights' left ones are row-sharded (rank 0 holds 8 and 4 rows).
             shapes = [tuple(p.shape) for p in results[0][name]["projectors"]]
-            if name == "default":
+            if name.startswith("apollo"):
+                assert shapes == [(16, 4), (8, 4), (4, 4)]
+                # Nothing whole moves either: the largest all-reduce is the 15 x 48 weight's
+                # left-projected gradient (4 x 48).
+                assert 0 < results[0][name]["max_all_reduce"] <= 4 * 48
+            elif name == "default":
                 assert shapes == [(16, 4), (8, 4), (4, 4)]
                 # The randomized refresh never moves a whole gradient: its largest all-reduce
                 # is the n x k product of the 15 x 48 weight (48 x 12 = 576 elements, k = rank +

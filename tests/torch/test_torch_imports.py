@@ -18,10 +18,11 @@ import galorax.torch
 loaded = {"torch_after_import": "torch" in sys.modules}
 import torch
 from galorax.torch import GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit, LayerwiseGaLore
-from galorax.torch import LayerwiseOptimizer, param_groups
+from galorax.torch import ApolloAdamW, ApolloAdamW8bit, LayerwiseOptimizer, param_groups
 w = torch.nn.Parameter(torch.zeros(64, 32))
 for opt in (GaLoreAdamW([w], rank=4), GaLoreAdamW8bit([w], rank=4, min_8bit_size=16),
-            GaLoreAdafactor([w], rank=4)):
+            GaLoreAdafactor([w], rank=4), ApolloAdamW([w], rank=4),
+            ApolloAdamW8bit([w], rank=4, min_8bit_size=16)):
     w.grad = torch.randn(64, 32)
     opt.step()
 lw = LayerwiseGaLore(GaLoreAdamW([w], rank=4))

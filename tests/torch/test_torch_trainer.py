@@ -11,7 +11,13 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
-from galorax.torch import GaLoreAdamW, LayerwiseOptimizer, param_groups  # noqa: E402
+from galorax.torch import (  # noqa: E402
+    ApolloAdamW,
+    GaLoreAdamW,
+    LayerwiseOptimizer,
+    apollo_param_groups,
+    param_groups,
+)
 
 TARGETS = ["attn", "mlp"]
 
@@ -118,3 +124,31 @@ def test_trainer_layerwise_equals_plain(tmp_path, max_grad_norm):
         assert opt.layerwise.last_grad_norm > max_grad_norm  # clipping was active
     assert inner.param_groups[0]["lr"] == pytest.approx(trainer.lr_scheduler.get_last_lr()[0])
     assert inner.state_dict().keys() == trainer.optimizer.state_dict().keys()
+
+
+@pytest.mark.parametrize("max_grad_norm", [0.0, 0.5])
+def test_trainer_with_apollo_adamw_plain_and_layerwise(tmp_path, max_grad_norm):
+    # optim="apollo_adamw" / "apollo_adamw_layerwise" with optim_target_modules=TARGETS, as
+    # galorax: the Trainer's APOLLO groups, its scheduler; layer-wise equals plain.
+    def groups(model):
+        return apollo_param_groups(model, TARGETS, rank=4, update_proj_gap=2)
+
+    plain_model = _model()
+    plain = ApolloAdamW(groups(plain_model), lr=1e-2)
+    args = _args(tmp_path, max_grad_norm)
+    _train(tmp_path / "plain", plain_model, args, optimizers=(plain, None))
+    q = plain_model.model.layers[0].self_attn.q_proj.weight
+    assert plain.state[q]["step"] == 4 and tuple(plain.state[q]["projector"].shape) == (32, 4)
+
+    model = _model()
+    args = _args(tmp_path, max_grad_norm=0.0)
+    inner = ApolloAdamW(groups(model), lr=args.learning_rate)
+    opt = LayerwiseOptimizer(
+        inner,
+        accumulation_steps=args.gradient_accumulation_steps,
+        max_grad_norm=max_grad_norm or None,
+    )
+    assert opt.layerwise.accumulate == "full"
+    _train(tmp_path / "layerwise", model, args, optimizers=(opt, None))
+    for a, b in zip(plain_model.parameters(), model.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
