@@ -31,6 +31,7 @@ from galorax.galore_math import project, uses_left
 __all__ = [
     "adam_moments",
     "bias_correction",
+    "channel_squares",
     "limit_growth",
     "project",
     "random_projection",
@@ -84,22 +85,39 @@ def scaling(normalized: jax.Array, low: jax.Array, *, left: bool, per_channel: b
     return norm(normalized) / (norm(low) + 1e-8)
 
 
-def limit_growth(
-    update: jax.Array, prev_norm: jax.Array, growth: float
-) -> tuple[jax.Array, jax.Array]:
-    """Fira's norm-growth limiter, per matrix: ``update`` scaled down so its norm is at most
-    ``growth`` times last step's (``prev_norm``; 0: none yet, no limit), and its norm after.
+def channel_squares(g: jax.Array, *, left: bool, per_channel: bool) -> jax.Array:
+    """The sums of squares of ``g`` over each channel :func:`scaling` scales, shaped like
+    its factor: with them, the norm of ``g * s`` is known without forming it.
 
     Example:
         >>> import jax.numpy as jnp
-        >>> u, norm = limit_growth(jnp.full((2, 2), 3.0), jnp.asarray(2.0), 1.01)
-        >>> round(float(norm), 4), round(float(jnp.linalg.norm(u)), 4)
+        >>> channel_squares(jnp.array([[3.0, 0.0], [4.0, 1.0]]), left=True, per_channel=True)
+        Array([[25.,  1.]], dtype=float32)
+    """
+    axes: tuple[int, ...] = ((-2,) if left else (-1,)) if per_channel else (-2, -1)
+    return jnp.sum(jnp.square(g.astype(jnp.float32)), axis=axes, keepdims=True)
+
+
+def limit_growth(
+    s: jax.Array, squares: jax.Array, prev_norm: jax.Array, growth: float
+) -> tuple[jax.Array, jax.Array]:
+    """Fira's norm-growth limiter, per matrix, on the scale ``s`` of a gradient whose
+    :func:`channel_squares` are ``squares``: ``s`` scaled down so the scaled gradient's norm
+    is at most ``growth`` times last step's (``prev_norm``; 0: none yet, no limit), and
+    that norm after.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> g = jnp.full((2, 2), 3.0)  # its norm is 6
+        >>> s, norm = limit_growth(jnp.ones((1, 1)), channel_squares(g, left=True,
+        ...     per_channel=False), jnp.asarray(2.0), 1.01)
+        >>> round(float(norm), 4), round(float(jnp.linalg.norm(g * s)), 4)
         (2.02, 2.02)
     """
-    norm = jnp.sqrt(jnp.sum(jnp.square(update.astype(jnp.float32)), axis=(-2, -1)))
+    norm = jnp.sqrt(jnp.sum(jnp.square(s) * squares, axis=(-2, -1)))
     ratio = jnp.where(prev_norm > 0, norm / (prev_norm + 1e-8), 0.0)
     limiter = jnp.maximum(ratio, growth) / growth
-    return update / limiter[..., None, None].astype(update.dtype), norm / limiter
+    return s / limiter[..., None, None], norm / limiter
 
 
 def bias_correction(count: jax.Array, b1: float, b2: float) -> jax.Array:

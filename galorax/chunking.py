@@ -322,8 +322,9 @@ def map_stored(
 
     def encode(new: Any, like: list[Any]) -> list[Any]:
         out = treedef.flatten_up_to(new)
-        return [
-            quantize_like(x, q) if is_quantized(q) else x for x, q in zip(out, like, strict=True)
+        return [  # each result stored as its buffer is (a dtype, or quantized)
+            quantize_like(x, q) if is_quantized(q) else x.astype(q.dtype)
+            for x, q in zip(out, like, strict=True)
         ]
 
     if chunk >= n:  # whole: scalars, small leaves, blocks across slices

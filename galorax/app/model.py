@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import optax
 
 import galorax
+from galorax import chunking
 
 Params = dict[str, Any]
 
@@ -230,7 +231,7 @@ def _lookup_fwd(table: jax.Array, tokens: jax.Array) -> tuple[jax.Array, Any]:
 
 def _lookup_bwd(res: Any, dx: jax.Array) -> tuple[jax.Array, None]:
     spec, tokens = res
-    zeros = galorax.chunking.buffer_after(spec.shape, spec.dtype, dx)
+    zeros = chunking.buffer_after(spec.shape, spec.dtype, dx)
     return zeros.at[tokens].add(dx), None
 
 

@@ -73,8 +73,10 @@ def test_apollo_rows():
     assert all(e.projectors == 0 for e in est.values())
     assert est["apollo-mini"].state < est["apollo"].state
     big = model_lib.get_preset("60m", vocab_size=32000)
-    f32, q8 = (plan_memory(big, o, rank=128) for o in ("apollo", "apollo8bit"))
-    assert q8.state < 0.3 * f32.state  # every moment of 4096 values or more in 8 bits
+    full, q8 = (plan_memory(big, o, rank=128) for o in ("apollo", "apollo8bit"))
+    # Every moment of 4096 values or more in 8 bits: 1 byte and a scale per block where the
+    # bf16 params' full-rank moments take 2 and the low-rank ones (f32) 4.
+    assert q8.state < 0.5 * full.state
 
 
 def test_cli_sizes_apollo_by_default(capsys):

@@ -57,14 +57,15 @@ def test_updates_equal_the_reference(shape, scale_type, scale):
     for g in grads:
         u, state = update({"w": g}, state)
         got.append(u["w"])
-    key = jax.random.fold_in(jax.random.key(7), 0)  # the leaf's position among projected
+    left = shape[0] < shape[1]
+    key = jax.random.fold_in(jax.random.key(7), shape[0] if left else shape[1])  # its rows
     want = _reference(
         grads,
         rank=rank,
         gap=gap,
         scale=scale,
         per_channel=scale_type == "channel",
-        left=shape[0] < shape[1],
+        left=left,
         steps_key=lambda i: jax.random.fold_in(key, i),
     )
     for a, b in zip(got, want, strict=True):
