@@ -5,7 +5,8 @@ allocated) for AdamW, 8-bit AdamW, GaLore and 8-bit GaLore, and prints peak, tem
 argument bytes of each, beside the figures recorded before the chunked GaLore update and
 chunked 8-bit moments (issue 13's table).
 
-Rows named ``...+pl`` use per-layer updates (``--per-layer-updates``), ``+int8P`` int8
+Rows named ``apollo...`` are APOLLO and APOLLO-Mini (rank as GaLore's; ``8bit``: 8-bit
+moments). Rows named ``...+pl`` use per-layer updates (``--per-layer-updates``), ``+int8P`` int8
 projectors. Every row compiles the step ``galorax train`` runs with those flags
 (:func:`galorax.app.planner.compiled_step_memory`, gradient clipping included).
 
@@ -82,6 +83,14 @@ OPTIMIZERS = (
     "galore+pl",
     "galore8bit+pl",
     "galore8bit+pl+int8P",
+    "apollo",
+    "apollo8bit",
+    "apollo-mini",
+    "apollo-mini8bit",
+    "apollo+pl",
+    "apollo8bit+pl",
+    "apollo-mini+pl",
+    "apollo-mini8bit+pl",
     *PEERS,
 )
 #: The rows the ratios are taken against: galorax's AdamW, then optax's (with clipping).
@@ -92,7 +101,17 @@ DEFAULT_ROWS = {
     "tiny": PLAIN,
     "60m": PLAIN,
     "130m": PLAIN,
-    "7b": (*PLAIN, "galore8bit+pl", "galore8bit+pl+int8P", *PEERS),
+    "7b": (
+        *PLAIN,
+        "galore8bit+pl",
+        "galore8bit+pl+int8P",
+        "apollo",
+        "apollo-mini",
+        "apollo8bit+pl",
+        "apollo-mini+pl",
+        "apollo-mini8bit+pl",
+        *PEERS,
+    ),
 }
 
 

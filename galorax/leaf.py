@@ -114,7 +114,7 @@ def make_projectors(
                 f"GaLore trains floating-point weights, but params{jax.tree_util.keystr(path)} "
                 f"has dtype {leaf.dtype}; leave it out with optax.masked or optax.partition."
             )
-        if dim is None:
+        if dim is None or leaf.size == 0:  # a zero-size leaf has no subspace: as it is
             out.append(None)
             continue
         try:

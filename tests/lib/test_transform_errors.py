@@ -230,3 +230,13 @@ def test_skip_nonfinite_jits_with_galore_chain():
     state = tx.init(params)
     out, state = jax.jit(tx.update)(bad, state, params)
     assert bool(jnp.all(out["v"] == 0)) and bool(jnp.all(jnp.isfinite(out["w"])))
+
+
+@pytest.mark.parametrize("make", [galorax.galore, galorax.apollo])
+def test_zero_size_leaves_pass_through_as_optax_galore(make):
+    """A zero-size leaf has no subspace: it is not projected, its update has its shape
+    (``optax.contrib.galore`` returns one; galorax raised an internal TypeError)."""
+    params = {"w": jnp.ones((0, 8)), "v": jnp.ones((4, 8)), "s": jnp.ones((3, 0, 4))}
+    tx = make(0.1, rank=2, weight_dimension_numbers=galorax.dimension_numbers_from_rules)
+    updates, _ = jax.jit(tx.update)(params, tx.init(params), params)
+    assert jax.tree.map(jnp.shape, updates) == jax.tree.map(jnp.shape, params)
