@@ -22,19 +22,7 @@ import jax
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 from galorax.step_gate import gate_of
-
-
-def on_several_devices(x: jax.Array) -> bool:
-    """Whether ``x`` (an array or a tracer) belongs to a mesh of more than one device."""
-    try:
-        mesh = jax.typeof(x).sharding.mesh
-    except (AttributeError, TypeError):
-        return False
-    if mesh.empty:
-        return False
-    # Inside shard_map, manual axes hold whole local blocks: only the others spread x.
-    kinds = dict(zip(mesh.axis_names, mesh.axis_types, strict=True))
-    return math.prod(n for a, n in mesh.shape.items() if kinds[a] != AxisType.Manual) > 1
+from galorax.subspace import on_several_devices
 
 
 def typed_mesh(x: Any) -> Any:

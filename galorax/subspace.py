@@ -14,14 +14,27 @@ randomized finder tens of milliseconds (``BENCHMARKS.md``).
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Literal
 
 import jax
 import jax.numpy as jnp
-
-from galorax.placement import on_several_devices
+from jax.sharding import AxisType
 
 Precision = jax.lax.Precision | str | None
+
+
+def on_several_devices(x: jax.Array) -> bool:
+    """Whether ``x`` (an array or a tracer) belongs to a mesh of more than one device."""
+    try:
+        mesh = jax.typeof(x).sharding.mesh
+    except (AttributeError, TypeError):
+        return False
+    if mesh.empty:
+        return False
+    # Inside shard_map, manual axes hold whole local blocks: only the others spread x.
+    kinds = dict(zip(mesh.axis_names, mesh.axis_types, strict=True))
+    return math.prod(n for a, n in mesh.shape.items() if kinds[a] != AxisType.Manual) > 1
 
 
 def _mm(a: jax.Array, b: jax.Array, precision: Precision) -> jax.Array:

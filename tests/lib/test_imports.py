@@ -196,3 +196,19 @@ def test_lazy_names_are_the_objects_not_modules(name):
 
     assert callable(getattr(galorax, name))
     assert name in dir(galorax) and name in galorax.__all__
+
+
+MATH = ("galorax.galore_math", "galorax.apollo_math", "galorax.subspace")
+
+
+@pytest.mark.parametrize("module", MATH)
+def test_the_per_leaf_math_imports_no_execution_module(module):
+    """The math (pure functions of dense arrays) reaches only math and settings modules:
+    no chunking, placement, storage or gate, type-only imports included."""
+    allowed = {*MATH, "galorax.residual"}  # Residual: the compensation's settings
+    seen, todo = set(), [module]
+    while todo:
+        for n in _edges(todo.pop(), type_only=True) - seen:
+            seen.add(n)
+            todo.append(n)
+    assert seen <= allowed, sorted(seen - allowed)
