@@ -126,9 +126,14 @@ def scale_by_apollo(
     """
     if scale_type not in ("channel", "tensor"):
         raise ValueError(f"scale_type must be 'channel' or 'tensor', got {scale_type!r}.")
+    if isinstance(moment_bits, jax.Array):
+        raise TypeError(
+            "`moment_bits` is static: under optax.inject_hyperparams pass "
+            "static_args=('rank', 'update_proj_gap', 'moment_bits')."
+        )
     if moment_bits not in (None, 8):
         raise ValueError(f"moment_bits must be None or 8, got {moment_bits!r}.")
-    if growth is not None and not growth >= 1.0:
+    if isinstance(growth, int | float) and not growth >= 1.0:  # (a traced one: unchecked)
         raise ValueError(f"growth must be >= 1 or None, got {growth!r}.")
     # The leaves' facts as GaLore decides them (same dimension numbers, sides, ranks).
     opts = galore_options(rank, update_proj_gap, scale, side=side, stagger=False, chunking=chunking)

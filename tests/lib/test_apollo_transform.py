@@ -178,3 +178,15 @@ def test_apollo_mini_is_rank_one_tensor_scaled():
 def test_bad_arguments_are_named(kw, match):
     with pytest.raises((TypeError, ValueError), match=match):
         galorax.scale_by_apollo(**kw)
+
+
+def test_under_inject_hyperparams():
+    """The learning rate, weight decay, scale, betas and growth as injected hyperparameters;
+    rank and gap static, as galore's."""
+    make = optax.inject_hyperparams(galorax.apollo, static_args=("rank", "update_proj_gap"))
+    tx = make(learning_rate=0.1, rank=2, update_proj_gap=3, weight_decay=0.01, growth=1.02)
+    params = {"w": jnp.ones((8, 4))}
+    state = tx.init(params)
+    updates, state = jax.jit(tx.update)(params, state, params)
+    assert {"learning_rate", "weight_decay", "growth"} <= set(state.hyperparams)
+    assert updates["w"].shape == (8, 4)
