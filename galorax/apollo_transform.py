@@ -57,7 +57,7 @@ from galorax.compat import as_plain, rebox
 from galorax.dimension_numbers import GaLoreDimNumsOrFn, check_same_tree, is_masked
 from galorax.leaf import LeafProjector, is_projector_leaf, make_projectors
 from galorax.options import galore_options, with_keywords_of
-from galorax.quantization.blockwise import dequantize_blockwise, is_quantized, quantized_zeros
+from galorax.quantization.blockwise import quantized_zeros
 from galorax.step_gate import gate_of
 
 __all__ = ["ApolloState", "apollo", "apollo_mini", "scale_by_apollo"]
@@ -217,10 +217,6 @@ def _zeros(leaf: LeafProjector | None, param: Any, bits: int | None) -> tuple[An
     return moment(True), moment(False), norm
 
 
-def _dense(m: Any) -> jax.Array:
-    return dequantize_blockwise(m, jnp.float32) if is_quantized(m) else m
-
-
 def _full_adam(hyper: _Hyper, g: Any, mu: Any, nu: Any, factor: Any, keep: Any) -> tuple:
     """An unprojected leaf: apollo-torch's Adam in full (8-bit moments in chunks, in place)."""
 
@@ -275,12 +271,14 @@ def _projected(
     p_all = jnp.broadcast_to(p, leaf.proj_shape)
     low, squares = map_slices(project, bufs, (g2, p_all), leaf.n_batch, size, None, hyper.chunking)
 
-    def moments(bufs: tuple[Any, Any], low: jax.Array) -> tuple[Any, Any]:
-        return apollo_math.adam_moments(low, *bufs, hyper.b1, hyper.b2)
+    def moments(bufs: tuple[Any, Any, Any], low: jax.Array) -> tuple[Any, Any, Any]:
+        mu, nu = apollo_math.adam_moments(low, *bufs[:2], hyper.b1, hyper.b2)
+        normalized = mu / (jnp.sqrt(nu) + hyper.eps)
+        return mu, nu, apollo_math.scaling(normalized, low, left=channel[0], per_channel=channel[1])
 
-    mu, nu = map_stored(moments, (mu, nu), low, keep, skip_by="select", settings=hyper.chunking)
-    normalized = _dense(mu) / (jnp.sqrt(_dense(nu)) + hyper.eps)
-    s = apollo_math.scaling(normalized, low, left=leaf.left, per_channel=hyper.per_channel)
+    # The scale is taken chunk by chunk with the moments: 8-bit moments are never all f32.
+    state = (mu, nu, buffer_after(squares.shape, jnp.float32, low))
+    mu, nu, s = map_stored(moments, state, low, keep, skip_by="select", settings=hyper.chunking)
     if hyper.growth is not None:
         s, prev = apollo_math.limit_growth(s, squares, prev, hyper.growth)
 
