@@ -277,8 +277,11 @@ def _projected(
         return mu, nu, apollo_math.scaling(normalized, low, left=channel[0], per_channel=channel[1])
 
     # The scale is taken chunk by chunk with the moments: 8-bit moments are never all f32.
+    # Chunks of layers only: a scale reads every row of its matrix's moments.
     state = (mu, nu, buffer_after(squares.shape, jnp.float32, low))
-    mu, nu, s = map_stored(moments, state, low, keep, skip_by="select", settings=hyper.chunking)
+    mu, nu, s = map_stored(
+        moments, state, low, keep, split=leaf.n_batch > 0, skip_by="select", settings=hyper.chunking
+    )
     if hyper.growth is not None:
         s, prev = apollo_math.limit_growth(s, squares, prev, hyper.growth)
 

@@ -190,3 +190,15 @@ def test_under_inject_hyperparams():
     updates, state = jax.jit(tx.update)(params, state, params)
     assert {"learning_rate", "weight_decay", "growth"} <= set(state.hyperparams)
     assert updates["w"].shape == (8, 4)
+
+
+def test_a_large_matrix_is_scaled_from_all_its_moments():
+    """A matrix whose moments outgrow a chunk is not split along its rank axis (the scale
+    of a channel reads every row of its moments): the same updates as one whole chunk."""
+    params = {"w": jnp.ones((64, 48))}
+    g = {"w": jax.random.normal(jax.random.key(0), (64, 48))}
+    outs = []
+    for chunking in (None, galorax.Chunking(max_bytes=4 * 48 * 2)):
+        tx = galorax.scale_by_apollo(rank=16, chunking=chunking, moment_bits=8)
+        outs.append(jax.jit(tx.update)(g, tx.init(params))[0]["w"])
+    np.testing.assert_allclose(outs[0], outs[1], rtol=1e-6)
