@@ -349,15 +349,31 @@ def _check_sizes(run: RunConfig) -> None:
     _check_numbers(run)
 
 
+#: The range the step computes these numbers in (float32): 1e308 is finite in Python, inf
+#: there, and 1e-50 is 0.
+_F32 = jnp.finfo(jnp.float32)
+
+
+def _fits_f32(value: float, positive: bool) -> bool:
+    """Finite and in float32's range; positive ones at least float32's smallest normal."""
+    if not math.isfinite(value) or abs(value) > float(_F32.max):
+        return False
+    return value >= float(_F32.tiny) if positive else value >= 0
+
+
 def _check_numbers(run: RunConfig) -> None:
-    if run.lr <= 0 or not math.isfinite(run.lr):
-        raise UsageError(f"--lr must be a positive number, got {run.lr}")
-    if run.scale <= 0 or not math.isfinite(run.scale):
-        raise UsageError(f"--scale must be a positive number, got {run.scale}")
-    if run.weight_decay < 0 or not math.isfinite(run.weight_decay):
-        raise UsageError(f"--weight-decay must be a number >= 0, got {run.weight_decay}")
-    if run.grad_clip < 0 or not math.isfinite(run.grad_clip):
-        raise UsageError(f"--grad-clip must be a number >= 0 (0: no clipping), got {run.grad_clip}")
+    if not _fits_f32(run.lr, positive=True):
+        raise UsageError(f"--lr must be a positive number float32 holds, got {run.lr}")
+    if not _fits_f32(run.scale, positive=True):
+        raise UsageError(f"--scale must be a positive number float32 holds, got {run.scale}")
+    if not _fits_f32(run.weight_decay, positive=False):
+        raise UsageError(
+            f"--weight-decay must be a number >= 0 float32 holds, got {run.weight_decay}"
+        )
+    if not _fits_f32(run.grad_clip, positive=False):
+        raise UsageError(
+            f"--grad-clip must be a number >= 0 float32 holds (0: no clipping), got {run.grad_clip}"
+        )
 
 
 def _given(value: Any, default: Any) -> Any:

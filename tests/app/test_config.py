@@ -84,6 +84,13 @@ def test_resume_config_refuses_a_changed_trajectory():
         ({"optimizer": "apollo8bit", "residual": "channel"}, "--residual: only --optimizer"),
         ({"optimizer": "apollo", "scale": 0.0}, "--scale must be a positive number"),
         ({"optimizer": "optax-galore", "state_bits": 8}, "use --optimizer galore, adamw or"),
+        # Checked in float32, where the step uses them (issue 29, defect 1: --lr 1e308 was
+        # accepted, NaN in the step, and the weights became NaN).
+        ({"lr": 1e308}, "--lr must be a positive number float32 holds"),
+        ({"lr": 1e-50}, "--lr must be a positive number float32 holds"),
+        ({"scale": 1e39}, "--scale"),
+        ({"weight_decay": 1e39}, "--weight-decay"),
+        ({"grad_clip": 1e300}, "--grad-clip"),
     ],
 )
 def test_resolve_config_rejects_out_of_range_values(given, match):
