@@ -55,7 +55,7 @@ from galorax import apollo_math, placement, projector
 from galorax.chunking import Chunking, buffer_after, map_slices, map_stored
 from galorax.compat import as_plain, rebox
 from galorax.dimension_numbers import GaLoreDimNumsOrFn, check_same_tree, is_masked
-from galorax.leaf import LeafProjector, is_projector_leaf, make_projectors
+from galorax.leaf import LeafProjector, make_projectors, map_leaves
 from galorax.options import galore_options, with_keywords_of
 from galorax.quantization.blockwise import quantized_zeros
 from galorax.step_gate import gate_of
@@ -142,7 +142,7 @@ def scale_by_apollo(
     def init_fn(params: optax.Params) -> ApolloState:
         plain = as_plain(params)
         leaves = make_projectors(plain, weight_dimension_numbers, opts)
-        mu, nu, norm = _each(leaves, lambda leaf, p: _zeros(leaf, p, moment_bits), plain)
+        mu, nu, norm = map_leaves(leaves, lambda leaf, p: _zeros(leaf, p, moment_bits), plain)
         return ApolloState(jnp.zeros([], jnp.int32), mu, nu, norm)
 
     def update_fn(
@@ -167,7 +167,7 @@ def scale_by_apollo(
                 return _full_adam(hyper, g, mu, nu, factor, keep)
             return _projected(hyper, leaf, g, mu, nu, prev, state.count, factor, keep)
 
-        out, mu, nu, norm = _each(leaves, one, grads, state.mu, state.nu, state.norm)
+        out, mu, nu, norm = map_leaves(leaves, one, grads, state.mu, state.nu, state.norm)
         norm = norm if gate is None else gate.keep(norm, state.norm)
         count = count if keep is None else jnp.where(keep, count, state.count)
         new_state = ApolloState(count, mu, nu, norm)
@@ -184,15 +184,6 @@ class _Hyper(NamedTuple):
     seed: int
     per_channel: bool
     chunking: Chunking
-
-
-def _each(leaves: Any, fn: Callable[..., tuple], *trees: Any) -> tuple[Any, ...]:
-    """``fn(leaf, *entries)`` per leaf of the params' structure (masked ones included), a
-    tuple each, unzipped into one tree per result."""
-    treedef: Any = jax.tree.structure(leaves, is_leaf=is_projector_leaf)
-    flat = [treedef.flatten_up_to(t) for t in trees]
-    out = [fn(leaf, *e) for leaf, *e in zip(treedef.flatten_up_to(leaves), *flat, strict=True)]
-    return tuple(treedef.unflatten(list(c)) for c in zip(*out, strict=True))
 
 
 def _zeros(leaf: LeafProjector | None, param: Any, bits: int | None) -> tuple[Any, Any, Any]:

@@ -23,7 +23,7 @@ from galorax import placement
 from galorax import projector as leaf_steps
 from galorax.chunking import Chunking
 from galorax.dimension_numbers import is_masked
-from galorax.leaf import LeafProjector, is_projector_leaf
+from galorax.leaf import LeafProjector, is_projector_leaf, map_leaves
 from galorax.moments import check_moments, per_parameter_fields, rotate_moments
 from galorax.options import GaLoreOptions
 from galorax.step_gate import StepGate
@@ -83,18 +83,6 @@ def _init_leaf(proj: LeafProjector | None, param: Any) -> tuple[Any, ...]:
         param if is_masked(param) else placement.like(jnp.zeros(param.shape, param.dtype), param)
     )
     return masked, proxy, masked, masked, masked
-
-
-def _each(leaves: Any, fn: Any, skip: Any, *trees: Any) -> tuple[Any, ...]:
-    """``fn(leaf, *entries)`` for each projected leaf, ``skip(*entries)`` for the others
-    (a tuple each), unzipped into one tree per result."""
-    treedef: Any = jax.tree.structure(leaves, is_leaf=is_projector_leaf)
-    flat = [treedef.flatten_up_to(t) for t in trees]
-    out = [
-        skip(*entries) if leaf is None else fn(leaf, *entries)
-        for leaf, *entries in zip(treedef.flatten_up_to(leaves), *flat, strict=True)
-    ]
-    return _unzip(treedef, treedef.unflatten(out), len(out[0]) if out else 0)
 
 
 def init_state(
@@ -198,18 +186,20 @@ class _Group(NamedTuple):
         """``(updates, projectors, schedules, base state, residual norms)`` of the group:
         GaLore's steps over its projected leaves (:mod:`galorax.projector`); the others go
         to the base optimizer as they are."""
-        (g2,) = _each(leaves, lambda leaf, g: (leaf_steps.as_matrices(leaf, g),), _keep, grads)
+        (g2,) = map_leaves(
+            leaves, lambda leaf, g: (leaf_steps.as_matrices(leaf, g),), grads, skip=_keep
+        )
         # 1. Refresh: new projectors for the slices that are due (none in a skipped step).
-        new, schedules, moves = _each(
+        new, schedules, moves = map_leaves(
             leaves,
             lambda leaf, g2, p, s: leaf_steps.refresh(leaf, g2, p, s, self.count, self.finite),
-            lambda g2, p, s: (p, s, None),
             g2,
             old,
             schedules,
+            skip=lambda g2, p, s: (p, s, None),
         )
         # 2. Project each gradient into its subspace.
-        lows, dense = _each(leaves, leaf_steps.project, lambda g2, p: (g2, p), g2, new)
+        lows, dense = map_leaves(leaves, leaf_steps.project, g2, new, skip=lambda g2, p: (g2, p))
         # 3. Carry the base optimizer's moments into the new bases.
         treedef: Any = jax.tree.structure(leaves, is_leaf=is_projector_leaf)
         moves = [None if t is None or t.basis is None else t for t in treedef.flatten_up_to(moves)]
@@ -218,10 +208,9 @@ class _Group(NamedTuple):
         # 4. The base optimizer's step on the low-rank gradients.
         low_updates, new_base = _base_update(self.base_tx, lows, base_state, self.extra_args)
         # 5. Project back to the weights' shape (plus the residual outside the subspace).
-        out, new_norms = _each(
+        out, new_norms = map_leaves(
             leaves,
             leaf_steps.project_back,
-            lambda g, g2, low, u, new, p, norm: (u, norm),
             grads,
             g2,
             lows,
@@ -229,6 +218,7 @@ class _Group(NamedTuple):
             new,
             dense,
             norms,
+            skip=lambda g, g2, low, u, new, p, norm: (u, norm),
         )
         return out, new, schedules, self.keep(new_base, base_state), new_norms
 

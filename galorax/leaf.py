@@ -11,6 +11,7 @@ projected, whether a stack's slices run in chunks). The steps themselves:
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -26,7 +27,7 @@ from galorax.galore_math import uses_left
 from galorax.options import GaLoreOptions
 from galorax.projector_storage import compute_dtype
 
-__all__ = ["LeafProjector", "is_projector_leaf", "make_projectors"]
+__all__ = ["LeafProjector", "is_projector_leaf", "make_projectors", "map_leaves"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,6 +85,30 @@ class LeafProjector:
 def is_projector_leaf(x: Any) -> bool:
     """Leaves of a :func:`make_projectors` tree: a :class:`LeafProjector` or None."""
     return x is None or isinstance(x, LeafProjector)
+
+
+def map_leaves(leaves: Any, fn: Callable[..., tuple], *trees: Any, skip: Any = None) -> tuple:
+    """``fn(leaf, *entries)`` for each leaf of a :func:`make_projectors` tree, or
+    ``skip(*entries)`` where the leaf is None (if given), a tuple each, unzipped into one
+    tree per result.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from galorax.options import galore_options
+        >>> grads = {'w': jnp.zeros((8, 4)), 'b': jnp.zeros(4)}
+        >>> leaves = make_projectors(grads, None, galore_options(rank=2))
+        >>> (shapes,) = map_leaves(leaves, lambda leaf, g: (leaf.low_shape,), grads,
+        ...                        skip=lambda g: (g.shape,))
+        >>> shapes
+        {'b': (4,), 'w': (2, 4)}
+    """
+    treedef: Any = jax.tree.structure(leaves, is_leaf=is_projector_leaf)
+    flat = [treedef.flatten_up_to(t) for t in trees]
+    out = [
+        skip(*e) if leaf is None and skip is not None else fn(leaf, *e)
+        for leaf, *e in zip(treedef.flatten_up_to(leaves), *flat, strict=True)
+    ]
+    return tuple(treedef.unflatten(list(c)) for c in zip(*out, strict=True))
 
 
 def make_projectors(

@@ -407,27 +407,11 @@ class ApolloAdamW8bit(BlockwiseMoments, ApolloAdamW):
     def __init__(
         self,
         params: Iterable[Any],
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-6,
-        weight_decay: float = 0.0,
-        correct_bias: bool = True,
-        scale_front: bool = False,
-        disable_nl: bool = False,
+        *args: Any,
         block_size: int = 256,
         min_8bit_size: int = 4096,
         block_wise: bool = True,
-        **apollo: Any,
+        **kwargs: Any,
     ):
         self.set_8bit(block_size, block_wise, min_8bit_size)
-        super().__init__(
-            params,
-            lr,
-            betas,
-            eps,
-            weight_decay,
-            correct_bias,
-            scale_front=scale_front,
-            disable_nl=disable_nl,
-            **apollo,
-        )
+        super().__init__(params, *args, **kwargs)
